@@ -1,0 +1,139 @@
+"""``lit-route``: ``pm fit|validate|score``, ``evaluate``, ``rloo fit``.
+
+``pm`` and ``rloo`` are LightningCLI programs (YAML configs, ``--print_config``, ``${...}`` interpolation through
+omegaconf); ``pm score`` and ``evaluate`` are plain jsonargparse commands with the same config conventions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+USAGE = """usage: lit-route <command> [options]
+
+commands:
+  pm fit|validate --config CONFIG   train / validate a pairwise preference model (LightningCLI)
+  pm score --ckpt CKPT --data PATH --output scores.jsonl
+                                    score pairs: d(chosen, rejected) and its uncertainty
+  evaluate --config CONFIG          accuracy vs judge budget: uncertainty / random / margin / oracle routing
+  rloo fit --config CONFIG          online RLHF with RLOO and uncertainty-routed rewards (LightningCLI)
+
+Each command takes --help.
+"""
+
+
+def _setup_logging() -> None:
+    # Our own logger only: Lightning already prints its messages through its own handler.
+    logger = logging.getLogger("lit_route")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(os.environ.get("LIT_ROUTE_LOG", "INFO"))
+    for noisy in ("httpx", "httpcore", "anthropic", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def pm_cli(args: list[str], run: bool = True):
+    """The LightningCLI of the preference model (``lit-route pm fit|validate``)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from lit_route.callbacks.finalize import FinalizeCovariance
+    from lit_route.data.datamodule import PreferenceDataModule
+    from lit_route.preference.module import PreferenceModule
+
+    class PreferenceCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser):
+            parser.add_lightning_class_args(FinalizeCovariance, "finalize")
+
+        def after_fit(self):
+            # metrics with uncertainty exist only once the covariance pass has run
+            if self.model.has_uncertainty and self.datamodule.val_set is not None:
+                self.trainer.validate(self.model, datamodule=self.datamodule)
+
+    return PreferenceCLI(
+        PreferenceModule,
+        PreferenceDataModule,
+        args=args,
+        run=run,
+        seed_everything_default=0,
+        parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def pm_score(
+    ckpt: str,
+    data: list[str],
+    output: str,
+    format: str = "auto",
+    skip_invalid: bool = False,
+    batch_size: int = 8,
+    device: str = "cpu",
+    limit_per_file: int | None = None,
+) -> dict:
+    """Scores preference pairs with a trained preference model.
+
+    Writes one JSON line per pair: ``id``, ``subset``, ``score`` (= d(chosen, rejected)), ``uncertainty`` (= ū)
+    and ``correct`` (score > 0).
+
+    Args:
+        ckpt: A ``PreferenceModule`` checkpoint (the finalised one for SNGP uncertainties).
+        data: Pair file(s) in any supported format; ``bundled:<path>`` for shipped data.
+        output: Where to write the JSON lines.
+        format: Reader (``auto`` detects it).
+        skip_invalid: Skip (and count) malformed records instead of failing.
+        batch_size: Pairs per forward pass.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        limit_per_file: Score at most this many pairs per file.
+    """
+    from lit_route.data.readers import load_pairs
+    from lit_route.preference.io import load_preference_model
+    from lit_route.preference.scoring import score_pairs
+
+    pairs = load_pairs(data, format, skip_invalid, limit_per_file)
+    module, encoder = load_preference_model(ckpt, device)
+    d, u = score_pairs(module, pairs, encoder, batch_size=batch_size)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w") as fh:
+        for pair, score, unc in zip(pairs, d.tolist(), u.tolist(), strict=True):
+            row = {"id": pair.id, "subset": pair.subset, "score": score, "uncertainty": unc, "correct": score > 0}
+            fh.write(json.dumps(row) + "\n")
+    summary = {
+        "n_pairs": len(pairs),
+        "accuracy": float((d > 0).float().mean()),
+        "truncated": encoder.n_truncated,
+        "output": output,
+    }
+    print(json.dumps(summary))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    _setup_logging()
+    command, rest = argv[0], argv[1:]
+    if command == "pm":
+        if rest and rest[0] == "score":
+            from jsonargparse import auto_cli
+
+            auto_cli(pm_score, args=rest[1:], parser_mode="omegaconf")
+            return
+        pm_cli(rest)
+    elif command == "evaluate":
+        from lit_route.eval.run import evaluate_cli
+
+        evaluate_cli(rest)
+    elif command == "rloo":
+        from lit_route.policy.cli import rloo_cli
+
+        rloo_cli(rest)
+    else:
+        print(f"lit-route: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,158 @@
+"""``PreferenceDataModule``: preference pairs, encoded in both orders, for training and validation."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lit_route.data.encoding import PairEncoder, pad_batch
+from lit_route.data.readers import ReadReport, load_pairs
+from lit_route.types import PreferencePair
+
+log = logging.getLogger(__name__)
+
+
+class EncodedPairs(Dataset):
+    """Each item is one pair in both orders: ``(ids(x, chosen, rejected), ids(x, rejected, chosen), weight)``."""
+
+    def __init__(self, pairs: Sequence[PreferencePair], encoder: PairEncoder, use_strength: bool = False):
+        before = encoder.n_truncated
+        self.items = []
+        for pair in pairs:
+            ab, ba = encoder.encode_both(pair)
+            weight = pair.strength if (use_strength and pair.strength is not None) else 1.0
+            self.items.append((ab.input_ids, ba.input_ids, weight))
+        self.n_truncated = encoder.n_truncated - before
+        self.pairs = list(pairs)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+class PairCollator:
+    """Stacks B pairs into 2B rows: the (chosen, rejected) orders first (label 1), then the swapped ones (0)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items) -> dict[str, torch.Tensor]:
+        batch = pad_batch([it[0] for it in items] + [it[1] for it in items], self.pad_id)
+        n = len(items)
+        batch["labels"] = torch.cat([torch.ones(n), torch.zeros(n)])
+        weights = torch.tensor([float(it[2]) for it in items])
+        batch["weights"] = torch.cat([weights, weights])
+        return batch
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference pairs from any supported format, for ``PreferenceModule``.
+
+    The tokenizer is the model's (taken from the trainer's LightningModule at ``setup``), so that data and
+    model can never disagree on it.
+
+    Args:
+        train: Training file(s); ``bundled:<path>`` names data shipped with the package.
+        val: Validation file(s). When absent, ``val_fraction`` of the training pairs are held out.
+        format: Reader (``auto`` detects it per file).
+        skip_invalid: Skip malformed records (counted and reported) instead of failing.
+        limit_per_file: Use at most this many pairs from each file.
+        val_fraction: Held-out fraction of the training pairs when ``val`` is not given.
+        max_length: Maximum tokens per encoded pair.
+        template: Pair template: ``auto``, ``chat`` or ``plain``.
+        batch_size: Pairs per batch (each pair is two sequences).
+        use_strength: Weight the loss by each pair's preference strength.
+        num_workers: DataLoader workers.
+        seed: Seed of the split and the shuffling.
+    """
+
+    def __init__(
+        self,
+        train: str | list[str] | None = None,
+        val: str | list[str] | None = None,
+        format: str = "auto",
+        skip_invalid: bool = False,
+        limit_per_file: int | None = None,
+        val_fraction: float = 0.1,
+        max_length: int = 512,
+        template: str = "auto",
+        batch_size: int = 8,
+        use_strength: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_set: EncodedPairs | None = None
+        self.val_set: EncodedPairs | None = None
+        self.tokenizer = None
+
+    def _load(self, paths) -> list[PreferencePair]:
+        report = ReadReport()
+        pairs = load_pairs(paths, self.hparams.format, self.hparams.skip_invalid, self.hparams.limit_per_file, report)
+        for path, n in report.pairs_per_file.items():
+            log.info("read %d pairs from %s", n, path)
+        if report.skipped:
+            log.warning("%d invalid records skipped", len(report.skipped))
+        return pairs
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None or self.val_set is not None:
+            return
+        if self.tokenizer is None:
+            self.tokenizer = self.trainer.lightning_module.tokenizer
+        hp = self.hparams
+        encoder = PairEncoder(self.tokenizer, hp.max_length, hp.template)
+        train = self._load(hp.train) if hp.train else []
+        val = self._load(hp.val) if hp.val else []
+        if train and not val and hp.val_fraction > 0:
+            idx = list(range(len(train)))
+            random.Random(hp.seed).shuffle(idx)
+            n_val = max(1, int(round(len(train) * hp.val_fraction)))
+            val = [train[i] for i in sorted(idx[:n_val])]
+            train = [train[i] for i in sorted(idx[n_val:])]
+        if train:
+            self.train_set = EncodedPairs(train, encoder, hp.use_strength)
+        if val:
+            self.val_set = EncodedPairs(val, encoder)
+        log.info(
+            "pairs: %d train, %d val; %d of %d encoded pairs truncated to %d tokens",
+            len(train), len(val), encoder.n_truncated, encoder.n_encoded, hp.max_length,
+        )
+        self.n_truncated, self.n_encoded = encoder.n_truncated, encoder.n_encoded
+
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            collate_fn=PairCollator(self.tokenizer.pad_token_id),
+            num_workers=self.hparams.num_workers,
+            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            raise ValueError("data.train: no training file given")
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
+
+    def finalize_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Training pairs (both orders), unshuffled, split across ranks without padding or repeats.
+
+        A distributed sampler would pad the last shard with repeated pairs; here each pair is counted exactly
+        once over all ranks, so the summed precision equals the single-process one.
+        """
+        if self.train_set is None:
+            raise ValueError("data.train: the covariance pass needs the training pairs")
+        shard = Subset(self.train_set, list(range(rank, len(self.train_set), world_size)))
+        return self._loader(shard, shuffle=False)

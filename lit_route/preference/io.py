@@ -1,0 +1,29 @@
+"""Loading a preference-model checkpoint with the data settings it was trained with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lit_route.data.encoding import PairEncoder
+
+
+def load_preference_model(ckpt: str | Path, device: str = "cpu"):
+    """Loads a ``PreferenceModule`` checkpoint (base weights come from the recorded ``model_path``).
+
+    Returns:
+        ``(module, encoder)``: the module in eval mode on ``device`` and a :class:`PairEncoder` with the
+        ``max_length`` and ``template`` of training (from the checkpoint's datamodule hyperparameters).
+    """
+    from lit_route.preference.module import PreferenceModule
+
+    ckpt = Path(ckpt)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"ckpt: {ckpt} does not exist")
+    raw = torch.load(ckpt, map_location="cpu", weights_only=False)
+    module = PreferenceModule.load_from_checkpoint(ckpt, map_location=device)
+    module.eval()
+    data_hp = raw.get("datamodule_hyper_parameters", {})
+    encoder = PairEncoder(module.tokenizer, data_hp.get("max_length", 1024), data_hp.get("template", "auto"))
+    return module, encoder

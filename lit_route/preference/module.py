@@ -1,0 +1,186 @@
+"""``PreferenceModule``: a pairwise preference model ``(x, a, b) -> (g, u)`` with a linear or SNGP head."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+
+from lit_route.models.backbone import BackboneSpec, LoraSpec, apply_lora, describe, load_backbone, load_tokenizer
+from lit_route.models.pooling import pool_last_token
+from lit_route.preference.losses import antisymmetric_score, bradley_terry_loss, mean_uncertainty
+from lit_route.preference.metrics import PreferenceMetrics
+from lit_route.uncertainty.heads import build_head
+
+
+@dataclass
+class SNGPConfig:
+    """Options of the SNGP head (see :class:`lit_route.uncertainty.SNGPHead`).
+
+    Args:
+        num_features: Random features D.
+        proj_dim: Size of the spectral-normalised projection (default: hidden size; 0 disables it).
+        spectral_bound: Spectral norm bound c of the projection.
+        normalize_input: LayerNorm before the projection.
+        length_scale: RBF length-scale (default sqrt of the projection size).
+        ridge: Prior precision s.
+        weighting: ``gaussian`` (paper's code) or ``logistic`` (SNGP paper).
+        mean_field_factor: λ in u = sqrt(1 + λσ²); π/8 by default, 10 in the paper's checkpoint.
+        seed: Seed of the random features.
+    """
+
+    num_features: int = 1024
+    proj_dim: int | None = None
+    spectral_bound: float = 0.95
+    normalize_input: bool = True
+    length_scale: float | None = None
+    ridge: float = 1.0
+    weighting: str = "gaussian"
+    mean_field_factor: float = math.pi / 8
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to ``min_lr_ratio · lr``.
+
+    Args:
+        lr: Peak learning rate of the backbone/adapters.
+        head_lr: Learning rate of the head (default: ``lr``); a fresh head usually wants more than adapters.
+        weight_decay: Decoupled weight decay.
+        warmup_steps: Linear warm-up steps.
+        min_lr_ratio: Final learning rate as a fraction of the peak.
+    """
+
+    lr: float = 1e-4
+    head_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+
+
+class PreferenceModule(L.LightningModule):
+    """Pairwise preference model: reads ``(x, a, b)`` as one sequence, pools the last token, scores it.
+
+    Batches hold every pair in both orders: rows ``[0, B)`` are ``(x, chosen, rejected)`` (label 1) and rows
+    ``[B, 2B)`` are ``(x, rejected, chosen)`` (label 0).
+
+    Checkpoints keep only what training changed (adapters, head, precision) plus a description of the base
+    model; the frozen base weights are reloaded from ``backbone.model_path``.
+
+    Args:
+        backbone: Where the base model comes from (default: the tiny random Llama).
+        lora: LoRA adapters; ``None`` trains (or, with ``freeze_backbone``, freezes) the whole backbone.
+        head: ``sngp`` or ``linear``.
+        sngp: SNGP head options.
+        optim: Optimiser options.
+        freeze_backbone: Without LoRA, train the head only.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneSpec | None = None,
+        lora: LoraSpec | None = None,
+        head: str = "sngp",
+        sngp: SNGPConfig | None = None,
+        optim: OptimConfig | None = None,
+        freeze_backbone: bool = False,
+    ):
+        super().__init__()
+        backbone, sngp, optim = backbone or BackboneSpec(), sngp or SNGPConfig(), optim or OptimConfig()
+        self.save_hyperparameters()
+        self.backbone_spec, self.optim = backbone, optim
+        self.tokenizer = load_tokenizer(backbone)
+        base = load_backbone(backbone)
+        hidden = base.config.hidden_size
+        self.backbone = apply_lora(base, lora, freeze_backbone)
+        self.head_kind = head
+        self.head = build_head(head, hidden, **(asdict(sngp) if head == "sngp" else {}))
+        self.val_metrics = PreferenceMetrics()
+        # Checkpoints hold a subset of the state dict (no frozen base weights).
+        self.strict_loading = False
+
+    # --- forward ------------------------------------------------------------------------------------------
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N, L) token ids -> (N, H) hidden state of the last real token after the final norm."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        return pool_last_token(out.last_hidden_state, attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N, L) -> (N,) logits ``g``."""
+        return self.head(self.pooled(input_ids, attention_mask))
+
+    @property
+    def has_uncertainty(self) -> bool:
+        return self.head.has_uncertainty and bool(self.head.finalized)
+
+    @torch.no_grad()
+    def score_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both-order batch (2B rows) -> ``(d, ū)`` of shape (B,).
+
+        ``d`` uses the calibrated logits ``p = g/u`` once the head is finalised (``ū = 1`` before, and always
+        for the linear head).
+        """
+        h = self.pooled(batch["input_ids"], batch["attention_mask"])
+        if self.has_uncertainty:
+            p, u = self.head.predict(h)
+        else:
+            p = self.head(h)
+            u = torch.ones_like(p)
+        b = p.shape[0] // 2
+        return antisymmetric_score(p[:b], p[b:]), mean_uncertainty(u[:b], u[b:])
+
+    # --- Lightning hooks ----------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss = bradley_terry_loss(logits, batch["labels"], batch.get("weights"))
+        b = logits.shape[0] // 2
+        acc = (logits[:b] > logits[b:]).float().mean()
+        self.log_dict({"train/loss": loss, "train/accuracy": acc}, prog_bar=True, batch_size=b)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        d, u = self.score_batch(batch)
+        self.val_metrics.update(d, u)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.val_metrics.compute(with_uncertainty=self.has_uncertainty)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False)
+        self.val_metrics.reset()
+
+    def configure_optimizers(self):
+        head_params = [p for p in self.head.parameters() if p.requires_grad]
+        body_params = [p for p in self.backbone.parameters() if p.requires_grad]
+        groups = [{"params": head_params, "lr": self.optim.head_lr or self.optim.lr}]
+        if body_params:
+            groups.append({"params": body_params, "lr": self.optim.lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=self.optim.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup, floor = self.optim.warmup_steps, self.optim.min_lr_ratio
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+    def _kept_keys(self) -> set[str]:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        head = {f"head.{name}" for name in self.head.state_dict()}
+        return trainable | head
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        kept = self._kept_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in kept}
+        checkpoint["lit_route"] = {"base_model": describe(self.backbone_spec), "head": self.head_kind}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = self._kept_keys() - set(checkpoint["state_dict"])
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} trained tensors, e.g. {sorted(missing)[:3]}")
