@@ -22,7 +22,8 @@ def load_preference_model(ckpt: str | Path, device: str = "cpu"):
     if not ckpt.exists():
         raise FileNotFoundError(f"ckpt: {ckpt} does not exist")
     raw = torch.load(ckpt, map_location="cpu", weights_only=False)
-    module = PreferenceModule.load_from_checkpoint(ckpt, map_location=device)
+    # hparams hold the config dataclasses; the file is the user's own training output
+    module = PreferenceModule.load_from_checkpoint(ckpt, map_location=device, weights_only=False)
     module.eval()
     data_hp = raw.get("datamodule_hyper_parameters", {})
     encoder = PairEncoder(module.tokenizer, data_hp.get("max_length", 1024), data_hp.get("template", "auto"))

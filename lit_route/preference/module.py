@@ -96,6 +96,7 @@ class PreferenceModule(L.LightningModule):
         base = load_backbone(backbone)
         hidden = base.config.hidden_size
         self.backbone = apply_lora(base, lora, freeze_backbone)
+        self.backbone.train()  # from_pretrained returns eval mode; Lightning expects train mode at fit start
         self.head_kind = head
         self.head = build_head(head, hidden, **(asdict(sngp) if head == "sngp" else {}))
         self.val_metrics = PreferenceMetrics()

@@ -57,8 +57,17 @@ class SpectralNormLinear(nn.Module):
         nn.init.orthogonal_(self.weight)
         self.register_buffer("u", F.normalize(torch.randn(out_features), dim=0))
         self.register_buffer("v", torch.zeros(in_features))
-        # converge the estimate once at construction so the bound holds from the first step
-        u, v = power_iteration(self.weight, self.u, 50)
+        self.refresh(50)  # converge once at construction so the bound holds from the first step
+
+    def train(self, mode: bool = True):
+        if not mode and self.training:
+            # the estimate trails the weight by one optimiser step; converge it before the layer is used frozen
+            self.refresh(20)
+        return super().train(mode)
+
+    def refresh(self, n_iter: int) -> None:
+        """Re-estimates the leading singular vectors with ``n_iter`` power iterations."""
+        u, v = power_iteration(self.weight, self.u, n_iter)
         self.u.copy_(u)
         self.v.copy_(v)
 
@@ -67,7 +76,5 @@ class SpectralNormLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            u, v = power_iteration(self.weight, self.u, self.n_power_iterations)
-            self.u.copy_(u)
-            self.v.copy_(v)
+            self.refresh(self.n_power_iterations)
         return F.linear(x, self.effective_weight(), self.bias)

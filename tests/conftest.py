@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny random Llama and a byte tokenizer, offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lit_route.models.tiny import build_byte_tokenizer, save_tiny_llama  # noqa: E402
+from lit_route.types import PreferencePair  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama and its byte tokenizer saved as an ordinary Hugging Face folder."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def byte_tokenizer():
+    return build_byte_tokenizer()
+
+
+@pytest.fixture
+def toy_pairs() -> list[PreferencePair]:
+    """Twelve short pairs where the chosen answer is the polite one."""
+    out = []
+    for i in range(12):
+        out.append(
+            PreferencePair(
+                prompt=f"Question {i}: what is {i} plus {i}?",
+                chosen=f"Thank you for asking! {i} plus {i} is {2 * i}.",
+                rejected=f"{i + 1}?? whatever",
+                subset="toy",
+                id=f"toy-{i}",
+            )
+        )
+    return out
+
+
+def shared_file(*parts: str) -> Path:
+    """A file of the shared real-data folder; the test is skipped where the folder does not exist."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (shared data exists in CI and development only)")
+    return path
