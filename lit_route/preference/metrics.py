@@ -9,7 +9,7 @@ from torchmetrics.regression import SpearmanCorrCoef
 
 
 class PreferenceMetrics(nn.Module):
-    """Accuracy of ``d > 0``, ECE of ``σ(d)``, and how well ``ū`` predicts the model's errors.
+    """Accuracy of ``d > 0``, ECE of ``σ(d)`` (over both orientations of each pair), and how well ``ū`` predicts the model's errors.
 
     ``auroc_uncertainty`` is the AUROC of ``ū`` as a detector of errors (0.5: uninformative, 1: perfect);
     ``spearman_uncertainty`` is Spearman's ρ between ``ū`` and the error indicator.
@@ -28,7 +28,9 @@ class PreferenceMetrics(nn.Module):
         target = torch.ones_like(d, dtype=torch.long)
         errors = (d <= 0).long()
         self.accuracy.update((d > 0).long(), target)
-        self.ece.update(torch.sigmoid(d), target)
+        # both orientations: P(chosen ≻ rejected) with target 1 and P(rejected ≻ chosen) with target 0, so that
+        # a model that says 0.7 and is right 70% of the time has zero calibration error
+        self.ece.update(torch.sigmoid(torch.cat([d, -d])), torch.cat([target, torch.zeros_like(target)]))
         self.auroc.update(u, errors)
         self.spearman.update(u, errors.float())
 

@@ -1,0 +1,92 @@
+"""``AnthropicJudge``: Claude through the official ``anthropic`` SDK."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lit_route.judges.base import JudgeStats
+from lit_route.judges.limits import CallPolicy, FatalCallError, RateLimits, RetryableError
+from lit_route.judges.remote import Completion, classify_http_error, run_requests
+from lit_route.judges.secrets import read_api_key
+from lit_route.types import JudgeRequest, Verdict
+
+
+class AnthropicJudge:
+    """A Claude judge. The API key is read from the environment (or a secrets file), never from a config.
+
+    Args:
+        model: Model name, e.g. ``claude-sonnet-4-5``.
+        max_tokens: Output token limit (thinking included).
+        temperature: Sampling temperature (ignored with extended thinking, which requires 1).
+        thinking_budget: Tokens of extended thinking; ``None`` disables it.
+        base_url: Server URL override (a proxy or gateway speaking the Messages API).
+        api_key_env: Environment variable holding the key.
+        api_key_file: A file holding the key (used when the variable is unset).
+        policy: Rate limits, retries and prices.
+    """
+
+    name = "anthropic"
+
+    def __init__(
+        self,
+        model: str = "claude-sonnet-4-5",
+        max_tokens: int = 1024,
+        temperature: float = 0.0,
+        thinking_budget: int | None = None,
+        base_url: str | None = None,
+        api_key_env: str = "ANTHROPIC_API_KEY",
+        api_key_file: str | None = None,
+        policy: CallPolicy | None = None,
+    ):
+        try:
+            import anthropic
+        except ImportError as err:
+            raise ImportError("AnthropicJudge needs the anthropic SDK: pip install 'lit-route[anthropic]'") from err
+        self._sdk = anthropic
+        self.model, self.max_tokens, self.temperature = model, max_tokens, temperature
+        self.thinking_budget = thinking_budget
+        self.policy = policy or CallPolicy()
+        self.stats = JudgeStats()
+        self._limits = RateLimits(self.policy)
+        self._client = anthropic.AsyncAnthropic(
+            api_key=read_api_key(api_key_env, api_key_file, "AnthropicJudge"),
+            base_url=base_url,
+            max_retries=0,  # retries are ours: counted, rate-limited, Retry-After honoured
+            timeout=self.policy.timeout_s,
+        )
+
+    def __repr__(self) -> str:  # never show the client (it holds the key)
+        return f"AnthropicJudge(model={self.model!r})"
+
+    async def complete(self, system: str, user: str) -> Completion:
+        kwargs = {}
+        if self.thinking_budget:
+            kwargs["thinking"] = {"type": "enabled", "budget_tokens": self.thinking_budget}
+        else:
+            kwargs["temperature"] = self.temperature
+        message = await self._client.messages.create(
+            model=self.model,
+            max_tokens=self.max_tokens,
+            system=system,
+            messages=[{"role": "user", "content": user}],
+            **kwargs,
+        )
+        # thinking blocks are reasoning; only text blocks are the final answer
+        text = "".join(block.text for block in message.content if getattr(block, "type", "") == "text")
+        usage = message.usage
+        return Completion(text, usage.input_tokens, usage.output_tokens, truncated=message.stop_reason == "max_tokens")
+
+    def classify(self, err: BaseException) -> Exception:
+        sdk = self._sdk
+        if isinstance(err, sdk.APITimeoutError):
+            return RetryableError("timeout", None, str(err))
+        if isinstance(err, sdk.APIConnectionError):
+            return RetryableError("connection", None, str(err))
+        if isinstance(err, sdk.APIStatusError):
+            return classify_http_error(err.status_code, err.response.headers, str(err)[:300])
+        if isinstance(err, ValueError | KeyError | TypeError | AttributeError):  # a malformed body
+            return RetryableError("malformed_response", None, repr(err)[:300])
+        return FatalCallError("error", repr(err)[:300])
+
+    async def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
+        return await run_requests(requests, self.complete, self.classify, self.policy, self._limits, self.stats)

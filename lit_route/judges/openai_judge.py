@@ -1,0 +1,94 @@
+"""``OpenAICompatibleJudge``: any OpenAI-compatible chat server (vLLM, llama.cpp, DeepSeek, OpenAI)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lit_route.judges.base import JudgeStats
+from lit_route.judges.limits import CallPolicy, FatalCallError, RateLimits, RetryableError
+from lit_route.judges.remote import Completion, classify_http_error, run_requests
+from lit_route.judges.secrets import read_api_key
+from lit_route.types import JudgeRequest, Verdict
+
+
+class OpenAICompatibleJudge:
+    """A judge behind the Chat Completions API, through the official ``openai`` SDK.
+
+    Reasoning models are handled: a separate ``reasoning_content`` (DeepSeek, vLLM) is never parsed, and
+    inline ``<think>...</think>`` is cut off before the verdict is read.
+
+    Args:
+        model: Model name as the server knows it.
+        base_url: Server URL, e.g. ``http://localhost:8000/v1`` (vLLM) or ``https://api.deepseek.com``.
+        max_tokens: Output token limit.
+        temperature: Sampling temperature.
+        api_key_env: Environment variable holding the key (local servers accept any key).
+        api_key_file: A file holding the key (used when the variable is unset).
+        require_key: Fail when no key is found (set ``False`` for local servers).
+        policy: Rate limits, retries and prices.
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        max_tokens: int = 1024,
+        temperature: float = 0.0,
+        api_key_env: str = "OPENAI_API_KEY",
+        api_key_file: str | None = None,
+        require_key: bool = True,
+        policy: CallPolicy | None = None,
+    ):
+        try:
+            import openai
+        except ImportError as err:
+            raise ImportError("OpenAICompatibleJudge needs the openai SDK: pip install 'lit-route[openai]'") from err
+        self._sdk = openai
+        self.model, self.base_url = model, base_url
+        self.max_tokens, self.temperature = max_tokens, temperature
+        self.policy = policy or CallPolicy()
+        self.stats = JudgeStats()
+        self._limits = RateLimits(self.policy)
+        key = read_api_key(api_key_env, api_key_file, "OpenAICompatibleJudge", required=require_key)
+        self._client = openai.AsyncOpenAI(
+            api_key=key or "not-needed", base_url=base_url, max_retries=0, timeout=self.policy.timeout_s
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatibleJudge(model={self.model!r}, base_url={self.base_url!r})"
+
+    async def complete(self, system: str, user: str) -> Completion:
+        response = await self._client.chat.completions.create(
+            model=self.model,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+        )
+        if not response.choices:
+            raise RetryableError("malformed_response", None, "no choices in the response")
+        choice = response.choices[0]
+        text = choice.message.content or ""  # reasoning_content, if any, is not the answer
+        usage = response.usage
+        return Completion(
+            text,
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
+            truncated=choice.finish_reason == "length",
+        )
+
+    def classify(self, err: BaseException) -> Exception:
+        sdk = self._sdk
+        if isinstance(err, sdk.APITimeoutError):
+            return RetryableError("timeout", None, str(err))
+        if isinstance(err, sdk.APIConnectionError):
+            return RetryableError("connection", None, str(err))
+        if isinstance(err, sdk.APIStatusError):
+            return classify_http_error(err.status_code, err.response.headers, str(err)[:300])
+        if isinstance(err, ValueError | KeyError | TypeError | AttributeError | IndexError):
+            return RetryableError("malformed_response", None, repr(err)[:300])
+        return FatalCallError("error", repr(err)[:300])
+
+    async def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
+        return await run_requests(requests, self.complete, self.classify, self.policy, self._limits, self.stats)

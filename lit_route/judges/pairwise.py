@@ -1,0 +1,123 @@
+"""Judging a pair ``(x, y)`` with control over display order, so position bias cannot pass for a preference.
+
+``order``:
+
+- ``fixed``: ``x`` is shown as A;
+- ``random``: a seeded coin per pair decides which is shown first;
+- ``both``: two calls, one per order; agreement gives the verdict, disagreement a tie flagged ``inconsistent``.
+  If one of the two calls fails, the other decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+
+from lit_route.types import JudgeRequest, Preference, Verdict
+
+ORDERS = ("fixed", "random", "both")
+
+
+@dataclass(frozen=True)
+class PairJudgement:
+    """A judge's view of ``x`` versus ``y``.
+
+    Attributes:
+        score: 1.0 when ``x`` is better, 0.0 when ``y`` is, 0.5 for a tie; ``None`` when every call failed.
+        failure: The failure reason when ``score`` is ``None``.
+        inconsistent: With ``order="both"``, the two display orders disagreed.
+        verdicts: The underlying verdicts (one or two).
+    """
+
+    score: float | None
+    failure: str | None = None
+    inconsistent: bool = False
+    verdicts: tuple[Verdict, ...] = ()
+
+    @property
+    def latency_s(self) -> float:
+        return sum(v.latency_s for v in self.verdicts)
+
+    @property
+    def tokens(self) -> int:
+        return sum(v.input_tokens + v.output_tokens for v in self.verdicts)
+
+    @property
+    def cost_usd(self) -> float:
+        return sum(v.cost_usd for v in self.verdicts)
+
+    @property
+    def paid_calls(self) -> int:
+        return sum(not v.cached for v in self.verdicts)
+
+
+def _score(verdict: Verdict, swapped: bool) -> float | None:
+    if verdict.preference is None:
+        return None
+    if verdict.preference is Preference.TIE:
+        return 0.5
+    x_first = not swapped
+    return 1.0 if (verdict.preference is Preference.A) == x_first else 0.0
+
+
+async def judge_pairs(
+    backend, items: Sequence[tuple[str, str, str]], order: str = "both", seed: int = 0
+) -> list[PairJudgement]:
+    """Judges ``(prompt, x, y)`` items; the score is from ``x``'s side.
+
+    Args:
+        backend: A :class:`~lit_route.judges.JudgeBackend`.
+        items: ``(prompt, x, y)`` triples.
+        order: ``fixed``, ``random`` or ``both``.
+        seed: Seed of the ``random`` order (per-item coins are a function of seed and position).
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
+    requests: list[JudgeRequest] = []
+    plan: list[list[tuple[int, bool]]] = []
+    rng = random.Random(seed)
+    for prompt, x, y in items:
+        swaps = [False, True] if order == "both" else [rng.random() < 0.5] if order == "random" else [False]
+        slots = []
+        for swapped in swaps:
+            slots.append((len(requests), swapped))
+            requests.append(JudgeRequest(prompt, y if swapped else x, x if swapped else y))
+        plan.append(slots)
+    verdicts = await backend.judge(requests) if requests else []
+    out = []
+    for slots in plan:
+        vs = tuple(verdicts[i] for i, _ in slots)
+        scores = [_score(verdicts[i], swapped) for i, swapped in slots]
+        valid = [s for s in scores if s is not None]
+        if not valid:
+            out.append(PairJudgement(None, failure=vs[-1].failure or "failed", verdicts=vs))
+        elif len(valid) == 2 and valid[0] != valid[1]:
+            out.append(PairJudgement(0.5, inconsistent=True, verdicts=vs))
+        else:
+            out.append(PairJudgement(valid[0], verdicts=vs))
+    return out
+
+
+def run_sync(coro: Coroutine):
+    """Runs a coroutine to completion from synchronous code, also when an event loop is already running."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = asyncio.run(coro)
+        except BaseException as err:  # re-raised in the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]

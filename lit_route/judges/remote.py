@@ -1,0 +1,117 @@
+"""Shared driver of remote judges: rate limits, retries, deadline, verdict parsing, statistics.
+
+A backend supplies ``complete(system, user) -> Completion`` and an ``classify(exc)`` that maps its SDK's
+exceptions to :class:`RetryableError` / :class:`FatalCallError`; this module does the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
+
+from lit_route.judges.base import JudgeStats
+from lit_route.judges.limits import CallPolicy, FatalCallError, RateLimits, RetryableError, backoff_wait
+from lit_route.judges.prompt import parse_verdict, render
+from lit_route.types import JudgeRequest, Verdict
+
+
+@dataclass
+class Completion:
+    """What one call returned: the final answer text (reasoning excluded) and billed tokens."""
+
+    text: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    truncated: bool = False
+
+
+Complete = Callable[[str, str], Awaitable[Completion]]
+
+
+def classify_http_error(status: int | None, headers, detail: str) -> Exception:
+    """Maps an HTTP status to a retryable or fatal error (shared by the SDK backends)."""
+    from lit_route.judges.limits import parse_retry_after
+
+    retry_after = None
+    if headers is not None:
+        ms = headers.get("retry-after-ms")
+        retry_after = parse_retry_after(ms) / 1000 if parse_retry_after(ms) is not None else parse_retry_after(
+            headers.get("retry-after")
+        )
+    if status == 429:
+        return RetryableError("rate_limit", retry_after, detail)
+    if status == 529:
+        return RetryableError("overloaded", retry_after, detail)
+    if status in (408, 409) or (status is not None and status >= 500):
+        return RetryableError("server_error", retry_after, detail)
+    return FatalCallError("client_error" if status else "error", detail)
+
+
+async def run_requests(
+    requests: Sequence[JudgeRequest],
+    complete: Complete,
+    classify: Callable[[BaseException], Exception],
+    policy: CallPolicy,
+    limits: RateLimits,
+    stats: JudgeStats,
+) -> list[Verdict]:
+    """Judges every request concurrently under ``policy``; one :class:`Verdict` per request, in order."""
+
+    async def one(request: JudgeRequest) -> Verdict:
+        async with limits.semaphore:
+            verdict = await _judge_one(request, complete, classify, policy, limits, stats)
+        stats.record(verdict)
+        return verdict
+
+    return list(await asyncio.gather(*(one(r) for r in requests)))
+
+
+async def _judge_one(request, complete, classify, policy, limits, stats) -> Verdict:
+    system, user = render(request)
+    estimate = (len(system) + len(user)) // 4 + 1024
+    start = time.perf_counter()
+    in_tok = out_tok = 0
+    text = ""
+    for _ in range(policy.unparseable_retries + 1):
+        try:
+            completion = await _call_with_retries(system, user, complete, classify, policy, limits, stats, estimate)
+        except (RetryableError, FatalCallError) as err:
+            return Verdict(None, failure=err.reason, raw=str(err)[:500], latency_s=time.perf_counter() - start,
+                           input_tokens=in_tok, output_tokens=out_tok, cost_usd=policy.cost(in_tok, out_tok))
+        in_tok += completion.input_tokens
+        out_tok += completion.output_tokens
+        text = completion.text
+        preference = parse_verdict(text)
+        if preference is not None:
+            return Verdict(preference, raw=text, latency_s=time.perf_counter() - start, input_tokens=in_tok,
+                           output_tokens=out_tok, cost_usd=policy.cost(in_tok, out_tok))
+    reason = "empty" if not text.strip() else ("truncated" if completion.truncated else "unparseable")
+    return Verdict(None, failure=reason, raw=text[-2000:], latency_s=time.perf_counter() - start,
+                   input_tokens=in_tok, output_tokens=out_tok, cost_usd=policy.cost(in_tok, out_tok))
+
+
+async def _call_with_retries(system, user, complete, classify, policy, limits, stats, estimate) -> Completion:
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(policy.max_attempts) | stop_after_delay(policy.deadline_s),
+        wait=backoff_wait(policy),
+        retry=retry_if_exception_type(RetryableError),
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            if attempt.retry_state.attempt_number > 1:
+                stats.retries += 1
+            await limits.acquire_rate(estimate)
+            try:
+                return await asyncio.wait_for(complete(system, user), timeout=policy.timeout_s)
+            except asyncio.TimeoutError as err:
+                raise RetryableError("timeout", None, f"no answer within {policy.timeout_s}s") from err
+            except (RetryableError, FatalCallError):
+                raise
+            except Exception as err:  # SDK exceptions: classified, never swallowed
+                raise classify(err) from err
+    raise RetryableError("deadline")  # unreachable: tenacity re-raises the last error
