@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,7 +24,10 @@ def load_preference_model(ckpt: str | Path, device: str = "cpu"):
         raise FileNotFoundError(f"ckpt: {ckpt} does not exist")
     raw = torch.load(ckpt, map_location="cpu", weights_only=False)
     # hparams hold the config dataclasses; the file is the user's own training output
-    module = PreferenceModule.load_from_checkpoint(ckpt, map_location=device, weights_only=False)
+    with warnings.catch_warnings():
+        # the frozen base weights are absent from the checkpoint by design; they come from model_path
+        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict")
+        module = PreferenceModule.load_from_checkpoint(ckpt, map_location=device, weights_only=False)
     module.eval()
     data_hp = raw.get("datamodule_hyper_parameters", {})
     encoder = PairEncoder(module.tokenizer, data_hp.get("max_length", 1024), data_hp.get("template", "auto"))

@@ -1,0 +1,226 @@
+"""``lit-route evaluate``: score a benchmark with the PM, judge every pair once, and draw the routing curves."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lit_route.data.readers import load_pairs
+from lit_route.eval.curves import (
+    area_under_curve,
+    curve_for_order,
+    margin_order,
+    oracle_order,
+    random_expected_curve,
+    uncertainty_order,
+)
+from lit_route.eval.report import console_table, write_results
+from lit_route.judges.cache import CachedJudge
+from lit_route.judges.pairwise import judge_pairs, run_sync
+from lit_route.preference.metrics import PreferenceMetrics
+
+log = logging.getLogger(__name__)
+
+# RewardBench's sections (subset -> section); used when the benchmark's subsets carry these names.
+REWARDBENCH_SECTIONS = {
+    **dict.fromkeys(["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"], "Chat"),
+    **dict.fromkeys(["mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
+                     "llmbar-adver-GPTOut", "llmbar-adver-manual"], "Chat Hard"),
+    **dict.fromkeys(["refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond",
+                     "donotanswer"], "Safety"),
+    **dict.fromkeys(["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"], "Reasoning"),
+}
+
+
+def read_scores(path: str, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pm score`` output matched to ``pairs`` by id (every pair must have a score)."""
+    rows = {}
+    with open(path) as fh:
+        for number, line in enumerate(fh, start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    rows[str(row["id"])] = (float(row["score"]), float(row["uncertainty"]))
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                    raise ValueError(f"{path}:{number}: not a score line ({err})") from err
+    missing = [p.id for p in pairs if p.id not in rows]
+    if missing:
+        raise ValueError(f"scores: {len(missing)} pairs have no score in {path}, e.g. {missing[:3]}")
+    d = torch.tensor([rows[p.id][0] for p in pairs])
+    u = torch.tensor([rows[p.id][1] for p in pairs])
+    return d, u
+
+
+def _group_accuracy(groups: list[str], values: torch.Tensor) -> dict[str, float]:
+    out: dict[str, list[float]] = {}
+    for g, v in zip(groups, values.tolist(), strict=True):
+        out.setdefault(g, []).append(v)
+    return {g: sum(v) / len(v) for g, v in sorted(out.items())}
+
+
+def evaluate(
+    data: list[str],
+    judge: Any,
+    pm: str | None = None,
+    scores: str | None = None,
+    output_dir: str = "runs/eval",
+    format: str = "auto",
+    skip_invalid: bool = False,
+    limit_per_file: int | None = None,
+    order: str = "both",
+    cache: str | None = "runs/judge_cache.sqlite",
+    fraction_step: float = 0.05,
+    batch_size: int = 8,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict:
+    """Accuracy against judge budget for uncertainty, random, margin and oracle routing.
+
+    Args:
+        data: Benchmark file(s), any supported format; ``bundled:<path>`` for shipped data.
+        judge: The judge backend (``class_path`` + ``init_args``): ReplayJudge, AnthropicJudge,
+            OpenAICompatibleJudge or HFLocalJudge.
+        pm: A finalised ``PreferenceModule`` checkpoint (or give ``scores``).
+        scores: A ``lit-route pm score`` output to use instead of scoring with ``pm``.
+        output_dir: Where results.json, curves.csv, scores.jsonl and the plots go.
+        format: Reader of ``data``.
+        skip_invalid: Skip (and count) malformed records.
+        limit_per_file: Use at most this many pairs per file.
+        order: Display order of the judge: ``both`` (default), ``random`` or ``fixed``.
+        cache: sqlite verdict cache (``null`` disables it); a rerun pays no call twice.
+        fraction_step: Spacing of the judge fractions (0, step, ..., 1).
+        batch_size: Pairs per PM forward pass.
+        device: Where the PM runs.
+        seed: Seed of the ``random`` display order.
+    """
+    if (pm is None) == (scores is None):
+        raise ValueError("give exactly one of pm (a checkpoint) or scores (a `pm score` file)")
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs = load_pairs(data, format, skip_invalid, limit_per_file)
+    if scores is not None:
+        d, u = read_scores(scores, pairs)
+    else:
+        from lit_route.preference.io import load_preference_model
+        from lit_route.preference.scoring import score_pairs
+
+        module, encoder = load_preference_model(pm, device)
+        d, u = score_pairs(module, pairs, encoder, batch_size=batch_size)
+        with open(out_dir / "scores.jsonl", "w") as fh:
+            for p, s, v in zip(pairs, d.tolist(), u.tolist(), strict=True):
+                fh.write(json.dumps({"id": p.id, "subset": p.subset, "score": s, "uncertainty": v, "correct": s > 0}) + "\n")
+    backend = CachedJudge(judge, cache) if cache else judge
+    items = [(p.prompt_text(), p.chosen, p.rejected) for p in pairs]
+    judgements = run_sync(judge_pairs(backend, items, order=order, seed=seed))
+    pm_correct = (d > 0).double()
+    judge_ok = torch.tensor([j.score is not None for j in judgements])
+    raw_judge = torch.tensor([j.score if j.score is not None else 0.0 for j in judgements], dtype=torch.float64)
+    judge_score = torch.where(judge_ok, raw_judge, pm_correct)  # a failed verdict leaves the PM's answer
+    n = len(pairs)
+    steps = round(1 / fraction_step)
+    fractions = [round(i / steps, 6) for i in range(steps + 1)]
+    orders = {
+        "uncertainty": uncertainty_order(u),
+        "margin": margin_order(d),
+        "oracle": oracle_order(d, judge_score),
+    }
+    curves = {name: curve_for_order(o, pm_correct, judge_score, fractions) for name, o in orders.items()}
+    curves["random"] = random_expected_curve(pm_correct, judge_score, fractions)
+    latency = torch.tensor([j.latency_s for j in judgements], dtype=torch.float64)[orders["uncertainty"]]
+    tokens = torch.tensor([j.tokens for j in judgements], dtype=torch.long)[orders["uncertainty"]]
+    from lit_route.routing.routers import count_for_fraction
+
+    ks = [count_for_fraction(n, f) for f in fractions]
+    metrics = PreferenceMetrics()
+    metrics.update(d, u)
+    decile_of = torch.empty(n, dtype=torch.long)
+    decile_of[torch.argsort(u.double(), stable=True)] = torch.arange(n) * 10 // n
+    subsets = [p.subset for p in pairs]
+    mask_at = {f: torch.zeros(n, dtype=torch.bool).index_fill_(0, orders["uncertainty"][: count_for_fraction(n, f)], True)
+               for f in (0.1, 0.25, 0.5)}
+    routed_credit = {f: torch.where(m, judge_score, pm_correct) for f, m in mask_at.items()}
+    by_subset = {
+        "pm": _group_accuracy(subsets, pm_correct),
+        "judge": _group_accuracy(subsets, judge_score),
+        **{f"uncertainty@{int(f * 100)}%": _group_accuracy(subsets, c) for f, c in routed_credit.items()},
+    }
+    results = {
+        "benchmark": ", ".join(str(x) for x in data),
+        "judge": repr(judge),
+        "order": order,
+        "n_pairs": n,
+        "fractions": fractions,
+        "curves": curves,
+        "area_under_curve": {k: area_under_curve(fractions, v) for k, v in curves.items()},
+        "pm_accuracy": float(pm_correct.mean()),
+        "judge_accuracy": float(judge_score.mean()),
+        "judge_accuracy_raw": float(raw_judge[judge_ok].mean()) if bool(judge_ok.any()) else None,
+        "judge_failed_pairs": int((~judge_ok).sum()),
+        "judge_inconsistent": sum(j.inconsistent for j in judgements),
+        "judge_cost": {
+            "seconds": [float(latency[:k].sum()) for k in ks],
+            "tokens": [int(tokens[:k].sum()) for k in ks],
+        },
+        "judge_stats": backend.stats.summary(),
+        "metrics": metrics.compute(with_uncertainty=True),
+        "by_decile": {
+            "pm_accuracy": [float(pm_correct[decile_of == i].mean()) for i in range(10)],
+            "judge_accuracy": [float(judge_score[decile_of == i].mean()) for i in range(10)],
+            "mean_uncertainty": [float(u[decile_of == i].mean()) for i in range(10)],
+        },
+        "by_subset": by_subset,
+    }
+    groups = _difficulty_groups(subsets)
+    if groups:
+        results["by_group"] = {name: {k: _group_accuracy(g, v) for k, v in
+                                      (("pm", pm_correct), ("judge", judge_score),
+                                       *((f"uncertainty@{int(f * 100)}%", c) for f, c in routed_credit.items()))}
+                               for name, g in groups.items()}
+    paths = write_results(results, out_dir)
+    print(console_table(results))
+    print("written: " + ", ".join(paths.values()))
+    return results
+
+
+def _difficulty_groups(subsets: list[str]) -> dict[str, list[str]]:
+    """RM-Bench difficulty (``domain/hard``) and RewardBench sections, where the subsets carry them."""
+    groups = {}
+    if all("/" in s and s.rsplit("/", 1)[1] in ("hard", "normal", "easy") for s in subsets):
+        groups["rmbench_difficulty"] = [s.rsplit("/", 1)[1] for s in subsets]
+    if any(s in REWARDBENCH_SECTIONS for s in subsets):
+        groups["rewardbench_section"] = [REWARDBENCH_SECTIONS.get(s, "other") for s in subsets]
+    return groups
+
+
+def evaluate_cli(args: list[str], run: bool = True):
+    """``lit-route evaluate --config CONFIG [--output_dir ...]``."""
+    from jsonargparse import ArgumentParser, ActionConfigFile
+
+    parser = ArgumentParser(prog="lit-route evaluate", parser_mode="omegaconf", default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(evaluate, skip={"judge"})
+    from lit_route.judges.base import JudgeBackend
+
+    parser.add_subclass_arguments(_judge_types(), "judge", required=True, help="The judge backend.")
+    cfg = parser.parse_args(args)
+    if not run:
+        return cfg
+    init = parser.instantiate_classes(cfg)
+    kwargs = {k: v for k, v in init.items() if k not in ("config", "__path__")}
+    del JudgeBackend
+    return evaluate(**kwargs)
+
+
+def _judge_types():
+    from lit_route.judges.replay import ReplayJudge
+
+    types = [ReplayJudge]
+    for mod, cls in (("anthropic_judge", "AnthropicJudge"), ("openai_judge", "OpenAICompatibleJudge"),
+                     ("hf_local", "HFLocalJudge")):
+        module = __import__(f"lit_route.judges.{mod}", fromlist=[cls])
+        types.append(getattr(module, cls))
+    return tuple(types)
