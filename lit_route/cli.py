@@ -121,9 +121,14 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "pm":
         if rest and rest[0] == "score":
-            from jsonargparse import auto_cli
+            from jsonargparse import ActionConfigFile, ArgumentParser
 
-            auto_cli(pm_score, args=rest[1:], parser_mode="omegaconf")
+            parser = ArgumentParser(prog="lit-route pm score", parser_mode="omegaconf", default_env=False,
+                                    description=pm_score.__doc__.splitlines()[0])
+            parser.add_argument("--config", action=ActionConfigFile)
+            parser.add_function_arguments(pm_score, as_positional=False)
+            cfg = parser.parse_args(rest[1:])
+            pm_score(**{k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__")})
             return
         pm_cli(rest)
     elif command == "evaluate":

@@ -29,3 +29,12 @@ def test_pm_configs_parse(path):
 def test_every_config_is_covered():
     known = {"pm", "rloo", "eval", "trainer"}
     assert CONFIGS and all(p.parent.name in known for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent.name == "eval"], ids=lambda p: p.name)
+def test_eval_configs_parse(path):
+    from lit_route.eval.run import evaluate_cli
+
+    cfg = evaluate_cli(["--config", str(path)], run=False)
+    assert cfg.judge.class_path.startswith("lit_route.judges.")
+    assert cfg.data and cfg.order in ("both", "random", "fixed")

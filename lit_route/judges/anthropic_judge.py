@@ -17,7 +17,8 @@ class AnthropicJudge:
     Args:
         model: Model name, e.g. ``claude-sonnet-4-5``.
         max_tokens: Output token limit (thinking included).
-        temperature: Sampling temperature (ignored with extended thinking, which requires 1).
+        temperature: Sampling temperature; ``None`` leaves it to the model (newer SDKs and models do not take
+            one; a value is sent in the request body). Ignored with extended thinking.
         thinking_budget: Tokens of extended thinking; ``None`` disables it.
         base_url: Server URL override (a proxy or gateway speaking the Messages API).
         api_key_env: Environment variable holding the key.
@@ -31,7 +32,7 @@ class AnthropicJudge:
         self,
         model: str = "claude-sonnet-4-5",
         max_tokens: int = 1024,
-        temperature: float = 0.0,
+        temperature: float | None = None,
         thinking_budget: int | None = None,
         base_url: str | None = None,
         api_key_env: str = "ANTHROPIC_API_KEY",
@@ -62,8 +63,8 @@ class AnthropicJudge:
         kwargs = {}
         if self.thinking_budget:
             kwargs["thinking"] = {"type": "enabled", "budget_tokens": self.thinking_budget}
-        else:
-            kwargs["temperature"] = self.temperature
+        elif self.temperature is not None:
+            kwargs["extra_body"] = {"temperature": self.temperature}
         message = await self._client.messages.create(
             model=self.model,
             max_tokens=self.max_tokens,

@@ -1,0 +1,103 @@
+"""A loopback HTTP server speaking the OpenAI Chat Completions and Anthropic Messages wire formats.
+
+Each POST takes the next scripted behaviour from a queue (``Reply``), so a test can play success, 429 with
+``Retry-After``, 529, 500, slow answers, garbage bodies, truncated or reasoning answers, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Reply:
+    text: str = "<verdict>A</verdict>"
+    status: int = 200
+    headers: dict = field(default_factory=dict)
+    delay_s: float = 0.0
+    raw_body: bytes | None = None  # sent as is (malformed JSON, say)
+    reasoning: str | None = None  # OpenAI: reasoning_content; Anthropic: a thinking block
+    finish: str = "stop"
+
+
+class Loopback:
+    def __init__(self, default: Reply | None = None):
+        self.script: list[Reply] = []
+        self.default = default or Reply()
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                with owner.lock:
+                    owner.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
+                    reply = owner.script.pop(0) if owner.script else owner.default
+                if reply.delay_s:
+                    time.sleep(reply.delay_s)
+                if reply.raw_body is not None:
+                    payload = reply.raw_body
+                elif reply.status != 200:
+                    payload = json.dumps({"type": "error", "error": {"type": "overloaded_error" if reply.status == 529
+                                                                     else "api_error", "message": "scripted"}}).encode()
+                elif self.path.endswith("/messages"):
+                    payload = json.dumps(anthropic_body(body, reply)).encode()
+                else:
+                    payload = json.dumps(openai_body(body, reply)).encode()
+                try:
+                    self.send_response(reply.status)
+                    self.send_header("content-type", "application/json")
+                    for k, v in reply.headers.items():
+                        self.send_header(k, v)
+                    self.send_header("content-length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def openai_body(request: dict, reply: Reply) -> dict:
+    message = {"role": "assistant", "content": reply.text}
+    if reply.reasoning is not None:
+        message["reasoning_content"] = reply.reasoning
+    return {
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": request.get("model", "m"),
+        "choices": [{"index": 0, "message": message, "finish_reason": reply.finish}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+    }
+
+
+def anthropic_body(request: dict, reply: Reply) -> dict:
+    content = []
+    if reply.reasoning is not None:
+        content.append({"type": "thinking", "thinking": reply.reasoning, "signature": "sig"})
+    content.append({"type": "text", "text": reply.text})
+    return {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": request.get("model", "m"),
+        "content": content, "stop_reason": "max_tokens" if reply.finish == "length" else "end_turn",
+        "stop_sequence": None, "usage": {"input_tokens": 100, "output_tokens": 20},
+    }

@@ -1,0 +1,127 @@
+"""Both network backends against a loopback server, through the real SDK clients."""
+
+import time
+
+import pytest
+
+from loopback import Loopback, Reply
+from lit_route.judges import CachedJudge, CallPolicy, judge_pairs, run_sync
+from lit_route.judges.anthropic_judge import AnthropicJudge
+from lit_route.judges.openai_judge import OpenAICompatibleJudge
+from lit_route.types import JudgeRequest, Preference
+
+FAST = dict(backoff_base_s=0.01, backoff_max_s=2.0, timeout_s=1.0, deadline_s=20.0, max_attempts=4)
+
+
+def make(kind, url, monkeypatch, **policy):
+    if kind == "openai":
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        return OpenAICompatibleJudge(model="judge-model", base_url=f"{url}/v1", policy=CallPolicy(**{**FAST, **policy}))
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    return AnthropicJudge(model="claude-test", base_url=url, policy=CallPolicy(**{**FAST, **policy}))
+
+
+REQ = [JudgeRequest("Which is right?", "2+2=4", "2+2=5")]
+KINDS = ["openai", "anthropic"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_success_parses_verdict_tokens_and_cost(kind, monkeypatch):
+    with Loopback(Reply("Both fine but A is correct.\n<verdict>A</verdict>")) as server:
+        judge = make(kind, server.url, monkeypatch, price_input_per_mtok=1.0, price_output_per_mtok=10.0)
+        (v,) = run_sync(judge.judge(REQ))
+    assert v.preference is Preference.A and v.input_tokens == 100 and v.output_tokens == 20
+    assert v.cost_usd == pytest.approx((100 * 1 + 20 * 10) / 1e6)
+    assert judge.stats.calls == 1 and not judge.stats.failures
+    body = server.requests[0]["body"]
+    assert "2+2=5" in str(body["messages"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("status", [429, 529, 500])
+def test_retryable_statuses_are_retried(kind, status, monkeypatch):
+    with Loopback() as server:
+        server.script = [Reply(status=status, headers={"retry-after": "0.3"} if status == 429 else {}),
+                         Reply("<verdict>B</verdict>")]
+        judge = make(kind, server.url, monkeypatch)
+        start = time.perf_counter()
+        (v,) = run_sync(judge.judge(REQ))
+    assert v.preference is Preference.B
+    assert len(server.requests) == 2 and judge.stats.retries == 1
+    if status == 429:
+        assert time.perf_counter() - start >= 0.3  # Retry-After honoured
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_persistent_overload_becomes_a_counted_failure(kind, monkeypatch):
+    with Loopback(Reply(status=529 if kind == "anthropic" else 503)) as server:
+        judge = make(kind, server.url, monkeypatch, max_attempts=3)
+        (v,) = run_sync(judge.judge(REQ))
+    assert v.preference is None and v.failure in ("overloaded", "server_error")
+    assert len(server.requests) == 3 and judge.stats.summary()["failure_count"] == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_timeout_then_success(kind, monkeypatch):
+    with Loopback() as server:
+        server.script = [Reply(delay_s=1.5), Reply("<verdict>TIE</verdict>")]
+        judge = make(kind, server.url, monkeypatch, timeout_s=0.5)
+        (v,) = run_sync(judge.judge(REQ))
+    assert v.preference is Preference.TIE and judge.stats.retries == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_garbage_body_is_retried_then_fails(kind, monkeypatch):
+    with Loopback(Reply(raw_body=b"{not json")) as server:
+        judge = make(kind, server.url, monkeypatch, max_attempts=2)
+        (v,) = run_sync(judge.judge(REQ))
+    assert v.preference is None and v.failure is not None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unparseable_answer_is_retried_once_then_a_failure_not_a_tie(kind, monkeypatch):
+    with Loopback(Reply("I think they are both good.", finish="length")) as server:
+        judge = make(kind, server.url, monkeypatch)
+        (v,) = run_sync(judge.judge(REQ))
+    assert v.preference is None and v.failure == "truncated"
+    assert len(server.requests) == 2  # one retry for an unparseable answer
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decoy_tag_in_reasoning_is_ignored(kind, monkeypatch):
+    with Loopback() as server:
+        server.script = [
+            Reply("<think>maybe <verdict>A</verdict>?</think> On reflection <verdict>B</verdict>"),
+            Reply("Final: <verdict>B</verdict>", reasoning="Looks like <verdict>A</verdict> at first"),
+        ]
+        judge = make(kind, server.url, monkeypatch)
+        first = run_sync(judge.judge(REQ))[0]
+        second = run_sync(judge.judge(REQ))[0]
+    assert first.preference is Preference.B and second.preference is Preference.B
+
+
+def test_missing_key_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    with pytest.raises(RuntimeError, match="ANTHROPIC_API_KEY"):
+        AnthropicJudge()
+
+
+def test_cache_hits_on_rerun_and_failures_are_not_cached(monkeypatch, tmp_path):
+    with Loopback(Reply("<verdict>A</verdict>")) as server:
+        backend = make("openai", server.url, monkeypatch)
+        cache = CachedJudge(backend, tmp_path / "cache.sqlite")
+        items = [("p", "x", "y"), ("p2", "x2", "y2")]
+        first = run_sync(judge_pairs(cache, items, order="both"))
+        assert len(server.requests) == 4
+        again = CachedJudge(make("openai", server.url, monkeypatch), tmp_path / "cache.sqlite")
+        second = run_sync(judge_pairs(again, items, order="both"))
+        assert len(server.requests) == 4  # nothing paid twice
+        assert [j.score for j in first] == [j.score for j in second]
+        assert all(v.cached for j in second for v in j.verdicts) and again.stats.cached == 4
+        # "A" in both orders: the judge flips with the display order -> inconsistent tie
+        assert all(j.inconsistent and j.score == 0.5 for j in second)
+        server.default = Reply(status=400)
+        failing = CachedJudge(make("openai", server.url, monkeypatch), tmp_path / "cache.sqlite")
+        (bad,) = run_sync(judge_pairs(failing, [("new", "a", "b")], order="fixed"))
+        assert bad.score is None and bad.failure == "client_error"
+        assert len(failing) == 4
