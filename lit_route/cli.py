@@ -1,6 +1,6 @@
-"""``lit-route``: ``pm fit|validate|score``, ``evaluate``, ``rloo fit``.
+"""``lit-route``: ``pm fit|validate|score`` and ``evaluate``.
 
-``pm`` and ``rloo`` are LightningCLI programs (YAML configs, ``--print_config``, ``${...}`` interpolation through
+``pm`` is a LightningCLI program (YAML configs, ``--print_config``, ``${...}`` interpolation through
 omegaconf); ``pm score`` and ``evaluate`` are plain jsonargparse commands with the same config conventions.
 """
 
@@ -19,7 +19,6 @@ commands:
   pm score --ckpt CKPT --data PATH --output scores.jsonl
                                     score pairs: d(chosen, rejected) and its uncertainty
   evaluate --config CONFIG          accuracy vs judge budget: uncertainty / random / margin / oracle routing
-  rloo fit --config CONFIG          online RLHF with RLOO and uncertainty-routed rewards (LightningCLI)
 
 Each command takes --help.
 """
@@ -135,10 +134,6 @@ def main(argv: list[str] | None = None) -> None:
         from lit_route.eval.run import evaluate_cli
 
         evaluate_cli(rest)
-    elif command == "rloo":
-        from lit_route.policy.cli import rloo_cli
-
-        rloo_cli(rest)
     else:
         print(f"lit-route: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)

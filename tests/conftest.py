@@ -8,13 +8,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from lit_route.models.tiny import build_byte_tokenizer, save_tiny_llama  # noqa: E402
-from lit_route.types import PreferencePair  # noqa: E402
+from lit_route.models.tiny import build_byte_tokenizer, save_tiny_llama
+from lit_route.types import PreferencePair
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -3,8 +3,8 @@
 import time
 
 import pytest
-
 from loopback import Loopback, Reply
+
 from lit_route.judges import CachedJudge, CallPolicy, judge_pairs, run_sync
 from lit_route.judges.anthropic_judge import AnthropicJudge
 from lit_route.judges.openai_judge import OpenAICompatibleJudge

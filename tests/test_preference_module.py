@@ -43,7 +43,7 @@ def trained(tiny_model_dir, toy_pairs, tmp_path):
 
 
 def test_fit_finalizes_and_checkpoint_round_trip_gives_identical_scores(trained, toy_pairs):
-    module, dm, trainer, tmp_path = trained
+    module, dm, _, tmp_path = trained
     assert module.has_uncertainty
     assert int(module.head.n_accumulated) == 2 * len(dm.train_set)
     ckpt = tmp_path / "finalized.ckpt"
@@ -85,7 +85,7 @@ def test_bf16_backbone_keeps_float64_precision_and_finite_uncertainty(trained, t
 
 def test_linear_head_has_unit_uncertainty(tiny_model_dir, toy_pairs):
     module = make_module(tiny_model_dir, head="linear", lora=False)
-    d, u = score_pairs(module, toy_pairs[:3], PairEncoder(module.tokenizer, max_length=128), progress=False)
+    _, u = score_pairs(module, toy_pairs[:3], PairEncoder(module.tokenizer, max_length=128), progress=False)
     assert torch.equal(u, torch.ones(3))
 
 

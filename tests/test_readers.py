@@ -2,8 +2,8 @@ import gzip
 import json
 
 import pytest
-
 from conftest import shared_file
+
 from lit_route.data import DataFormatError, ReadReport, load_pairs
 from lit_route.data.readers import detect_format
 

@@ -115,7 +115,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if train and not val and hp.val_fraction > 0:
             idx = list(range(len(train)))
             random.Random(hp.seed).shuffle(idx)
-            n_val = max(1, int(round(len(train) * hp.val_fraction)))
+            n_val = max(1, round(len(train) * hp.val_fraction))
             val = [train[i] for i in sorted(idx[:n_val])]
             train = [train[i] for i in sorted(idx[n_val:])]
         if train:

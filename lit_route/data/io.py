@@ -39,7 +39,11 @@ def resolve_path(path: str | Path) -> Path:
 
 def _read_text(path: Path) -> str:
     try:
-        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                raw = fh.read()
+        else:
+            raw = path.read_bytes()
     except (EOFError, OSError, zlib.error) as err:
         raise DataFormatError(path, None, f"cannot decompress ({err}); is the file truncated?") from err
     try:

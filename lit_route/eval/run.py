@@ -198,7 +198,7 @@ def _difficulty_groups(subsets: list[str]) -> dict[str, list[str]]:
 
 def evaluate_cli(args: list[str], run: bool = True):
     """``lit-route evaluate --config CONFIG [--output_dir ...]``."""
-    from jsonargparse import ArgumentParser, ActionConfigFile
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog="lit-route evaluate", parser_mode="omegaconf", default_env=False)
     parser.add_argument("--config", action=ActionConfigFile)

@@ -8,7 +8,14 @@ from dataclasses import asdict, dataclass
 import lightning as L
 import torch
 
-from lit_route.models.backbone import BackboneSpec, LoraSpec, apply_lora, describe, load_backbone, load_tokenizer
+from lit_route.models.backbone import (
+    BackboneSpec,
+    LoraSpec,
+    apply_lora,
+    describe,
+    load_backbone,
+    load_tokenizer,
+)
 from lit_route.models.pooling import pool_last_token
 from lit_route.preference.losses import antisymmetric_score, bradley_terry_loss, mean_uncertainty
 from lit_route.preference.metrics import PreferenceMetrics

@@ -24,7 +24,7 @@ def count_for_fraction(n: int, fraction: float) -> int:
     """Number of pairs a budget of ``fraction`` buys: ``round(fraction · n)``, halves rounded up."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction: expected a value in [0, 1], got {fraction}")
-    return min(n, int(math.floor(fraction * n + 0.5)))
+    return min(n, math.floor(fraction * n + 0.5))
 
 
 def threshold_for_fraction(u: torch.Tensor, fraction: float) -> float:
