@@ -1,6 +1,6 @@
-"""``lit-route``: ``pm fit|validate|score`` and ``evaluate``.
+"""``lit-route``: ``pm fit|validate|score``, ``evaluate``, ``rloo fit``.
 
-``pm`` is a LightningCLI program (YAML configs, ``--print_config``, ``${...}`` interpolation through
+``pm`` and ``rloo`` are LightningCLI programs (YAML configs, ``--print_config``, ``${...}`` interpolation through
 omegaconf); ``pm score`` and ``evaluate`` are plain jsonargparse commands with the same config conventions.
 """
 
@@ -19,6 +19,7 @@ commands:
   pm score --ckpt CKPT --data PATH --output scores.jsonl
                                     score pairs: d(chosen, rejected) and its uncertainty
   evaluate --config CONFIG          accuracy vs judge budget: uncertainty / random / margin / oracle routing
+  rloo fit --config CONFIG          online RLHF with RLOO and uncertainty-routed rewards (LightningCLI)
 
 Each command takes --help.
 """
@@ -56,6 +57,24 @@ def pm_cli(args: list[str], run: bool = True):
     return PreferenceCLI(
         PreferenceModule,
         PreferenceDataModule,
+        args=args,
+        run=run,
+        seed_everything_default=0,
+        parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def rloo_cli(args: list[str], run: bool = True):
+    """The LightningCLI of RLOO policy training (``lit-route rloo fit``)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from lit_route.policy.data import PromptDataModule
+    from lit_route.policy.module import RLOOPolicyModule
+
+    return LightningCLI(
+        RLOOPolicyModule,
+        PromptDataModule,
         args=args,
         run=run,
         seed_everything_default=0,
@@ -130,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
             pm_score(**{k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__")})
             return
         pm_cli(rest)
+    elif command == "rloo":
+        rloo_cli(rest)
     elif command == "evaluate":
         from lit_route.eval.run import evaluate_cli
 

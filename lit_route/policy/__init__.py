@@ -1,0 +1,1 @@
+"""Online RLHF: the RLOO policy LightningModule, sampling, log-probabilities and the policy loss."""

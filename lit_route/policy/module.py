@@ -1,0 +1,193 @@
+"""``RLOOPolicyModule``: online RLHF with RLOO advantages from routed pairwise scores (manual optimisation)."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+
+from lit_route.models.backbone import (
+    BackboneSpec,
+    LoraSpec,
+    apply_lora,
+    describe,
+    load_backbone,
+    load_tokenizer,
+)
+from lit_route.policy.context import RewardContext
+from lit_route.policy.loss import policy_loss
+from lit_route.policy.pm_scoring import load_reward_pm, score_groups
+from lit_route.policy.sampling import GenerationConfig, sample, token_logprobs
+from lit_route.rewards.pairwise import pairwise_rewards
+from lit_route.rewards.rloo import kl_per_sequence, rloo_advantages, whiten
+
+log = logging.getLogger(__name__)
+
+
+class RLOOPolicyModule(L.LightningModule):
+    """RLOO with a pairwise preference model as the reward.
+
+    Each step samples K completions per prompt, scores all K(K−1) ordered pairs with the PM (both orders of a
+    pair in one batch) into an antisymmetric S and a symmetric U, lets reward hooks (the
+    :class:`~lit_route.callbacks.UncertaintyRouting` callback) replace entries of S, forms
+    ``r_i = mean_{j≠i} S_ij − β·KL_i`` and the leave-one-out advantages, and updates the policy.
+
+    Without any hook the rewards are the PM's alone (the 0%-judge baseline).
+
+    Args:
+        policy: The policy's base model.
+        lora: LoRA adapters of the policy; the reference is the same model with the adapters disabled.
+            ``None`` trains the full model and keeps a separate frozen reference copy.
+        pm_ckpt: A finalised PreferenceModule checkpoint used as the reward.
+        pm_backbone: Without ``pm_ckpt``: an untrained PM on this backbone (debugging only).
+        generation: Sampling settings (K, length, temperature, top-p).
+        beta: KL coefficient β.
+        kl_estimator: ``k1`` or ``k3``.
+        whiten_advantages: Normalise advantages over the batch.
+        updates_per_batch: Optimiser steps per sampled batch; from the second one the PPO clipped loss is used.
+        clip_eps: PPO clip range.
+        lr: Learning rate.
+        max_grad_norm: Gradient clipping (``None``: off).
+        accumulate_batches: Sampled batches per optimiser step.
+        pm_batch_size: Pairs per PM forward pass.
+        separate_reference: Keep a full frozen reference copy even with LoRA.
+        sample_seed: Seed added to the global step for sampling (reproducible runs).
+    """
+
+    def __init__(
+        self,
+        policy: BackboneSpec | None = None,
+        lora: LoraSpec | None = None,
+        pm_ckpt: str | None = None,
+        pm_backbone: BackboneSpec | None = None,
+        generation: GenerationConfig | None = None,
+        beta: float = 0.05,
+        kl_estimator: str = "k1",
+        whiten_advantages: bool = False,
+        updates_per_batch: int = 1,
+        clip_eps: float = 0.2,
+        lr: float = 1e-5,
+        max_grad_norm: float | None = 1.0,
+        accumulate_batches: int = 1,
+        pm_batch_size: int = 16,
+        separate_reference: bool = False,
+        sample_seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.policy_spec = policy or BackboneSpec()
+        self.generation = generation or GenerationConfig()
+        if self.generation.num_samples < 2:
+            raise ValueError("generation.num_samples: RLOO needs K >= 2")
+        self.tokenizer = load_tokenizer(self.policy_spec)
+        base = load_backbone(self.policy_spec, causal_lm=True)
+        self.policy = apply_lora(base, lora) if lora is not None else base
+        self.policy.train()
+        self.reference = None
+        if lora is None or separate_reference:
+            self.reference = load_backbone(self.policy_spec, causal_lm=True).eval().requires_grad_(False)
+        # the reward PM is frozen and not part of this module's state (it has its own checkpoint)
+        pm, encoder = load_reward_pm(pm_ckpt, pm_backbone)
+        object.__setattr__(self, "_pm", pm)
+        object.__setattr__(self, "_pm_encoder", encoder)
+        eos = [self.tokenizer.eos_token_id]
+        self.eos_ids = [e for e in eos if e is not None]
+        self.strict_loading = False
+
+    @property
+    def pm(self):
+        return self._pm
+
+    def on_fit_start(self) -> None:
+        self._pm.to(self.device)
+
+    def reward_hooks(self):
+        return [cb for cb in self.trainer.callbacks if hasattr(cb, "on_pairwise_scores")] if self._trainer else []
+
+    def _reference_logprobs(self, *args) -> torch.Tensor:
+        if self.reference is not None:
+            return token_logprobs(self.reference, *args)
+        with self.policy.disable_adapter():
+            return token_logprobs(self.policy, *args)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        k = self.generation.num_samples
+        b = batch["prompt_ids"].shape[0]
+        ctx = RewardContext(batch["messages"], [], torch.empty(0), torch.empty(0), torch.empty(0), torch.empty(0))
+        with ctx.timer("generation"):
+            self.policy.eval()
+            comps, cmask = sample(self.policy, batch["prompt_ids"], batch["prompt_mask"], self.generation, self.eos_ids,
+                                  self.tokenizer.pad_token_id, self.hparams.sample_seed + self.global_step)
+            self.policy.train()
+            texts = self.tokenizer.batch_decode(comps * cmask.long() + self.tokenizer.pad_token_id * (1 - cmask.long()),
+                                                skip_special_tokens=True)
+            ctx.completions = [texts[i * k : (i + 1) * k] for i in range(b)]
+        with ctx.timer("pm_scoring"):
+            s, u = score_groups(self._pm, self._pm_encoder, batch["messages"], ctx.completions, self.hparams.pm_batch_size)
+            ctx.scores, ctx.uncertainty, ctx.pm_scores = s, u, s.clone()
+            ctx.judged = torch.zeros_like(s, dtype=torch.bool)
+        hooks = self.reward_hooks()
+        for hook in hooks:  # start the judge: it runs while the reference log-probs are computed
+            hook.on_pairwise_scores(self.trainer, self, ctx)
+        prompt_ids = batch["prompt_ids"].repeat_interleave(k, 0)
+        prompt_mask = batch["prompt_mask"].repeat_interleave(k, 0)
+        with ctx.timer("reference_logprobs"), torch.no_grad():
+            ref_logp = self._reference_logprobs(prompt_ids, prompt_mask, comps, cmask)
+            old_logp = token_logprobs(self.policy, prompt_ids, prompt_mask, comps, cmask)
+        for hook in hooks:
+            hook.on_before_rewards(self.trainer, self, ctx)
+        kl = kl_per_sequence(old_logp, ref_logp, cmask, self.hparams.kl_estimator).view(b, k)
+        pm_reward = pairwise_rewards(ctx.scores.to(kl.device))
+        advantages = rloo_advantages(pm_reward - self.hparams.beta * kl)
+        if self.hparams.whiten_advantages:
+            advantages = whiten(advantages)
+        if not torch.isfinite(advantages).all():
+            raise FloatingPointError("non-finite advantages: check the PM checkpoint (scores must be finite)")
+        with ctx.timer("update"):
+            loss = self._update(prompt_ids, prompt_mask, comps, cmask, old_logp, advantages.flatten(), batch_idx)
+        self._log_step(ctx, loss, pm_reward, kl, advantages, cmask)
+        return loss
+
+    def _update(self, prompt_ids, prompt_mask, comps, cmask, old_logp, advantages, batch_idx) -> torch.Tensor:
+        opt = self.optimizers()
+        acc = self.hparams.accumulate_batches
+        for update in range(self.hparams.updates_per_batch):
+            logp = token_logprobs(self.policy, prompt_ids, prompt_mask, comps, cmask)
+            loss = policy_loss(logp, old_logp, advantages, cmask, self.hparams.clip_eps if update > 0 else None)
+            self.manual_backward(loss / acc)
+            if (batch_idx + 1) % acc == 0 or update > 0:
+                if self.hparams.max_grad_norm is not None:
+                    self.clip_gradients(opt, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                opt.zero_grad()
+        return loss.detach()
+
+    def _log_step(self, ctx, loss, pm_reward, kl, advantages, cmask) -> None:
+        b, k, _ = ctx.scores.shape
+        n_pairs = b * k * (k - 1) / 2
+        metrics = {
+            "train/loss": loss,
+            "reward/mean": pm_reward.mean(),
+            "reward/std": pm_reward.std(),
+            "kl/mean": kl.mean(),
+            "advantage/std": advantages.std(),
+            "response/length": cmask.sum(-1).mean(),
+            "judge/fraction": ctx.judged.sum().float() / 2 / n_pairs,
+            "pm/uncertainty_mean": ctx.uncertainty.sum() / (b * k * (k - 1)),
+            **{f"time/{name}": t for name, t in ctx.timings.items()},
+            **ctx.stats,
+        }
+        self.log_dict({k_: float(v) for k_, v in metrics.items()}, prog_bar=False, on_step=True, batch_size=b)
+        self.log("reward", float(pm_reward.mean()), prog_bar=True, batch_size=b)
+        self.last_step = {k_: float(v) for k_, v in metrics.items()}
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["lit_route"] = {"base_model": describe(self.policy_spec), "pm_ckpt": self.hparams.pm_ckpt}

@@ -1,0 +1,102 @@
+"""Sampling K completions per prompt and computing per-token log-probabilities."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GenerationConfig:
+    """How completions are sampled.
+
+    Args:
+        num_samples: K completions per prompt.
+        max_new_tokens: Completion length limit.
+        temperature: Sampling temperature.
+        top_p: Nucleus sampling threshold.
+    """
+
+    num_samples: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+def completion_mask(completions: torch.Tensor, eos_ids: list[int], pad_id: int) -> torch.Tensor:
+    """1 on completion tokens up to and including the first EOS, 0 after it (and on padding).
+
+    Args:
+        completions: (N, T) generated token ids.
+        eos_ids: Token ids that end a completion.
+        pad_id: Padding id (generate pads finished rows with it).
+
+    Returns:
+        (N, T) float mask.
+    """
+    is_eos = torch.zeros_like(completions, dtype=torch.bool)
+    for e in eos_ids:
+        is_eos |= completions == e
+    # tokens strictly after the first EOS are cut: cumulative count of EOS before each position
+    after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    mask = ~after
+    if pad_id not in eos_ids:
+        mask &= completions != pad_id
+    return mask.float()
+
+
+@torch.no_grad()
+def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, config: GenerationConfig, eos_ids: list[int],
+           pad_id: int, generator_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K samples per prompt from left-padded prompts.
+
+    Args:
+        model: A causal LM.
+        prompt_ids: (B, P) left-padded prompt ids.
+        prompt_mask: (B, P).
+
+    Returns:
+        ``(completions, mask)``: (B·K, T) ids (prompt b's samples are rows b·K … b·K+K−1) and their mask.
+    """
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    k = config.num_samples
+    ids = prompt_ids.repeat_interleave(k, dim=0)
+    mask = prompt_mask.repeat_interleave(k, dim=0)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_new_tokens=config.max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+    )
+    completions = out[:, ids.shape[1] :]
+    return completions, completion_mask(completions, eos_ids, pad_id)
+
+
+def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.Tensor,
+                   comp_mask: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each completion token under ``model``.
+
+    Args:
+        prompt_ids: (N, P) left-padded prompts (already repeated K times).
+        prompt_mask: (N, P).
+        completions: (N, T).
+        comp_mask: (N, T).
+
+    Returns:
+        (N, T) log-probs (0 where the mask is 0).
+    """
+    input_ids = torch.cat([prompt_ids, completions], dim=1)
+    attention = torch.cat([prompt_mask, comp_mask.long()], dim=1)
+    # positions follow the real tokens, so left padding does not shift them
+    position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).logits
+    p = prompt_ids.shape[1]
+    logits = logits[:, p - 1 : -1].float()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
+    return logp * comp_mask
