@@ -147,3 +147,7 @@ def apply_lora(model: torch.nn.Module, lora: LoraSpec | None, freeze_backbone: b
         bias="none",
     )
     return get_peft_model(model, config)
+
+
+# Checkpoints store these in their hyperparameters; allow them under torch.load(weights_only=True).
+torch.serialization.add_safe_globals([BackboneSpec, LoraSpec])

@@ -100,3 +100,6 @@ def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
     logits = logits[:, p - 1 : -1].float()
     logp = torch.log_softmax(logits, dim=-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
     return logp * comp_mask
+
+
+torch.serialization.add_safe_globals([GenerationConfig])

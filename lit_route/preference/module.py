@@ -192,3 +192,6 @@ class PreferenceModule(L.LightningModule):
         missing = self._kept_keys() - set(checkpoint["state_dict"])
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trained tensors, e.g. {sorted(missing)[:3]}")
+
+
+torch.serialization.add_safe_globals([SNGPConfig, OptimConfig])

@@ -1,0 +1,88 @@
+"""The RLOO module with and without the routing callback, on tiny random models."""
+
+import json
+
+import lightning as L
+import torch
+
+from lit_route.callbacks import UncertaintyRouting
+from lit_route.judges import HFLocalJudge, ReplayJudge
+from lit_route.models.backbone import BackboneSpec, LoraSpec
+from lit_route.policy.data import PromptDataModule
+from lit_route.policy.module import RLOOPolicyModule
+from lit_route.policy.sampling import GenerationConfig, completion_mask
+
+
+def build(tmp_path, callbacks=(), max_steps=2, ckpt=None):
+    L.seed_everything(0)
+    module = RLOOPolicyModule(
+        policy=BackboneSpec(), lora=LoraSpec(r=4, alpha=8), pm_backbone=BackboneSpec(),
+        generation=GenerationConfig(num_samples=3, max_new_tokens=6), lr=1e-2,
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"Tell me about the number {i}." for i in range(8)))
+    dm = PromptDataModule(prompts=str(prompts), batch_size=2)
+    trainer = L.Trainer(
+        max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=list(callbacks), default_root_dir=tmp_path,
+        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
+    )
+    trainer.fit(module, dm, ckpt_path=ckpt)
+    return module, trainer
+
+
+def lora_state(module):
+    return {k: v.clone() for k, v in module.policy.named_parameters() if v.requires_grad}
+
+
+def test_judge_fraction_zero_reproduces_pm_only_run(tmp_path):
+    plain, _ = build(tmp_path)
+    judge = HFLocalJudge(model_path="builtin:tiny-llama", gguf_file=None, max_prompt_tokens=256)
+    routed, _ = build(tmp_path, [UncertaintyRouting(judge, fraction=0.0)])
+    a, b = lora_state(plain), lora_state(routed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert routed.last_step["judge/fraction"] == 0.0
+
+
+def test_routing_changes_scores_and_counts(tmp_path):
+    judge = HFLocalJudge(model_path="builtin:tiny-llama", gguf_file=None, max_prompt_tokens=256, tie_margin=-1.0)
+    cb = UncertaintyRouting(judge, fraction=0.5, max_calls_total=100)
+    module, _ = build(tmp_path, [cb])
+    # 2 prompts x 3 pairs per step, half routed; tie_margin -1 never calls a tie -> every verdict is ±c
+    assert module.last_step["judge/fraction"] == 0.5 and cb.pairs_routed == 6 and cb.pairs_seen == 12
+    assert abs(module.last_step["reward/mean"]) < 1e-6  # antisymmetric S: group rewards sum to zero
+
+
+def test_every_judge_call_failing_leaves_pm_scores_and_no_nan(tmp_path):
+    verdicts = tmp_path / "none.jsonl"
+    verdicts.write_text(json.dumps({"judge": "J", "prompt": "p", "response_a": "a", "response_b": "b", "winner": "A"}))
+    cb = UncertaintyRouting(ReplayJudge(str(verdicts), judge="J"), fraction=1.0)  # nothing matches: all fail
+    module, _ = build(tmp_path, [cb])
+    step = module.last_step
+    assert cb.failures["no_record"] == 12 and step["judge/failures"] == 6
+    assert step["judge/fraction"] == 0.0
+    assert all(torch.isfinite(torch.tensor(v)) for v in step.values())
+    plain, _ = build(tmp_path)
+    a, b = lora_state(plain), lora_state(module)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # failures change nothing: the PM scores stand
+
+
+def test_callback_state_survives_checkpoint_and_resume(tmp_path):
+    judge = HFLocalJudge(model_path="builtin:tiny-llama", gguf_file=None, max_prompt_tokens=256)
+    cb = UncertaintyRouting(judge, fraction=0.5, max_calls_total=9)
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    build(tmp_path, [cb, ckpt_cb], max_steps=2)
+    assert cb.ledger.calls == 6
+    saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))[-1]
+    state = torch.load(saved, weights_only=False)
+    assert not any("embed_tokens" in k for k in state["state_dict"])  # adapters only
+    resumed = UncertaintyRouting(judge, fraction=0.5, max_calls_total=9)
+    build(tmp_path, [resumed], max_steps=4, ckpt=str(saved))
+    # restored 6 calls; the cap of 9 leaves 3 for the next step, then none
+    assert resumed.ledger.calls == 9 and resumed.pairs_routed == 9
+
+
+def test_completion_mask_stops_after_first_eos():
+    comps = torch.tensor([[5, 6, 9, 7, 0], [9, 1, 2, 3, 4], [1, 2, 3, 4, 5]])
+    assert completion_mask(comps, eos_ids=[9], pad_id=0).tolist() == [
+        [1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
