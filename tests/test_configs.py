@@ -38,3 +38,19 @@ def test_eval_configs_parse(path):
     cfg = evaluate_cli(["--config", str(path)], run=False)
     assert cfg.judge.class_path.startswith("lit_route.judges.")
     assert cfg.data and cfg.order in ("both", "random", "fixed")
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent.name == "rloo"], ids=lambda p: p.name)
+def test_rloo_configs_parse(path):
+    from lit_route.cli import rloo_cli
+
+    cli = parse_only(rloo_cli, ["--config", str(path)])
+    assert cli.config["model"]["generation"]["num_samples"] >= 2
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent.name == "trainer"], ids=lambda p: p.name)
+def test_trainer_configs_parse_with_a_model_config(path):
+    from lit_route.cli import pm_cli
+
+    cli = parse_only(pm_cli, ["--config", "configs/pm/debug_tiny.yaml", "--config", str(path)])
+    assert cli.config["trainer"]["devices"] in (2, 8)
