@@ -108,3 +108,17 @@ def test_predictive_variance_nonnegative():
     cov = torch.eye(3, dtype=torch.float64)
     phi = torch.randn(4, 3)
     assert torch.allclose(predictive_variance(phi, cov), (phi.double() ** 2).sum(1))
+
+
+def test_median_heuristic_sets_length_scale_once_in_training():
+    torch.manual_seed(0)
+    head = SNGPHead(3, num_features=16, proj_dim=0, normalize_input=False)
+    x = torch.tensor([[0.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    head.eval()(x)
+    assert not bool(head.length_scale_set)  # scoring never calibrates
+    head.train()(x)
+    # pairwise distances 3, 4, 5 (each twice): median 4
+    assert float(head.features.length_scale) == pytest.approx(4.0)
+    head(10 * x)
+    assert float(head.features.length_scale) == pytest.approx(4.0)
+    assert torch.allclose(head.features.weight, head.features.unit_weight / 4.0)

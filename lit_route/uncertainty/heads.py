@@ -93,8 +93,9 @@ class SNGPHead(_DtypeShield):
         spectral_bound: Bound c on the projection's spectral norm.
         normalize_input: LayerNorm (no affine) before the projection; LLM hidden states have a few huge
             dimensions that would otherwise dominate every distance.
-        length_scale: RBF length-scale ℓ; default ``sqrt(proj_dim)``, the typical distance between normalised
-            features.
+        length_scale: RBF length-scale ℓ; ``None`` sets it by the median heuristic at the first training step (the median distance between
+            the projected features of the first training batch, averaged over ranks), so that the kernel neither
+            sees every pair of inputs as identical nor as unrelated.
         ridge: Prior precision ``s`` (the ``s·I`` term).
         weighting: ``gaussian`` (w = 1) or ``logistic`` (w = p(1−p)).
         mean_field_factor: λ in ``u = sqrt(1 + λσ²)``.
@@ -122,8 +123,8 @@ class SNGPHead(_DtypeShield):
         self.normalize_input = normalize_input
         self.projection = SpectralNormLinear(in_features, proj_dim, bound=spectral_bound) if proj_dim else None
         rff_in = proj_dim or in_features
-        self.length_scale = length_scale if length_scale is not None else math.sqrt(rff_in)
-        self.features = RandomFourierFeatures(rff_in, num_features, self.length_scale, seed=seed)
+        self.features = RandomFourierFeatures(rff_in, num_features, length_scale or 1.0, seed=seed)
+        self.register_buffer("length_scale_set", torch.tensor(length_scale is not None))
         self.beta = nn.Linear(num_features, 1, bias=False)
         nn.init.normal_(self.beta.weight, std=0.01)
         self.ridge = ridge
@@ -144,7 +145,22 @@ class SNGPHead(_DtypeShield):
                 h = F.layer_norm(h, h.shape[-1:])
             if self.projection is not None:
                 h = self.projection(h)
+            if self.training and not bool(self.length_scale_set):
+                self._median_heuristic(h)
             return self.features(h)
+
+    @torch.no_grad()
+    def _median_heuristic(self, h: torch.Tensor) -> None:
+        if h.shape[0] < 2:
+            return
+        dist = torch.cdist(h.detach().float(), h.detach().float())
+        off = dist[~torch.eye(h.shape[0], dtype=torch.bool, device=h.device)]
+        scale = off.median().clamp_min(1e-6)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(scale)
+            scale /= torch.distributed.get_world_size()
+        self.features.length_scale.fill_(float(scale))
+        self.length_scale_set.fill_(True)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         phi = self.random_features(h)
