@@ -24,10 +24,35 @@ class Reply:
     finish: str = "stop"
 
 
+FAULTS = ("rate_limit", "overloaded", "server_error", "reset", "timeout", "garbage", "truncated", "empty")
+
+
+def fault_reply(kind: str, timeout_delay_s: float = 1.5) -> Reply | None:
+    """The reply that injects one kind of fault (``None`` for a dropped connection)."""
+    return {
+        "rate_limit": Reply(status=429, headers={"retry-after": "0.05"}),
+        "overloaded": Reply(status=529),
+        "server_error": Reply(status=500),
+        "reset": None,
+        "timeout": Reply(delay_s=timeout_delay_s),
+        "garbage": Reply(raw_body=b'{"choices": [tru'),
+        "truncated": Reply("Response A is better because", finish="length"),
+        "empty": Reply(""),
+    }[kind]
+
+
 class Loopback:
-    def __init__(self, default: Reply | None = None):
+    """``fault_rate``: share of requests answered with a random fault from ``FAULTS`` (seeded)."""
+
+    def __init__(self, default: Reply | None = None, fault_rate: float = 0.0, seed: int = 0,
+                 timeout_delay_s: float = 1.5, answer=None):
+        import random
+
         self.script: list[Reply] = []
         self.default = default or Reply()
+        self.fault_rate, self.rng, self.timeout_delay_s = fault_rate, random.Random(seed), timeout_delay_s
+        self.injected: dict[str, int] = {}
+        self.answer = answer  # body -> Reply, for content-dependent answers
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         owner = self
@@ -41,6 +66,16 @@ class Loopback:
                 with owner.lock:
                     owner.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
                     reply = owner.script.pop(0) if owner.script else owner.default
+                    if not owner.script and owner.fault_rate and owner.rng.random() < owner.fault_rate:
+                        kind = owner.rng.choice(FAULTS)
+                        owner.injected[kind] = owner.injected.get(kind, 0) + 1
+                        reply = fault_reply(kind, owner.timeout_delay_s)
+                        if reply is None:  # drop the connection without an answer
+                            self.close_connection = True
+                            self.connection.shutdown(2)
+                            return
+                    if callable(getattr(owner, "answer", None)) and reply is owner.default:
+                        reply = owner.answer(body)
                 if reply.delay_s:
                     time.sleep(reply.delay_s)
                 if reply.raw_body is not None:
