@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
             "judge_failures": dict(routing.failures),
             "mean_step_split_s": {k: round(sum(r[k] for r in rloo_log) / len(rloo_log), 2)
                                   for k in rloo_log[0] if k.startswith("time/")} if rloo_log else {},
-            "kl_by_step": [round(r.get("kl/mean", 0.0), 4) for r in rloo_log],
+            "kl_by_step": [float(f"{r.get('kl/mean', 0.0):.3g}") for r in rloo_log],
             "reward_std_by_step": [round(r.get("reward/std", 0.0), 4) for r in rloo_log],
         },
         "artefacts": {

@@ -28,7 +28,8 @@ def test_sentinel_key_appears_in_no_artefact(tmp_path, monkeypatch, capsys, capl
                                                "init_args": {"every_n_train_steps": 1}})
         (tmp_path / "rloo.yaml").write_text(yaml.safe_dump(config))
         main(["rloo", "fit", "--config", str(tmp_path / "rloo.yaml")])
-        assert any(r["headers"].get("x-api-key") == SENTINEL for r in server.requests)  # it was used
+        # it was used (the SDK sends it as x-api-key or as a bearer token, depending on its version)
+        assert server.requests and all(any(SENTINEL in v for v in r["headers"].values()) for r in server.requests)
         scores = tmp_path / "scores.jsonl"
         scores.write_text("".join(f'{{"id": "Adversarial-GPTOut:{line}", "score": 0.1, "uncertainty": 1.2}}\n'
                                   for line in (2, 8, 14)))

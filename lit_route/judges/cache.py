@@ -74,6 +74,7 @@ class CachedJudge:
         for i in misses:
             unique.setdefault(keys[i], i)
         fresh = await self.backend.judge([requests[i] for i in unique.values()]) if unique else []
+        self.stats.retries = self.backend.stats.retries  # retries happen inside the backend
         for (key, _), verdict in zip(unique.items(), fresh, strict=True):
             self.stats.record(verdict)
             if verdict.ok:
