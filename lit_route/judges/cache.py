@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -73,12 +74,17 @@ class CachedJudge:
         unique: dict[str, int] = {}
         for i in misses:
             unique.setdefault(keys[i], i)
-        fresh = await self.backend.judge([requests[i] for i in unique.values()]) if unique else []
-        self.stats.retries = self.backend.stats.retries  # retries happen inside the backend
-        for (key, _), verdict in zip(unique.items(), fresh, strict=True):
+        # one request per backend call, each stored the moment it returns: a killed run keeps what it paid for
+        # (the backend's own limits still bound the concurrency)
+        async def fetch(key: str, index: int) -> Verdict:
+            (verdict,) = await self.backend.judge([requests[index]])
             self.stats.record(verdict)
             if verdict.ok:
                 conn.execute("INSERT OR REPLACE INTO verdicts VALUES (?, ?)", (key, _encode(verdict)))
+            return verdict
+
+        fresh = await asyncio.gather(*(fetch(k, i) for k, i in unique.items()))
+        self.stats.retries = self.backend.stats.retries  # retries happen inside the backend
         new = dict(zip(unique, fresh, strict=True))
         out = []
         for key in keys:
