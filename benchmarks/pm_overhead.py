@@ -52,8 +52,8 @@ def main() -> None:
         lora=LoraSpec(top_layers=4 if args.model != "builtin:tiny-llama" else 1),
         sngp=SNGPConfig(num_features=args.features),
     )
-    sngp, linear = module.head, LinearHead(module.backbone.config.hidden_size if hasattr(module.backbone, "config")
-                                           else sngp.projection.weight.shape[1])
+    sngp = module.head
+    linear = LinearHead(module.backbone.config.hidden_size)
     vocab = len(module.tokenizer)
     batches = [
         {"input_ids": torch.randint(0, vocab - 8, (2 * args.pairs, args.length)),
