@@ -46,3 +46,39 @@ def test_kill_during_evaluate_then_rerun_pays_nothing_twice(tmp_path):
         assert len(fresh.requests) == total - cached  # only what never reached the cache
     results = json.loads((tmp_path / "second" / "results.json").read_text())
     assert results["judge_stats"]["cached"] == cached and results["judge_failed_pairs"] == 0
+
+
+def test_kill_during_rloo_fit_then_resume_keeps_the_ledger(tmp_path):
+    import torch
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs/rloo/debug_tiny.yaml").read_text())
+    config["trainer"]["default_root_dir"] = str(tmp_path / "run")
+    config["trainer"]["max_steps"] = 6
+    config["trainer"]["logger"] = False
+    config["trainer"]["enable_progress_bar"] = False
+    config["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+        "dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 1, "save_top_k": -1}})
+    (tmp_path / "rloo.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "lit_route", "rloo", "fit", "--config", str(tmp_path / "rloo.yaml")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list((tmp_path / "ckpt").glob("*.ckpt"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = sorted((tmp_path / "ckpt").glob("*.ckpt"), key=lambda p: int(p.stem.split("step=")[1]))
+    assert saved, "no checkpoint before the kill"
+    last = saved[-1]
+    step = int(last.stem.split("step=")[1])
+    assert step < 6
+    state = torch.load(last, weights_only=False)
+    routing = next(v for k, v in state["callbacks"].items() if "UncertaintyRouting" in k)
+    # debug_tiny: 2 prompts x 3 pairs per step, half judged -> 3 calls per step
+    assert routing["ledger"]["calls"] == 3 * step
+    resume = subprocess.run([*cmd, "--ckpt_path", str(last)], cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert resume.returncode == 0, resume.stderr.decode()[-2000:]
+    final = max((tmp_path / "ckpt").glob("*.ckpt"), key=lambda p: int(p.stem.split("step=")[1]))
+    routing = next(v for k, v in torch.load(final, weights_only=False)["callbacks"].items() if "UncertaintyRouting" in k)
+    assert routing["ledger"]["calls"] == 3 * 6 and routing["pairs_seen"] == 6 * 6

@@ -136,3 +136,15 @@ def test_shared_rmb_sample():
     report = ReadReport()
     pairs = load_pairs(path, skip_invalid=True, report=report)
     assert len(pairs) + len(report.skipped) == 14543 and len(report.skipped) == 2
+
+
+def test_huge_row_reads_and_truncates(tmp_path, byte_tokenizer):
+    from lit_route.data.encoding import PairEncoder
+
+    huge = "word " * 1_000_000  # a 5 MB response
+    path = write_jsonl(tmp_path / "huge.jsonl", [{"prompt": "p", "chosen": huge, "rejected": "short"}])
+    (pair,) = load_pairs(path)
+    enc = PairEncoder(byte_tokenizer, max_length=256, template="plain")
+    ab, ba = enc.encode_both(pair)
+    assert len(ab.input_ids) == len(ba.input_ids) == 256 and ab.truncated
+    assert "short" in byte_tokenizer.decode(ab.input_ids)
