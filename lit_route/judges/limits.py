@@ -104,8 +104,8 @@ class RateLimits:
             self._loop = loop
             self._semaphore = asyncio.Semaphore(self.policy.max_concurrency)
             p = self.policy
-            self._rpm = AsyncLimiter(p.requests_per_minute, 60) if p.requests_per_minute else None
-            self._tpm = AsyncLimiter(p.tokens_per_minute, 60) if p.tokens_per_minute else None
+            self._rpm = _smooth_limiter(p.requests_per_minute, 1.0) if p.requests_per_minute else None
+            self._tpm = _smooth_limiter(p.tokens_per_minute, 4096.0) if p.tokens_per_minute else None
 
     @property
     def semaphore(self) -> asyncio.Semaphore:
@@ -117,4 +117,12 @@ class RateLimits:
         if self._rpm is not None:
             await self._rpm.acquire()
         if self._tpm is not None:
-            await self._tpm.acquire(min(estimated_tokens, self.policy.tokens_per_minute))
+            await self._tpm.acquire(min(estimated_tokens, self._tpm.max_rate))
+
+
+def _smooth_limiter(per_minute: float, min_burst: float) -> AsyncLimiter:
+    """A leaky bucket refilling at ``per_minute / 60`` per second with a small burst (about one second's worth,
+    at least ``min_burst``), the way providers replenish limits continuously; a bucket of a whole minute would
+    let a cold start send a minute's quota at once and then trip the server's limiter."""
+    burst = max(min_burst, per_minute / 60.0)
+    return AsyncLimiter(burst, burst * 60.0 / per_minute)
