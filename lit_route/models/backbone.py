@@ -119,6 +119,12 @@ def load_backbone(spec: BackboneSpec, causal_lm: bool = False) -> torch.nn.Modul
         if spec.gguf_file and not (Path(path) / spec.gguf_file).exists():
             raise FileNotFoundError(f"gguf_file: {spec.gguf_file} not found in {path}")
         model = cls.from_pretrained(path, revision=spec.revision, dtype=dtype, **kwargs)
+        if spec.gguf_file:
+            # GGUF weights are dequantised to `dtype` on load; drop the quantisation marker so trainers and
+            # adapters treat the model as the plain model it now is
+            model.config.quantization_config = None
+            model.hf_quantizer = None
+            model.is_quantized = False
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
