@@ -51,3 +51,14 @@ def test_pad_and_last_token():
     assert last_token_index(batch["attention_mask"]).tolist() == [2, 0]
     left = batch["attention_mask"].flip(1)
     assert last_token_index(left).tolist() == [2, 2]
+
+
+def test_pointwise_encoding(byte_tokenizer):
+    enc = PairEncoder(byte_tokenizer, max_length=1000, mode="pointwise")
+    first, second = enc.encode_orders([{"role": "user", "content": "hi"}], "good", "bad")
+    assert byte_tokenizer.decode(first.input_ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\ngood<|im_end|>"
+    assert byte_tokenizer.decode(second.input_ids).endswith("assistant\nbad<|im_end|>")
+    plain = PairEncoder(byte_tokenizer, max_length=1000, template="plain", mode="pointwise")
+    assert byte_tokenizer.decode(plain.encode("Q?", "ok").input_ids) == "Prompt:\nQ?\n\nResponse:\nok\n\nIs this response good?"
+    with pytest.raises(ValueError, match="takes 1 response"):
+        plain.encode("Q?", "a", "b")

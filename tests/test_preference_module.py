@@ -122,3 +122,25 @@ def test_bradley_terry_weights():
     w = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]), torch.tensor([3.0, 1.0]))
     expected = (3 * torch.nn.functional.softplus(torch.tensor(-2.0)) + torch.log(torch.tensor(2.0))) / 4
     assert torch.isclose(w, expected)
+
+
+def test_pointwise_mode_trains_and_scores(tiny_model_dir, toy_pairs, tmp_path):
+    L.seed_everything(0)
+    data_path = write_pairs(tmp_path / "pairs.jsonl", toy_pairs)
+    module = PreferenceModule(backbone=BackboneSpec(model_path=str(tiny_model_dir)), head="sngp",
+                              sngp=SNGPConfig(num_features=64), mode="pointwise")
+    dm = PreferenceDataModule(train=str(data_path), val_fraction=0.0, max_length=128, batch_size=4, mode="pointwise")
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        callbacks=[FinalizeCovariance(progress=False)], enable_checkpointing=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, dm)
+    assert module.has_uncertainty and int(module.head.n_accumulated) == 2 * len(toy_pairs)
+    enc = PairEncoder(module.tokenizer, max_length=128, mode="pointwise")
+    swapped = [type(p)(p.prompt, p.rejected, p.chosen, p.subset, p.id) for p in toy_pairs]
+    d, u = score_pairs(module, toy_pairs, enc, progress=False)
+    d_sw, u_sw = score_pairs(module, swapped, enc, progress=False)
+    assert torch.allclose(d, -d_sw, rtol=1e-2, atol=2e-5) and torch.allclose(u, u_sw, rtol=1e-3)
+    mismatched = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                           enable_checkpointing=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"data\.mode"):
+        mismatched.fit(module, PreferenceDataModule(train=str(data_path), mode="pairwise"))

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 class EncodedPairs(Dataset):
-    """Each item is one pair in both orders: ``(ids(x, chosen, rejected), ids(x, rejected, chosen), weight)``."""
+    """Each item is one pair as its two sequences: ``(x, chosen, rejected)`` and ``(x, rejected, chosen)``
+    (pairwise), or ``(x, chosen)`` and ``(x, rejected)`` (pointwise); plus the loss weight."""
 
     def __init__(self, pairs: Sequence[PreferencePair], encoder: PairEncoder, use_strength: bool = False):
         before = encoder.n_truncated
@@ -67,6 +68,8 @@ class PreferenceDataModule(L.LightningDataModule):
         val_fraction: Held-out fraction of the training pairs when ``val`` is not given.
         max_length: Maximum tokens per encoded pair.
         template: Pair template: ``auto``, ``chat`` or ``plain``.
+        mode: ``pairwise`` (one sequence per ordered pair) or ``pointwise`` (one sequence per response); must
+            match the model's ``mode``.
         batch_size: Pairs per batch (each pair is two sequences).
         use_strength: Weight the loss by each pair's preference strength.
         num_workers: DataLoader workers.
@@ -83,6 +86,7 @@ class PreferenceDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         max_length: int = 512,
         template: str = "auto",
+        mode: str = "pairwise",
         batch_size: int = 8,
         use_strength: bool = False,
         num_workers: int = 0,
@@ -109,7 +113,11 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = self.trainer.lightning_module.tokenizer
         hp = self.hparams
-        encoder = PairEncoder(self.tokenizer, hp.max_length, hp.template)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        model_mode = getattr(module, "mode", hp.mode)
+        if model_mode != hp.mode:
+            raise ValueError(f"data.mode={hp.mode!r} but model.mode={model_mode!r}; set both to the same value")
+        encoder = PairEncoder(self.tokenizer, hp.max_length, hp.template, hp.mode)
         train = self._load(hp.train) if hp.train else []
         val = self._load(hp.val) if hp.val else []
         if train and not val and hp.val_fraction > 0:

@@ -36,6 +36,8 @@ _SLOT = "\u27e6SLOT{}\u27e7"  # ⟦SLOT0⟧: text no real message contains
 ROLE_A, ROLE_B = "response_a", "response_b"
 
 PLAIN_TEMPLATE = ("Prompt:\n", "\n\nResponse A:\n", "\n\nResponse B:\n", "\n\nWhich response is better?")
+PLAIN_POINTWISE = ("Prompt:\n", "\n\nResponse:\n", "\n\nIs this response good?")
+MODES = ("pairwise", "pointwise")
 
 
 @dataclass
@@ -85,11 +87,16 @@ class PairEncoder:
         max_length: Maximum sequence length; longer pairs are truncated as described in the module docstring.
         template: ``auto`` (the chat template when the tokenizer has one that accepts the response roles),
             ``chat`` or ``plain``.
+        mode: ``pairwise`` (one sequence holds both responses) or ``pointwise`` (one sequence per response,
+            the plain reward-model baseline: the response is the assistant turn).
     """
 
-    def __init__(self, tokenizer, max_length: int = 1024, template: str = "auto"):
+    def __init__(self, tokenizer, max_length: int = 1024, template: str = "auto", mode: str = "pairwise"):
         if template not in ("auto", "chat", "plain"):
             raise ValueError(f"template: expected auto, chat or plain, got {template!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        self.mode = mode
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.template = template
@@ -109,62 +116,69 @@ class PairEncoder:
             return False
         return True
 
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return (ROLE_A, ROLE_B) if self.mode == "pairwise" else ("assistant",)
+
     def _render(self, context: list[Message]) -> tuple[list[str], list[int]]:
         """Renders the template with slot markers; returns the fixed text pieces and which slot follows each."""
+        n, roles = len(context), self.roles
         messages = [{"role": m["role"], "content": _SLOT.format(i)} for i, m in enumerate(context)]
-        n = len(context)
-        messages += [{"role": ROLE_A, "content": _SLOT.format(n)}, {"role": ROLE_B, "content": _SLOT.format(n + 1)}]
+        messages += [{"role": role, "content": _SLOT.format(n + r)} for r, role in enumerate(roles)]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        pieces, order = [], []
-        for i in range(n + 2):
-            marker = _SLOT.format(i)
-            if text.count(marker) != 1:
-                raise ValueError(f"chat template renders slot {i} {text.count(marker)} times")
-        rest = text
+        total = n + len(roles)
+        for i in range(total):
+            if text.count(_SLOT.format(i)) != 1:
+                raise ValueError(f"chat template renders slot {i} {text.count(_SLOT.format(i))} times")
+        pieces, order, rest = [], [], text
         while True:
-            positions = [(rest.find(_SLOT.format(i)), i) for i in range(n + 2) if _SLOT.format(i) in rest]
+            positions = [(rest.find(_SLOT.format(i)), i) for i in range(total) if _SLOT.format(i) in rest]
             if not positions:
                 break
             pos, slot = min(positions)
             pieces.append(rest[:pos])
             order.append(slot)
             rest = rest[pos + len(_SLOT.format(slot)) :]
-        if order[-2:] != [n, n + 1]:
-            raise ValueError("chat template does not place the two responses last")
+        if order[-len(roles) :] != list(range(n, total)):
+            raise ValueError("chat template does not place the responses last")
         pieces.append(rest.rstrip())
         return pieces, order
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def encode(self, prompt: str | Sequence[Message], first: str, second: str) -> EncodedPair:
-        """Encodes the ordered pair (``first`` shown as response A, ``second`` as response B)."""
+    def encode(self, prompt: str | Sequence[Message], *responses: str) -> EncodedPair:
+        """Encodes ``(x, first, second)`` (pairwise: ``first`` shown as response A) or ``(x, response)``
+        (pointwise)."""
+        if len(responses) != len(self.roles):
+            raise ValueError(f"{self.mode} encoding takes {len(self.roles)} response(s), got {len(responses)}")
         context = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
         if self.use_chat:
             pieces, order = self._render(context)
-            contents = [m["content"] for m in context] + [first, second]
+            contents = [m["content"] for m in context] + list(responses)
         else:
-            pieces = list(PLAIN_TEMPLATE)
-            order = [0, 1, 2]
+            template = PLAIN_TEMPLATE if self.mode == "pairwise" else PLAIN_POINTWISE
+            pieces, order = list(template), list(range(1 + len(responses)))
             text = context[0]["content"] if len(context) == 1 else PreferencePair(tuple(context), "-", "-").prompt_text()
-            contents = [text, first, second]
+            contents = [text, *responses]
         fixed = [self._ids(p) for p in pieces]
         slots = {slot: self._ids(contents[slot]) for slot in order}
-        n_ctx = len(contents) - 2
+        n_ctx = len(contents) - len(responses)
         budget = self.max_length - sum(len(f) for f in fixed)
         if budget < 3:
             raise ValueError(f"max_length={self.max_length} leaves no room for content after the template")
         ctx_len = sum(len(slots[i]) for i in range(n_ctx))
-        keep_ctx, keep_a, keep_b = water_fill([ctx_len, len(slots[n_ctx]), len(slots[n_ctx + 1])], budget)
-        truncated = (keep_ctx, keep_a, keep_b) != (ctx_len, len(slots[n_ctx]), len(slots[n_ctx + 1]))
+        lengths = [ctx_len] + [len(slots[n_ctx + r]) for r in range(len(responses))]
+        kept = water_fill(lengths, budget)
+        truncated = kept != lengths
         # the context loses its oldest tokens first; responses keep their beginning
-        drop = ctx_len - keep_ctx
+        drop = ctx_len - kept[0]
         for i in range(n_ctx):
             cut = min(drop, len(slots[i]))
             slots[i] = slots[i][cut:]
             drop -= cut
-        slots[n_ctx] = slots[n_ctx][:keep_a]
-        slots[n_ctx + 1] = slots[n_ctx + 1][:keep_b]
+        for r in range(len(responses)):
+            slots[n_ctx + r] = slots[n_ctx + r][: kept[1 + r]]
         ids: list[int] = []
         for piece, slot in zip(fixed, order, strict=False):
             ids += piece + slots[slot]
@@ -173,9 +187,16 @@ class PairEncoder:
         self.n_truncated += int(truncated)
         return EncodedPair(ids, truncated)
 
+    def encode_orders(self, prompt, a: str, b: str) -> tuple[EncodedPair, EncodedPair]:
+        """The two sequences a pair needs: ``(x, a, b)`` and ``(x, b, a)`` (pairwise) or ``(x, a)`` and ``(x, b)``
+        (pointwise). Scores come out as ``d(a, b)`` either way."""
+        if self.mode == "pairwise":
+            return self.encode(prompt, a, b), self.encode(prompt, b, a)
+        return self.encode(prompt, a), self.encode(prompt, b)
+
     def encode_both(self, pair: PreferencePair) -> tuple[EncodedPair, EncodedPair]:
-        """``(x, chosen, rejected)`` and ``(x, rejected, chosen)``."""
-        return self.encode(pair.prompt, pair.chosen, pair.rejected), self.encode(pair.prompt, pair.rejected, pair.chosen)
+        """The two sequences of ``(chosen, rejected)``; see :meth:`encode_orders`."""
+        return self.encode_orders(pair.prompt, pair.chosen, pair.rejected)
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ def score_groups(pm, encoder: PairEncoder, prompts: list, completions: list[list
     """S (B, K, K) antisymmetric and U (B, K, K) symmetric from the PM, both orders of a pair in one batch.
 
     Only the K(K−1)/2 unordered pairs are encoded (each in both orders, as ``score_batch`` expects): the
-    K(K−1) ordered sequences, no more.
+    K(K−1) ordered sequences, no more. (A pointwise PM encodes each pair's two responses instead.)
     """
     b, k = len(completions), len(completions[0])
     ii, jj = upper_pairs(k)
@@ -41,8 +41,9 @@ def score_groups(pm, encoder: PairEncoder, prompts: list, completions: list[list
     pad = pm.tokenizer.pad_token_id
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        first = [encoder.encode(prompts[bi], completions[bi][i], completions[bi][j]).input_ids for bi, i, j in chunk]
-        second = [encoder.encode(prompts[bi], completions[bi][j], completions[bi][i]).input_ids for bi, i, j in chunk]
+        encoded = [encoder.encode_orders(prompts[bi], completions[bi][i], completions[bi][j]) for bi, i, j in chunk]
+        first = [e[0].input_ids for e in encoded]
+        second = [e[1].input_ids for e in encoded]
         batch = {key: t.to(device) for key, t in pad_batch(first + second, pad).items()}
         d, unc = pm.score_batch(batch)
         for (bi, i, j), dv, uv in zip(chunk, d.float().cpu().tolist(), unc.float().cpu().tolist(), strict=True):

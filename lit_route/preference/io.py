@@ -30,5 +30,6 @@ def load_preference_model(ckpt: str | Path, device: str = "cpu"):
         module = PreferenceModule.load_from_checkpoint(ckpt, map_location=device, weights_only=False)
     module.eval()
     data_hp = raw.get("datamodule_hyper_parameters", {})
-    encoder = PairEncoder(module.tokenizer, data_hp.get("max_length", 1024), data_hp.get("template", "auto"))
+    encoder = PairEncoder(module.tokenizer, data_hp.get("max_length", 1024), data_hp.get("template", "auto"),
+                          module.mode)
     return module, encoder

@@ -84,6 +84,9 @@ class PreferenceModule(L.LightningModule):
         sngp: SNGP head options.
         optim: Optimiser options.
         freeze_backbone: Without LoRA, train the head only.
+        mode: ``pairwise`` (the method: one sequence holds x and both responses) or ``pointwise`` (the classic
+            Bradley–Terry reward model: one sequence per response, ``P(a ≻ b) = σ(r_a − r_b)``), kept as the
+            baseline and for comparisons with other reward-model trainers.
     """
 
     def __init__(
@@ -94,11 +97,14 @@ class PreferenceModule(L.LightningModule):
         sngp: SNGPConfig | None = None,
         optim: OptimConfig | None = None,
         freeze_backbone: bool = False,
+        mode: str = "pairwise",
     ):
         super().__init__()
         backbone, sngp, optim = backbone or BackboneSpec(), sngp or SNGPConfig(), optim or OptimConfig()
         self.save_hyperparameters()
-        self.backbone_spec, self.optim = backbone, optim
+        if mode not in ("pairwise", "pointwise"):
+            raise ValueError(f"mode: expected 'pairwise' or 'pointwise', got {mode!r}")
+        self.backbone_spec, self.optim, self.mode = backbone, optim, mode
         self.tokenizer = load_tokenizer(backbone)
         base = load_backbone(backbone)
         hidden = base.config.hidden_size
@@ -138,13 +144,20 @@ class PreferenceModule(L.LightningModule):
             p = self.head(h)
             u = torch.ones_like(p)
         b = p.shape[0] // 2
+        if self.mode == "pointwise":  # rows: (x, a) then (x, b); the logit of P(a ≻ b) is p_a − p_b
+            return p[:b] - p[b:], mean_uncertainty(u[:b], u[b:])
         return antisymmetric_score(p[:b], p[b:]), mean_uncertainty(u[:b], u[b:])
 
     # --- Lightning hooks ----------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
-        loss = bradley_terry_loss(logits, batch["labels"], batch.get("weights"))
         b = logits.shape[0] // 2
+        if self.mode == "pointwise":  # rows: chosen then rejected; BT on reward differences
+            weights = batch.get("weights")
+            diff = logits[:b] - logits[b:]
+            loss = bradley_terry_loss(diff, torch.ones_like(diff), None if weights is None else weights[:b])
+        else:
+            loss = bradley_terry_loss(logits, batch["labels"], batch.get("weights"))
         acc = (logits[:b] > logits[b:]).float().mean()
         self.log_dict({"train/loss": loss, "train/accuracy": acc}, prog_bar=True, batch_size=b)
         return loss
