@@ -95,7 +95,7 @@ def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
     attention = torch.cat([prompt_mask, comp_mask.long()], dim=1)
     # positions follow the real tokens, so left padding does not shift them
     position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).logits
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False).logits
     p = prompt_ids.shape[1]
     logits = logits[:, p - 1 : -1].float()
     logp = torch.log_softmax(logits, dim=-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)

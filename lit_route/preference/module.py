@@ -119,7 +119,8 @@ class PreferenceModule(L.LightningModule):
     # --- forward ------------------------------------------------------------------------------------------
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, L) token ids -> (N, H) hidden state of the last real token after the final norm."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        # no KV cache: nothing is generated, and building one costs a copy of every layer's keys and values
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return pool_last_token(out.last_hidden_state, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
