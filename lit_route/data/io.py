@@ -37,7 +37,8 @@ def resolve_path(path: str | Path) -> Path:
     return resolved
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """The file's text (gunzipped when ``.gz``), with decompression and UTF-8 errors naming the file and line."""
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as fh:
@@ -62,7 +63,7 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, object]]:
         DataFormatError: malformed JSON, invalid UTF-8 or a truncated gzip stream, with the line.
     """
     path = Path(path)
-    text = _read_text(path)
+    text = read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
         yield from _iter_json_array(path, text)

@@ -7,13 +7,14 @@ nothing is dropped silently.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lit_route.data.io import DataFormatError, iter_records, resolve_path
+from lit_route.data.io import DataFormatError, iter_records, read_text, resolve_path
 from lit_route.types import PreferencePair
 
 log = logging.getLogger(__name__)
@@ -292,11 +293,7 @@ def _records(path: Path, skip_invalid: bool, report: ReadReport) -> Iterable[tup
 
 
 def _records_lenient(path: Path, report: ReadReport) -> Iterable[tuple[int, object]]:
-    import json
-
-    from lit_route.data.io import _read_text
-
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -203,15 +203,12 @@ def evaluate_cli(args: list[str], run: bool = True):
     parser = ArgumentParser(prog="lit-route evaluate", parser_mode="omegaconf", default_env=False)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(evaluate, skip={"judge"})
-    from lit_route.judges.base import JudgeBackend
-
     parser.add_subclass_arguments(_judge_types(), "judge", required=True, help="The judge backend.")
     cfg = parser.parse_args(args)
     if not run:
         return cfg
     init = parser.instantiate_classes(cfg)
     kwargs = {k: v for k, v in init.items() if k not in ("config", "__path__")}
-    del JudgeBackend
     return evaluate(**kwargs)
 
 
