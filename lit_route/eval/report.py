@@ -38,6 +38,12 @@ def console_table(results: dict, show=(0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)) ->
     return "\n".join(lines)
 
 
+def _short_label(benchmark: str) -> str:
+    """``a/b/Natural.json, a/b/Other.json, ...`` -> ``Natural + 4 more`` (a plot title must fit)."""
+    stems = [Path(part.strip().split(":")[-1]).name.split(".")[0] for part in benchmark.split(",")]
+    return stems[0] if len(stems) == 1 else f"{stems[0]} + {len(stems) - 1} more"
+
+
 def plot(results: dict, output_dir: Path) -> list[str]:
     """Writes ``routing_curve.png`` and ``by_decile.png``; returns their paths (none without matplotlib)."""
     try:
@@ -56,7 +62,8 @@ def plot(results: dict, output_dir: Path) -> list[str]:
     ax.axhline(results["judge_accuracy"], color="grey", lw=0.8, ls=":", label="judge alone")
     ax.set_xlabel("pairs sent to the judge (%)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"Routing: {results['benchmark']} · judge {results['judge']}")
+    ax.set_title(f"{_short_label(results['benchmark'])} · judge {results.get('judge_model', results['judge'])}",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

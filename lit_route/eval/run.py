@@ -151,6 +151,7 @@ def evaluate(
     results = {
         "benchmark": ", ".join(str(x) for x in data),
         "judge": repr(judge),
+        "judge_model": str(getattr(judge, "model", repr(judge))),
         "order": order,
         "n_pairs": n,
         "fractions": fractions,
