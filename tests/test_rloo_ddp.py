@@ -45,8 +45,8 @@ def test_two_rank_routing_agrees_on_the_global_budget(tmp_path):
     rows = [[json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in range(2)]
     assert len(rows[0]) == len(rows[1]) == 3
     for a, b in zip(*rows, strict=True):
-        assert a["ledger"] == b["ledger"]  # identical global accounting on both ranks
+        assert a["ledger"] == b["ledger"] and a["seen"] == b["seen"]  # identical global accounting on both ranks
     # global batch: 2 ranks x 2 prompts x 3 pairs = 12 pairs; half routed = 6 per step, then the cap of 15
     totals = [a["local_routed"] + b["local_routed"] for a, b in zip(*rows, strict=True)]
     assert totals == [6, 6, 3]
-    assert rows[0][-1]["ledger"] == 15
+    assert rows[0][-1]["ledger"] == 15 and rows[0][-1]["seen"] == 36

@@ -95,7 +95,7 @@ class UncertaintyRouting(L.Callback):
             mask = self._route(trainer, u_pairs)
             routed = [(bi, int(ii[p]), int(jj[p])) for bi, p in mask.nonzero().tolist()]
             items = [(_prompt_text(ctx.prompts[bi]), ctx.completions[bi][i], ctx.completions[bi][j]) for bi, i, j in routed]
-            self.pairs_seen += b * len(ii)
+            self.pairs_seen += b * len(ii) * trainer.world_size  # global, like pairs_routed
             seed = self.seed + trainer.global_step * 1009 + trainer.global_rank
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
