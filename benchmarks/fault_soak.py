@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import lightning as L
 import torch
-from loopback import Loopback, Reply
+from loopback import Loopback, longer_is_better
 
 from lit_route.callbacks import UncertaintyRouting
 from lit_route.data import load_pairs
@@ -40,16 +39,6 @@ DATA = ["bundled:llmbar/Natural.json", "bundled:llmbar/Adversarial-Neighbor.json
         "bundled:llmbar/Adversarial-GPTInst.json", "bundled:llmbar/Adversarial-GPTOut.json",
         "bundled:llmbar/Adversarial-Manual.json"]
 POLICY = dict(max_attempts=8, timeout_s=0.3, backoff_base_s=0.01, backoff_max_s=0.1, deadline_s=60, max_concurrency=16)
-_A = re.compile(r"<response_a>\n(.*)\n</response_a>", re.S)
-_B = re.compile(r"<response_b>\n(.*)\n</response_b>", re.S)
-
-
-def longer_is_better(body: dict) -> Reply:
-    user = body["messages"][-1]["content"]
-    a, b = _A.search(user).group(1), _B.search(user).group(1)
-    return Reply(f"<verdict>{'A' if len(a) >= len(b) else 'B'}</verdict>")
-
-
 def main() -> None:
     os.environ.setdefault("OPENAI_API_KEY", "sk-soak")
     os.environ.setdefault("ANTHROPIC_API_KEY", "sk-ant-soak")

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from common import timed
 
 from lit_route.callbacks.finalize import FinalizeCovariance
 from lit_route.models.backbone import BackboneSpec, LoraSpec
@@ -23,15 +23,6 @@ from lit_route.preference import PreferenceModule, SNGPConfig
 from lit_route.preference.losses import bradley_terry_loss
 from lit_route.uncertainty.gp import predictive_variance
 from lit_route.uncertainty.heads import LinearHead
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

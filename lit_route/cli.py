@@ -25,6 +25,15 @@ Each command takes --help.
 """
 
 
+# shared by every LightningCLI program: seeded, `${...}` interpolation, no environment overrides, and the
+# saved config.yaml of a rerun replaces the previous one
+CLI_CONVENTIONS = {
+    "seed_everything_default": 0,
+    "parser_kwargs": {"parser_mode": "omegaconf", "default_env": False},
+    "save_config_kwargs": {"overwrite": True},
+}
+
+
 def _setup_logging() -> None:
     # Our own logger only: Lightning already prints its messages through its own handler.
     logger = logging.getLogger("lit_route")
@@ -59,9 +68,7 @@ def pm_cli(args: list[str], run: bool = True):
         PreferenceDataModule,
         args=args,
         run=run,
-        seed_everything_default=0,
-        parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
-        save_config_kwargs={"overwrite": True},
+        **CLI_CONVENTIONS,
     )
 
 
@@ -77,9 +84,7 @@ def rloo_cli(args: list[str], run: bool = True):
         PromptDataModule,
         args=args,
         run=run,
-        seed_everything_default=0,
-        parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
-        save_config_kwargs={"overwrite": True},
+        **CLI_CONVENTIONS,
     )
 
 

@@ -7,6 +7,7 @@ Each POST takes the next scripted behaviour from a queue (``Reply``), so a test 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -136,3 +137,14 @@ def anthropic_body(request: dict, reply: Reply) -> dict:
         "content": content, "stop_reason": "max_tokens" if reply.finish == "length" else "end_turn",
         "stop_sequence": None, "usage": {"input_tokens": 100, "output_tokens": 20},
     }
+
+
+_A = re.compile(r"<response_a>\n(.*)\n</response_a>", re.S)
+_B = re.compile(r"<response_b>\n(.*)\n</response_b>", re.S)
+
+
+def longer_is_better(body: dict) -> Reply:
+    """A position-independent judge for ``Loopback(answer=...)``: prefers the longer response."""
+    user = body["messages"][-1]["content"]
+    a, b = _A.search(user).group(1), _B.search(user).group(1)
+    return Reply(f"The longer one is more complete.\n<verdict>{'A' if len(a) >= len(b) else 'B'}</verdict>")

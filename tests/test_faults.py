@@ -4,10 +4,9 @@ counted, and a rerun pays no successful call twice."""
 import json
 import math
 import random
-import re
 
 import torch
-from loopback import Loopback, Reply
+from loopback import Loopback, longer_is_better
 
 from lit_route.callbacks import UncertaintyRouting
 from lit_route.data import load_pairs
@@ -17,17 +16,6 @@ from lit_route.judges.anthropic_judge import AnthropicJudge
 from lit_route.judges.openai_judge import OpenAICompatibleJudge
 
 POLICY = dict(max_attempts=8, timeout_s=0.3, backoff_base_s=0.01, backoff_max_s=0.1, deadline_s=30, max_concurrency=8)
-_A = re.compile(r"<response_a>\n(.*)\n</response_a>", re.S)
-_B = re.compile(r"<response_b>\n(.*)\n</response_b>", re.S)
-
-
-def longer_is_better(body: dict) -> Reply:
-    """A position-independent judge: prefers the longer response."""
-    user = body["messages"][-1]["content"]
-    a, b = _A.search(user).group(1), _B.search(user).group(1)
-    return Reply(f"The longer one is more complete.\n<verdict>{'A' if len(a) >= len(b) else 'B'}</verdict>")
-
-
 def write_scores(path, pairs, seed=0):
     rng = random.Random(seed)
     with open(path, "w") as fh:

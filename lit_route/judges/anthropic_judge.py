@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lit_route.judges.base import JudgeStats
-from lit_route.judges.limits import CallPolicy, FatalCallError, RateLimits, RetryableError
-from lit_route.judges.remote import Completion, classify_http_error, run_requests
+from lit_route.judges.limits import CallPolicy, RateLimits
+from lit_route.judges.remote import Completion, classify_sdk_error, run_requests
 from lit_route.judges.secrets import read_api_key
 from lit_route.types import JudgeRequest, Verdict
 
@@ -78,16 +78,7 @@ class AnthropicJudge:
         return Completion(text, usage.input_tokens, usage.output_tokens, truncated=message.stop_reason == "max_tokens")
 
     def classify(self, err: BaseException) -> Exception:
-        sdk = self._sdk
-        if isinstance(err, sdk.APITimeoutError):
-            return RetryableError("timeout", None, str(err))
-        if isinstance(err, sdk.APIConnectionError):
-            return RetryableError("connection", None, str(err))
-        if isinstance(err, sdk.APIStatusError):
-            return classify_http_error(err.status_code, err.response.headers, str(err)[:300])
-        if isinstance(err, ValueError | KeyError | TypeError | AttributeError):  # a malformed body
-            return RetryableError("malformed_response", None, repr(err)[:300])
-        return FatalCallError("error", repr(err)[:300])
+        return classify_sdk_error(self._sdk, err)
 
     async def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
         return await run_requests(requests, self.complete, self.classify, self.policy, self._limits, self.stats)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import Sequence
@@ -57,6 +58,8 @@ class HFLocalJudge:
         self.device = device
         self.stats = JudgeStats()
         self._lock = threading.Lock()  # one forward at a time; the model is not re-entrant
+        # log-prob mode reads both orders of a request; a caller asking in both orders would repeat them
+        self._p_first_cached = functools.lru_cache(maxsize=4096)(self._p_first)
         self._a = self.tokenizer("A", add_special_tokens=False)["input_ids"][-1]
         self._b = self.tokenizer("B", add_special_tokens=False)["input_ids"][-1]
 
@@ -85,7 +88,7 @@ class HFLocalJudge:
         with self._lock:
             if self.mode == "logprob":
                 swapped = JudgeRequest(request.prompt, request.response_b, request.response_a, request.id)
-                prob_a = 0.5 * (self._p_first(request) + (1.0 - self._p_first(swapped)))
+                prob_a = 0.5 * (self._p_first_cached(request) + (1.0 - self._p_first_cached(swapped)))
                 if abs(prob_a - 0.5) <= self.tie_margin:
                     pref = Preference.TIE
                 else:

@@ -51,6 +51,20 @@ def classify_http_error(status: int | None, headers, detail: str) -> Exception:
     return FatalCallError("client_error" if status else "error", detail)
 
 
+def classify_sdk_error(sdk, err: BaseException) -> Exception:
+    """Maps an exception of the ``anthropic`` or ``openai`` SDK (they share one hierarchy) to a retryable or
+    fatal error; a body the SDK could not read counts as a malformed response, which is worth a retry."""
+    if isinstance(err, sdk.APITimeoutError):
+        return RetryableError("timeout", None, str(err))
+    if isinstance(err, sdk.APIConnectionError):
+        return RetryableError("connection", None, str(err))
+    if isinstance(err, sdk.APIStatusError):
+        return classify_http_error(err.status_code, err.response.headers, str(err)[:300])
+    if isinstance(err, ValueError | KeyError | TypeError | AttributeError | IndexError):
+        return RetryableError("malformed_response", None, repr(err)[:300])
+    return FatalCallError("error", repr(err)[:300])
+
+
 async def run_requests(
     requests: Sequence[JudgeRequest],
     complete: Complete,

@@ -196,18 +196,20 @@ class SNGPHead(_DtypeShield):
         self.jitter.fill_(jitter)
         self.finalized.fill_(True)
 
-    def variance(self, h: torch.Tensor) -> torch.Tensor:
-        """(N, H) -> (N,) float64 predictive variance; requires :meth:`finalize`."""
+    def _require_finalized(self) -> None:
         if not bool(self.finalized):
             raise RuntimeError("SNGP head is not finalised: run the FinalizeCovariance pass before asking for variances")
+
+    def variance(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, H) -> (N,) float64 predictive variance; requires :meth:`finalize`."""
+        self._require_finalized()
         return predictive_variance(self.random_features(h), self.covariance)
 
     def predict(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._require_finalized()
         phi = self.random_features(h)
         with torch.autocast(h.device.type, enabled=False):
             g = self.beta(phi).squeeze(-1)
-        if not bool(self.finalized):
-            raise RuntimeError("SNGP head is not finalised: run the FinalizeCovariance pass before asking for variances")
         return mean_field(g, predictive_variance(phi, self.covariance), self.mean_field_factor)
 
 
