@@ -59,7 +59,7 @@ def main() -> None:
         second = evaluate(DATA, judge, scores=str(tmp / "scores.jsonl"), output_dir=str(tmp / "b"), cache=cache)
         rerun_requests = [json.dumps(r["body"]["messages"]) for r in healthy.requests]
     calls = 2 * len(pairs)
-    failed_first = first["judge_stats"]["failure_count"]
+    failed_first = first["judge_stats"]["failed"]
     # a request repeated on the rerun is paid twice only if its first verdict had succeeded (it was cached)
     paid_twice = len(rerun_requests) - failed_first
     curves = [v for c in (first, second) for curve in c["curves"].values() for v in curve]

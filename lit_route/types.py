@@ -80,8 +80,12 @@ class Verdict:
         input_tokens: Prompt tokens billed.
         output_tokens: Completion tokens billed (reasoning included).
         cost_usd: Estimated cost of the call.
-        cached: Whether the verdict came from the cache (no call was paid).
+        cached: Whether the verdict came from the cache (nothing was sent or paid for it now).
         inconsistent: With ``order="both"``, the two display orders disagreed.
+        requests: Requests sent to the backend for this verdict: first attempt, transport retries and re-asks
+            after an unparseable answer (0 when cached).
+        billed: Those requests that came back with a completion, which is what a provider bills; a 429, a 5xx
+            or a dropped connection is a request but not a billed one (0 when cached).
     """
 
     preference: Preference | None
@@ -94,6 +98,8 @@ class Verdict:
     cost_usd: float = 0.0
     cached: bool = False
     inconsistent: bool = False
+    requests: int = 0
+    billed: int = 0
     extra: dict = field(default_factory=dict, compare=False)
 
     @property

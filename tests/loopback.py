@@ -23,6 +23,7 @@ class Reply:
     raw_body: bytes | None = None  # sent as is (malformed JSON, say)
     reasoning: str | None = None  # OpenAI: reasoning_content; Anthropic: a thinking block
     finish: str = "stop"
+    usage: bool = True  # False: a 200 body without the usage block (some gateways strip it)
 
 
 FAULTS = ("rate_limit", "overloaded", "server_error", "reset", "timeout", "garbage", "truncated", "empty")
@@ -43,10 +44,11 @@ def fault_reply(kind: str, timeout_delay_s: float = 1.5) -> Reply | None:
 
 
 class Loopback:
-    """``fault_rate``: share of requests answered with a random fault from ``FAULTS`` (seeded)."""
+    """``fault_rate``: share of requests answered with a random fault from ``FAULTS`` (seeded). ``port``: reuse the
+    port of an earlier server, so that a rerun talks to the same ``base_url`` (part of the verdict cache key)."""
 
     def __init__(self, default: Reply | None = None, fault_rate: float = 0.0, seed: int = 0,
-                 timeout_delay_s: float = 1.5, answer=None):
+                 timeout_delay_s: float = 1.5, answer=None, port: int = 0):
         import random
 
         self.script: list[Reply] = []
@@ -55,10 +57,15 @@ class Loopback:
         self.injected: dict[str, int] = {}
         self.answer = answer  # body -> Reply, for content-dependent answers
         self.requests: list[dict] = []
+        self.completions = 0  # 200 answers with a well-formed body: what a provider would bill
         self.lock = threading.Lock()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
+            # HTTP/1.1 keeps connections open between requests, as real API servers do: a client whose
+            # connection pool outlives an event loop is caught here, not in production
+            protocol_version = "HTTP/1.1"
+
             def log_message(self, *args):
                 pass
 
@@ -88,6 +95,9 @@ class Loopback:
                     payload = json.dumps(anthropic_body(body, reply)).encode()
                 else:
                     payload = json.dumps(openai_body(body, reply)).encode()
+                if reply.status == 200 and reply.raw_body is None:
+                    with owner.lock:
+                        owner.completions += 1
                 try:
                     self.send_response(reply.status)
                     self.send_header("content-type", "application/json")
@@ -99,7 +109,7 @@ class Loopback:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _QuietServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -116,6 +126,12 @@ class Loopback:
         self.server.server_close()
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        # clients that time out or drop a kept-alive connection are part of the tests, not server errors
+        pass
+
+
 def openai_body(request: dict, reply: Reply) -> dict:
     message = {"role": "assistant", "content": reply.text}
     if reply.reasoning is not None:
@@ -123,7 +139,7 @@ def openai_body(request: dict, reply: Reply) -> dict:
     return {
         "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": request.get("model", "m"),
         "choices": [{"index": 0, "message": message, "finish_reason": reply.finish}],
-        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+        **({"usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}} if reply.usage else {}),
     }
 
 
@@ -135,7 +151,7 @@ def anthropic_body(request: dict, reply: Reply) -> dict:
     return {
         "id": "msg_1", "type": "message", "role": "assistant", "model": request.get("model", "m"),
         "content": content, "stop_reason": "max_tokens" if reply.finish == "length" else "end_turn",
-        "stop_sequence": None, "usage": {"input_tokens": 100, "output_tokens": 20},
+        "stop_sequence": None, **({"usage": {"input_tokens": 100, "output_tokens": 20}} if reply.usage else {}),
     }
 
 

@@ -40,10 +40,14 @@ def test_evaluate_with_30_percent_faults(tmp_path, monkeypatch):
     values = [v for curve in results["curves"].values() for v in curve] + [results["pm_accuracy"], results["judge_accuracy"]]
     assert all(math.isfinite(v) for v in values)
     stats = results["judge_stats"]
-    assert stats["retries"] >= 5 and stats["calls"] == 94
-    failed_calls = stats["failure_count"]
+    assert stats["retries"] >= 5 and stats["verdicts"] == 94
+    # every request the server saw is counted (plus any sent on a connection the server had just dropped)
+    assert first_requests <= stats["requests"] <= first_requests + server.injected.get("reset", 0)
+    # billed = answers that came back; an answer the client had given up on was billed by the server only
+    assert 0 <= server.completions - stats["billed"] <= server.injected.get("timeout", 0)
+    failed_calls = stats["failed"]
     # a rerun against a healthy server pays only for what failed before
-    with Loopback(answer=longer_is_better) as healthy:
+    with Loopback(answer=longer_is_better, port=server.server.server_address[1]) as healthy:
         judge = OpenAICompatibleJudge("m", base_url=f"{healthy.url}/v1", policy=CallPolicy(**POLICY))
         again = evaluate(data, judge, scores=str(tmp_path / "scores.jsonl"), output_dir=str(tmp_path / "b"),
                          order="both", cache=cache)

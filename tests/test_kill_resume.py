@@ -41,7 +41,8 @@ def test_kill_during_evaluate_then_rerun_pays_nothing_twice(tmp_path):
     assert 0 < first_requests < total
     cached = sqlite3.connect(tmp_path / "cache.sqlite").execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
     assert cached > 0
-    with Loopback(Reply("<verdict>A</verdict>")) as fresh:
+    # the same base_url (part of the cache key), a new server
+    with Loopback(Reply("<verdict>A</verdict>"), port=slow.server.server_address[1]) as fresh:
         assert run_evaluate(fresh.url, tmp_path, "second").wait(timeout=120) == 0
         assert len(fresh.requests) == total - cached  # only what never reached the cache
     results = json.loads((tmp_path / "second" / "results.json").read_text())

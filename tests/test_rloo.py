@@ -3,6 +3,7 @@
 import json
 
 import lightning as L
+import pytest
 import torch
 
 from lit_route.callbacks import UncertaintyRouting
@@ -86,3 +87,44 @@ def test_completion_mask_stops_after_first_eos():
     comps = torch.tensor([[5, 6, 9, 7, 0], [9, 1, 2, 3, 4], [1, 2, 3, 4, 5]])
     assert completion_mask(comps, eos_ids=[9], pad_id=0).tolist() == [
         [1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_logprobs_are_those_of_the_distribution_that_was_sampled():
+    from lit_route.models.backbone import load_backbone
+    from lit_route.policy.sampling import sample, token_logprobs
+
+    torch.manual_seed(0)
+    model = load_backbone(BackboneSpec(model_path="builtin:tiny-llama"), causal_lm=True).eval()
+    prompt = torch.randint(3, 200, (2, 5))
+    mask = torch.ones_like(prompt)
+    config = GenerationConfig(num_samples=2, max_new_tokens=6, temperature=0.5)
+    torch.manual_seed(1)
+    out = model.generate(input_ids=prompt.repeat_interleave(2, 0), attention_mask=mask.repeat_interleave(2, 0),
+                         do_sample=True, temperature=0.5, top_p=1.0, top_k=0, max_new_tokens=6, eos_token_id=[],
+                         pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    comps = out.sequences[:, prompt.shape[1]:]
+    # the scores generate sampled from: logits / T
+    sampled = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1).gather(-1, comps.unsqueeze(-1))[..., 0]
+    cmask = torch.ones_like(comps, dtype=torch.float)
+    with torch.no_grad():
+        ours = token_logprobs(model, prompt.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), comps, cmask,
+                              temperature=0.5)
+    # float32: cached incremental decoding and one full forward sum attention in different orders
+    assert torch.allclose(ours, sampled, atol=1e-4)
+    torch.manual_seed(1)
+    again, _ = sample(model, prompt, mask, config, eos_ids=[], pad_id=0)
+    assert torch.equal(again, comps)  # sample() draws from the same distribution: no silent top-k
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(updates_per_batch=2, accumulate_batches=2), "updates_per_batch"),
+    (dict(beta=-0.1), "beta"),
+    (dict(kl_estimator="k2"), "kl_estimator"),
+    (dict(generation=GenerationConfig(num_samples=1)), "generation.num_samples"),
+    (dict(generation=GenerationConfig(temperature=0.0)), "generation.temperature"),
+    (dict(policy=None), "policy"),
+])
+def test_bad_rloo_options_fail_at_construction_naming_the_option(kwargs, match):
+    base = dict(policy=BackboneSpec(), pm_backbone=BackboneSpec())
+    with pytest.raises(ValueError, match=f"^{match}"):
+        RLOOPolicyModule(**{**base, **kwargs})

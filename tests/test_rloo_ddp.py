@@ -7,7 +7,7 @@ import lightning as L
 import torch
 
 from lit_route.callbacks import UncertaintyRouting
-from lit_route.judges import ReplayJudge
+from lit_route.judges import HFLocalJudge
 from lit_route.models.backbone import BackboneSpec, LoraSpec
 from lit_route.policy.data import PromptDataModule
 from lit_route.policy.module import RLOOPolicyModule
@@ -30,13 +30,11 @@ class RecordingRouting(UncertaintyRouting):
 
 
 def test_two_rank_routing_agrees_on_the_global_budget(tmp_path):
-    verdicts = tmp_path / "v.jsonl"
-    verdicts.write_text(json.dumps({"judge": "J", "prompt": "p", "response_a": "a", "response_b": "b", "winner": "A"}))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"Prompt number {i}, please answer." for i in range(16)))
     module = RLOOPolicyModule(policy=BackboneSpec(), lora=LoraSpec(r=2, alpha=4), pm_backbone=BackboneSpec(),
                               generation=GenerationConfig(num_samples=3, max_new_tokens=4))
-    cb = RecordingRouting(str(tmp_path), judge=ReplayJudge(str(verdicts), judge="J"), fraction=0.5, max_calls_total=15)
+    cb = RecordingRouting(str(tmp_path), judge=HFLocalJudge("builtin:tiny-llama", gguf_file=None, max_prompt_tokens=128), fraction=0.5, max_calls_total=15)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
                         callbacks=[cb], default_root_dir=tmp_path)
@@ -46,7 +44,8 @@ def test_two_rank_routing_agrees_on_the_global_budget(tmp_path):
     assert len(rows[0]) == len(rows[1]) == 3
     for a, b in zip(*rows, strict=True):
         assert a["ledger"] == b["ledger"] and a["seen"] == b["seen"]  # identical global accounting on both ranks
-    # global batch: 2 ranks x 2 prompts x 3 pairs = 12 pairs; half routed = 6 per step, then the cap of 15
+    # global batch: 2 ranks x 2 prompts x 3 pairs = 12 pairs; half routed = 6 per step (one billed call each),
+    # then the cap of 15
     totals = [a["local_routed"] + b["local_routed"] for a, b in zip(*rows, strict=True)]
     assert totals == [6, 6, 3]
     assert rows[0][-1]["ledger"] == 15 and rows[0][-1]["seen"] == 36

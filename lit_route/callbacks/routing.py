@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import lightning as L
 import torch
 
+from lit_route.checks import check_choice, check_fraction, check_nonnegative
 from lit_route.judges.base import JudgeBackend
 from lit_route.judges.cache import CachedJudge
-from lit_route.judges.pairwise import judge_pairs, run_sync
+from lit_route.judges.loop import submit
+from lit_route.judges.pairwise import ORDERS, judge_pairs
 from lit_route.rewards.pairwise import upper_pairs, verdict_logits
 from lit_route.routing.budget import BudgetLedger
-from lit_route.routing.routers import BudgetRouter, ThresholdRouter
+from lit_route.routing.routers import count_for_fraction
 
 log = logging.getLogger(__name__)
+
+ROUTERS = ("uncertainty", "random", "margin")
 
 
 def _prompt_text(messages) -> str:
@@ -27,29 +31,43 @@ def _prompt_text(messages) -> str:
 
 
 class UncertaintyRouting(L.Callback):
-    """Routes uncertain pairs of each RLOO group to a judge, within a budget, overlapped with the step.
+    """Routes pairs of each RLOO group to a judge, within a budget, overlapped with the step.
 
-    Per step: the routing decision is made on the (globally gathered) upper-triangle pairs of the group score
-    matrices; the routed pairs are judged in a background thread while the module computes reference
-    log-probabilities; a verdict replaces ``S_ij`` by ``±c`` (tie: 0) and ``S_ji`` by its negative; a failed
-    call leaves the PM's score and is counted. The budget ledger and counters are saved in checkpoints.
+    Per step the decision is made on the (globally gathered) upper-triangle pairs of the group score matrices:
+
+    - ``router: uncertainty`` judges the pairs with the highest ū (the method);
+    - ``router: random`` judges as many pairs, drawn at random (the paper's baseline at equal judge calls);
+    - ``router: margin`` judges the pairs with the smallest |d| (no uncertainty model needed).
+
+    How many: ``fraction`` of the pairs (top-k), or with ``threshold`` every pair with ū > τ (``random`` then
+    draws as many pairs as the threshold selects). The caps (``max_calls_per_step``, ``max_calls_total``,
+    ``max_spend_usd``) count billed judge requests, so a pair costs two calls with ``order: both`` and a cached
+    verdict costs nothing; over a cap, the router's own priority decides which pairs keep their place.
+
+    The routed pairs are judged on the process's judge event loop while the module computes reference
+    log-probabilities; a verdict replaces ``S_ij`` by ``±c`` (tie: 0) and ``S_ji`` by its negative. A failed call,
+    or a judge that raises, leaves the PM's score and is counted; a judge that raises in
+    ``max_consecutive_errors`` steps in a row stops the run. The ledger and counters are saved in checkpoints.
 
     Args:
         judge: The judge backend (``class_path`` + ``init_args``).
-        fraction: Share of each step's pairs to judge (top-k by ū); ignored when ``threshold`` is set.
-        threshold: Judge every pair with ū above this instead.
-        max_calls_per_step: Cap on pairs judged per step (all ranks together).
-        max_calls_total: Cap on pairs judged over the run.
+        router: ``uncertainty``, ``random`` or ``margin``.
+        fraction: Share of each step's pairs to judge; ignored when ``threshold`` is set.
+        threshold: Judge every pair with ū above this instead (``uncertainty`` and ``random`` routers).
+        max_calls_per_step: Cap on billed judge requests per step (all ranks together).
+        max_calls_total: Cap on billed judge requests over the run.
         max_spend_usd: Stop judging once the estimated spend reaches this.
         verdict_logit: c: the logit a verdict is worth (2 in the paper).
-        order: Display order of the judge: ``random`` (default), ``both`` or ``fixed``.
+        order: Display order of the judge: ``random`` (default), ``both`` (two calls per pair) or ``fixed``.
         cache: sqlite verdict cache (``None``: no cache).
-        seed: Seed of the display order.
+        seed: Seed of the display order and of the random router.
+        max_consecutive_errors: Steps in a row in which the judge may raise before the run stops (``None``: never).
     """
 
     def __init__(
         self,
         judge: JudgeBackend,
+        router: str = "uncertainty",
         fraction: float = 0.25,
         threshold: float | None = None,
         max_calls_per_step: int | None = None,
@@ -59,29 +77,62 @@ class UncertaintyRouting(L.Callback):
         order: str = "random",
         cache: str | None = None,
         seed: int = 0,
+        max_consecutive_errors: int | None = 3,
     ):
+        check_choice("router", router, ROUTERS)
+        check_choice("order", order, ORDERS)
+        check_fraction("fraction", fraction)
+        if threshold is not None and not math.isfinite(threshold):
+            raise ValueError(f"threshold: expected a finite number, got {threshold}")
+        if threshold is not None and router == "margin":
+            raise ValueError("threshold: applies to the uncertainty and random routers; the margin router takes fraction")
+        if not math.isfinite(verdict_logit) or verdict_logit <= 0:
+            raise ValueError(f"verdict_logit: expected a finite number > 0, got {verdict_logit}")
+        if max_consecutive_errors is not None:
+            check_nonnegative("max_consecutive_errors", max_consecutive_errors, integer=True)
         self.judge = CachedJudge(judge, cache) if cache else judge
-        self.router = ThresholdRouter(threshold) if threshold is not None else BudgetRouter(fraction)
+        self.router, self.fraction, self.threshold = router, fraction, threshold
         self.ledger = BudgetLedger(max_calls_per_step, max_calls_total, max_spend_usd)
         self.c, self.order, self.seed = verdict_logit, order, seed
+        self.max_consecutive_errors = max_consecutive_errors
         self.pairs_seen = 0
         self.pairs_routed = 0
         self.inconsistent = 0
+        self.consecutive_errors = 0
         self.failures: collections.Counter = collections.Counter()
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: tuple[Future, list, float] | None = None
+        self._pending: tuple | None = None
 
     # --- routing decision -------------------------------------------------------------------------------------
-    def _route(self, trainer, u_pairs: torch.Tensor) -> torch.Tensor:
-        """u_pairs: (B, P) local upper-triangle uncertainties -> local (B, P) mask, decided on the global batch."""
+    def _priority(self, d: torch.Tensor, u: torch.Tensor, step: int) -> torch.Tensor:
+        """Higher first: ū (uncertainty), −|d| (margin), or a uniform draw seeded by the step (random), so every
+        rank draws the same numbers for the same global batch."""
+        if self.router == "uncertainty":
+            return u.double()
+        if self.router == "margin":
+            return -d.abs().double()
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return torch.rand(u.shape, generator=generator, dtype=torch.float64)
+
+    def _route(self, trainer, module, d_pairs: torch.Tensor, u_pairs: torch.Tensor) -> torch.Tensor:
+        """(B, P) local upper-triangle scores and uncertainties -> local (B, P) mask, decided on the global batch."""
         world = trainer.world_size
-        global_u = trainer.strategy.all_gather(u_pairs).reshape(-1, u_pairs.shape[-1]) if world > 1 else u_pairs
-        mask = self.router.route(torch.zeros_like(global_u), global_u)
-        allowance = self.ledger.allowance()
-        if int(mask.sum()) > allowance:  # keep the most uncertain within the budget
-            scores = torch.where(mask, global_u, torch.full_like(global_u, -torch.inf))
-            top = torch.argsort(scores.flatten(), descending=True, stable=True)[:allowance]
-            mask = torch.zeros_like(mask).flatten().index_fill_(0, top, True).view_as(mask)
+        if world > 1:  # collectives need tensors on the module's device (NCCL has no CPU tensors)
+            both = torch.stack([d_pairs, u_pairs]).to(module.device)
+            both = trainer.strategy.all_gather(both).cpu()  # (world, 2, B, P)
+            d_all, u_all = both[:, 0].reshape(-1, u_pairs.shape[-1]), both[:, 1].reshape(-1, u_pairs.shape[-1])
+        else:
+            d_all, u_all = d_pairs, u_pairs
+        n = u_all.numel()
+        if self.threshold is not None:
+            k = int((u_all > self.threshold).sum())
+        else:
+            k = count_for_fraction(n, self.fraction)
+        calls_per_pair = 2 if self.order == "both" else 1
+        k = min(k, self.ledger.allowance() // calls_per_pair)
+        priority = self._priority(d_all, u_all, trainer.global_step).flatten()
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[torch.argsort(priority, descending=True, stable=True)[:k]] = True
+        mask = mask.view_as(u_all)
         b = u_pairs.shape[0]
         rank = trainer.global_rank if world > 1 else 0
         return mask[rank * b : (rank + 1) * b]
@@ -91,15 +142,12 @@ class UncertaintyRouting(L.Callback):
         with ctx.timer("routing"):
             b, k, _ = ctx.uncertainty.shape
             ii, jj = upper_pairs(k)
-            u_pairs = ctx.uncertainty[:, ii, jj].float()
-            mask = self._route(trainer, u_pairs)
+            mask = self._route(trainer, module, ctx.scores[:, ii, jj].float(), ctx.uncertainty[:, ii, jj].float())
             routed = [(bi, int(ii[p]), int(jj[p])) for bi, p in mask.nonzero().tolist()]
             items = [(_prompt_text(ctx.prompts[bi]), ctx.completions[bi][i], ctx.completions[bi][j]) for bi, i, j in routed]
             self.pairs_seen += b * len(ii) * trainer.world_size  # global, like pairs_routed
             seed = self.seed + trainer.global_step * 1009 + trainer.global_rank
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
-            future = self._executor.submit(run_sync, judge_pairs(self.judge, items, self.order, seed)) if items else None
+            future = submit(judge_pairs(self.judge, items, self.order, seed)) if items else None
             self._pending = (future, routed, time.perf_counter())
 
     def on_before_rewards(self, trainer, module, ctx) -> None:
@@ -107,13 +155,24 @@ class UncertaintyRouting(L.Callback):
             return
         future, routed, started = self._pending
         self._pending = None
+        error = None
         with ctx.timer("judge_wait"):
-            judgements = future.result() if future is not None else []
+            try:
+                judgements = future.result() if future is not None else []
+            except Exception as err:  # a judge that raises (local model error, locked cache) costs the step nothing
+                error, judgements = err, []
+                log.warning("judge raised %s: %s; the %d routed pairs keep their PM scores",
+                            type(err).__name__, err, len(routed))
         ctx.stats["judge_elapsed_s"] = time.perf_counter() - started
-        failures = 0
-        calls = spend = tokens = latency = 0.0
-        for (bi, i, j), jd in zip(routed, judgements, strict=True):
-            calls += jd.paid_calls
+        failures = billed = requests = cached = 0
+        spend = tokens = latency = 0.0
+        if error is not None:
+            failures = len(routed)
+            self.failures[f"error:{type(error).__name__}"] += len(routed)
+        for (bi, i, j), jd in zip(routed, judgements, strict=error is None):
+            billed += jd.billed
+            requests += jd.requests
+            cached += jd.cached
             spend += jd.cost_usd
             tokens += jd.tokens
             latency = max(latency, jd.latency_s)
@@ -126,17 +185,24 @@ class UncertaintyRouting(L.Callback):
             ctx.scores[bi, i, j] = value
             ctx.scores[bi, j, i] = -value
             ctx.judged[bi, i, j] = ctx.judged[bi, j, i] = True
-        totals = torch.tensor([len(routed), failures, calls, spend, tokens], dtype=torch.float64)
+        totals = torch.tensor([len(routed), failures, billed, requests, cached, spend, tokens, error is not None],
+                              dtype=torch.float64)
         if trainer.world_size > 1:  # every rank charges the same global amounts, so ledgers stay equal
             totals = trainer.strategy.reduce(totals.to(module.device), reduce_op="sum").cpu()
-        n_routed, n_failed, n_calls, n_spend, n_tokens = totals.tolist()
+        n_routed, n_failed, n_billed, n_requests, n_cached, n_spend, n_tokens, n_errors = totals.tolist()
         self.pairs_routed += int(n_routed)
-        self.ledger.charge(int(n_routed), n_spend, int(n_failed))
+        self.ledger.charge(int(n_billed), n_spend, int(n_failed), int(n_cached))
         ctx.stats.update({
-            "judge/routed_pairs": n_routed, "judge/failures": n_failed, "judge/paid_calls": n_calls,
-            "judge/tokens": n_tokens, "judge/cost_usd": n_spend, "judge/max_latency_s": latency,
-            "judge/total_calls": float(self.ledger.calls), "judge/total_spend_usd": self.ledger.spend_usd,
+            "judge/routed_pairs": n_routed, "judge/failures": n_failed, "judge/billed": n_billed,
+            "judge/requests": n_requests, "judge/cached": n_cached, "judge/tokens": n_tokens,
+            "judge/cost_usd": n_spend, "judge/max_latency_s": latency,
+            "judge/total_billed": float(self.ledger.calls), "judge/total_spend_usd": self.ledger.spend_usd,
         })
+        # decided on the global count, so that every rank stops together
+        self.consecutive_errors = self.consecutive_errors + 1 if n_errors else 0
+        if self.max_consecutive_errors is not None and self.consecutive_errors > self.max_consecutive_errors:
+            raise RuntimeError(f"the judge raised in {self.consecutive_errors} consecutive steps "
+                               f"(max_consecutive_errors={self.max_consecutive_errors})") from error
 
     # --- checkpointed state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -145,6 +211,7 @@ class UncertaintyRouting(L.Callback):
             "pairs_seen": self.pairs_seen,
             "pairs_routed": self.pairs_routed,
             "inconsistent": self.inconsistent,
+            "consecutive_errors": self.consecutive_errors,
             "failures": dict(self.failures),
         }
 
@@ -153,9 +220,10 @@ class UncertaintyRouting(L.Callback):
         self.pairs_seen = int(state_dict["pairs_seen"])
         self.pairs_routed = int(state_dict["pairs_routed"])
         self.inconsistent = int(state_dict["inconsistent"])
+        self.consecutive_errors = int(state_dict.get("consecutive_errors", 0))
         self.failures = collections.Counter(state_dict["failures"])
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        if self._pending is not None and self._pending[0] is not None:
+            self._pending[0].cancel()  # a step that raised left its judge call behind
+        self._pending = None

@@ -20,7 +20,8 @@ from lit_route.eval.curves import (
 )
 from lit_route.eval.report import console_table, write_results
 from lit_route.judges.cache import CachedJudge
-from lit_route.judges.pairwise import judge_pairs, run_sync
+from lit_route.judges.loop import run_sync
+from lit_route.judges.pairwise import judge_pairs
 from lit_route.preference.metrics import PreferenceMetrics
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ Backends whose SDK is optional (``anthropic``, ``openai``) import it when constr
 from lit_route.judges.base import JudgeBackend, JudgeStats
 from lit_route.judges.cache import CachedJudge
 from lit_route.judges.limits import CallPolicy
-from lit_route.judges.pairwise import PairJudgement, judge_pairs, run_sync
+from lit_route.judges.loop import run_sync, submit
+from lit_route.judges.pairwise import PairJudgement, judge_pairs
 from lit_route.judges.prompt import PROMPT_VERSION, parse_verdict, render
 from lit_route.judges.replay import ReplayJudge
 
@@ -25,6 +26,7 @@ __all__ = [
     "parse_verdict",
     "render",
     "run_sync",
+    "submit",
 ]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lit_route.judges.base import JudgeStats
-from lit_route.judges.limits import CallPolicy, RateLimits
+from lit_route.judges.limits import CallPolicy, RateLimits, RetryableError
 from lit_route.judges.remote import Completion, classify_sdk_error, run_requests
 from lit_route.judges.secrets import read_api_key
 from lit_route.types import JudgeRequest, Verdict
@@ -46,6 +46,7 @@ class AnthropicJudge:
         self._sdk = anthropic
         self.model, self.max_tokens, self.temperature = model, max_tokens, temperature
         self.thinking_budget = thinking_budget
+        self.base_url = base_url
         self.policy = policy or CallPolicy()
         self.stats = JudgeStats()
         self._limits = RateLimits(self.policy)
@@ -58,6 +59,11 @@ class AnthropicJudge:
 
     def __repr__(self) -> str:  # never show the client (it holds the key)
         return f"AnthropicJudge(model={self.model!r})"
+
+    def identity(self) -> dict:
+        """Every setting that changes the answer (the verdict cache keys on it); never the key."""
+        return {"backend": self.name, "model": self.model, "base_url": self.base_url, "max_tokens": self.max_tokens,
+                "temperature": self.temperature, "thinking_budget": self.thinking_budget}
 
     async def complete(self, system: str, user: str) -> Completion:
         kwargs = {}
@@ -72,10 +78,15 @@ class AnthropicJudge:
             messages=[{"role": "user", "content": user}],
             **kwargs,
         )
+        content = getattr(message, "content", None)
+        if not isinstance(content, list):
+            raise RetryableError("malformed_response", None, "no content blocks in the response")
         # thinking blocks are reasoning; only text blocks are the final answer
-        text = "".join(block.text for block in message.content if getattr(block, "type", "") == "text")
-        usage = message.usage
-        return Completion(text, usage.input_tokens, usage.output_tokens, truncated=message.stop_reason == "max_tokens")
+        text = "".join(getattr(block, "text", "") or "" for block in content if getattr(block, "type", "") == "text")
+        # a 200 answer without usage (some gateways strip it) is still an answer, and was billed: keep it
+        usage = getattr(message, "usage", None)
+        return Completion(text, getattr(usage, "input_tokens", 0) or 0, getattr(usage, "output_tokens", 0) or 0,
+                          truncated=getattr(message, "stop_reason", None) == "max_tokens")
 
     def classify(self, err: BaseException) -> Exception:
         return classify_sdk_error(self._sdk, err)

@@ -25,9 +25,20 @@ class JudgeBackend(Protocol):
 
 @dataclass
 class JudgeStats:
-    """Calls, failures by reason, latency, tokens and cost of a judge backend."""
+    """What a judge backend did, counted the way a provider bills it.
 
-    calls: int = 0
+    Attributes:
+        verdicts: Verdicts produced by calls (successes and failures; cached verdicts are not calls).
+        requests: Requests sent, retries and re-asks included.
+        billed: Requests answered with a completion (the ones a provider charges for).
+        cached: Verdicts served from a cache (free).
+        retries: Transport retries (429, 5xx, timeouts, dropped connections).
+        failures: Failed verdicts by reason.
+    """
+
+    verdicts: int = 0
+    requests: int = 0
+    billed: int = 0
     cached: int = 0
     retries: int = 0
     failures: collections.Counter = field(default_factory=collections.Counter)
@@ -40,13 +51,19 @@ class JudgeStats:
         if verdict.cached:
             self.cached += 1
             return
-        self.calls += 1
+        self.verdicts += 1
+        self.requests += verdict.requests
+        self.billed += verdict.billed
         self.latencies.append(verdict.latency_s)
         self.input_tokens += verdict.input_tokens
         self.output_tokens += verdict.output_tokens
         self.cost_usd += verdict.cost_usd
         if verdict.failure:
             self.failures[verdict.failure] += 1
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failures.values())
 
     def summary(self) -> dict:
         lat = sorted(self.latencies)
@@ -55,11 +72,13 @@ class JudgeStats:
             return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0.0
 
         return {
-            "calls": self.calls,
+            "verdicts": self.verdicts,
+            "requests": self.requests,
+            "billed": self.billed,
             "cached": self.cached,
             "retries": self.retries,
+            "failed": self.failed,
             "failures": dict(self.failures),
-            "failure_count": sum(self.failures.values()),
             "latency_p50_s": statistics.median(lat) if lat else 0.0,
             "latency_p95_s": pct(0.95),
             "input_tokens": self.input_tokens,

@@ -17,7 +17,11 @@ from lit_route.types import JudgeRequest, Preference, Verdict
 
 
 class CachedJudge:
-    """Caches successful verdicts by (backend, model, prompt version, prompt, a, b) — the order is in the key.
+    """Caches successful verdicts by (backend identity, prompt version, prompt, a, b) — the order is in the key.
+
+    The identity is every setting of the backend that changes its answer (``backend.identity()``: model, mode,
+    server URL, temperature, token limits, thinking budget, ...), so a verdict is only ever served to a judge that
+    would have given it. Backends without ``identity()`` are keyed by name and model.
 
     Failures are not cached: a rerun tries them again. The database uses WAL mode and a busy timeout, so several
     processes (DDP ranks, a rerun beside a running job) can share it; a verdict is written as soon as it arrives,
@@ -35,6 +39,7 @@ class CachedJudge:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.stats = JudgeStats()
         self._local = threading.local()
+        self._identity = self.identity()
         with self._conn() as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, verdict TEXT NOT NULL)")
 
@@ -50,10 +55,14 @@ class CachedJudge:
             self._local.conn = conn
         return conn
 
+    def identity(self) -> dict:
+        identity = getattr(self.backend, "identity", None)
+        return identity() if callable(identity) else {"backend": self.backend.name, "model": self.backend.model}
+
     def key(self, request: JudgeRequest) -> str:
         blob = json.dumps(
-            [self.backend.name, self.backend.model, PROMPT_VERSION, request.prompt, request.response_a,
-             request.response_b], ensure_ascii=False,
+            [self._identity, PROMPT_VERSION, request.prompt, request.response_a, request.response_b],
+            ensure_ascii=False, sort_keys=True, default=str,
         )
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
@@ -107,5 +116,9 @@ def _encode(verdict: Verdict) -> str:
 def _decode(blob: str) -> Verdict:
     data = json.loads(blob)
     data["preference"] = Preference(data["preference"]) if data["preference"] else None
-    data["cached"] = True
-    return Verdict(**data)
+    # a cached verdict is described as it was given, but nothing was sent or billed for it now
+    data.update(cached=True, requests=0, billed=0)
+    return Verdict(**{k: v for k, v in data.items() if k in _FIELDS})
+
+
+_FIELDS = {f.name for f in dataclasses.fields(Verdict)}

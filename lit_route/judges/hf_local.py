@@ -63,8 +63,24 @@ class HFLocalJudge:
         self._a = self.tokenizer("A", add_special_tokens=False)["input_ids"][-1]
         self._b = self.tokenizer("B", add_special_tokens=False)["input_ids"][-1]
 
+    def __getstate__(self) -> dict:
+        # spawned processes (ddp_spawn) get a copy of the judge: locks and memo caches are per process
+        state = dict(self.__dict__)
+        state.pop("_lock"), state.pop("_p_first_cached")
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._p_first_cached = functools.lru_cache(maxsize=4096)(self._p_first)
+
     def __repr__(self) -> str:
         return f"HFLocalJudge(model={self.model!r}, mode={self.mode!r})"
+
+    def identity(self) -> dict:
+        """Every setting that changes the answer (the verdict cache keys on it)."""
+        return {"backend": self.name, "model": self.model, "mode": self.mode, "max_new_tokens": self.max_new_tokens,
+                "max_prompt_tokens": self.max_prompt_tokens, "tie_margin": self.tie_margin}
 
     def _prompt_ids(self, request: JudgeRequest, prefill: str = "") -> torch.Tensor:
         system, user = render(request)
@@ -93,14 +109,15 @@ class HFLocalJudge:
                     pref = Preference.TIE
                 else:
                     pref = Preference.A if prob_a > 0.5 else Preference.B
-                return Verdict(pref, prob_a=prob_a, raw=f"P(A)={prob_a:.4f}", latency_s=time.perf_counter() - start)
+                return Verdict(pref, prob_a=prob_a, raw=f"P(A)={prob_a:.4f}", latency_s=time.perf_counter() - start,
+                               requests=1, billed=1)
             ids = self._prompt_ids(request)
             out = self.lm.generate(ids, max_new_tokens=self.max_new_tokens, do_sample=False,
                                    pad_token_id=self.tokenizer.pad_token_id)
             text = self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         pref = parse_verdict(text)
         return Verdict(pref, failure=None if pref else "unparseable", raw=text, latency_s=time.perf_counter() - start,
-                       input_tokens=ids.shape[1], output_tokens=out.shape[1] - ids.shape[1])
+                       input_tokens=ids.shape[1], output_tokens=out.shape[1] - ids.shape[1], requests=1, billed=1)
 
     async def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
         out = []

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from aiolimiter import AsyncLimiter
 
+from lit_route.checks import check_nonnegative, check_optional
+
 
 @dataclass
 class CallPolicy:
@@ -42,6 +44,19 @@ class CallPolicy:
     unparseable_retries: int = 1
     price_input_per_mtok: float = 0.0
     price_output_per_mtok: float = 0.0
+
+    def __post_init__(self):
+        check_nonnegative("policy.max_concurrency", self.max_concurrency, integer=True, positive=True)
+        check_optional("policy.requests_per_minute", self.requests_per_minute, positive=True)
+        check_optional("policy.tokens_per_minute", self.tokens_per_minute, positive=True)
+        check_nonnegative("policy.max_attempts", self.max_attempts, integer=True, positive=True)
+        check_nonnegative("policy.timeout_s", self.timeout_s, positive=True)
+        check_nonnegative("policy.deadline_s", self.deadline_s, positive=True)
+        check_nonnegative("policy.backoff_base_s", self.backoff_base_s)
+        check_nonnegative("policy.backoff_max_s", self.backoff_max_s)
+        check_nonnegative("policy.unparseable_retries", self.unparseable_retries, integer=True)
+        check_nonnegative("policy.price_input_per_mtok", self.price_input_per_mtok)
+        check_nonnegative("policy.price_output_per_mtok", self.price_output_per_mtok)
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         return (input_tokens * self.price_input_per_mtok + output_tokens * self.price_output_per_mtok) / 1e6

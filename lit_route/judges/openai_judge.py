@@ -59,6 +59,11 @@ class OpenAICompatibleJudge:
     def __repr__(self) -> str:
         return f"OpenAICompatibleJudge(model={self.model!r}, base_url={self.base_url!r})"
 
+    def identity(self) -> dict:
+        """Every setting that changes the answer (the verdict cache keys on it); never the key."""
+        return {"backend": self.name, "model": self.model, "base_url": self.base_url, "max_tokens": self.max_tokens,
+                "temperature": self.temperature}
+
     async def complete(self, system: str, user: str) -> Completion:
         response = await self._client.chat.completions.create(
             model=self.model,
@@ -66,16 +71,17 @@ class OpenAICompatibleJudge:
             max_tokens=self.max_tokens,
             temperature=self.temperature,
         )
-        if not response.choices:
+        choices = getattr(response, "choices", None)
+        message = getattr(choices[0], "message", None) if choices else None
+        if message is None:
             raise RetryableError("malformed_response", None, "no choices in the response")
-        choice = response.choices[0]
-        text = choice.message.content or ""  # reasoning_content, if any, is not the answer
-        usage = response.usage
+        text = getattr(message, "content", None) or ""  # reasoning_content, if any, is not the answer
+        usage = getattr(response, "usage", None)
         return Completion(
             text,
-            usage.prompt_tokens if usage else 0,
-            usage.completion_tokens if usage else 0,
-            truncated=choice.finish_reason == "length",
+            getattr(usage, "prompt_tokens", 0) or 0,
+            getattr(usage, "completion_tokens", 0) or 0,
+            truncated=getattr(choices[0], "finish_reason", None) == "length",
         )
 
     def classify(self, err: BaseException) -> Exception:

@@ -10,10 +10,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
-import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lit_route.types import JudgeRequest, Preference, Verdict
@@ -39,19 +37,33 @@ class PairJudgement:
 
     @property
     def latency_s(self) -> float:
+        """Judge time of the verdicts (as first paid for, cached ones included)."""
         return sum(v.latency_s for v in self.verdicts)
 
     @property
     def tokens(self) -> int:
+        """Tokens of the verdicts (as first paid for, cached ones included)."""
         return sum(v.input_tokens + v.output_tokens for v in self.verdicts)
 
     @property
     def cost_usd(self) -> float:
-        return sum(v.cost_usd for v in self.verdicts)
+        """What was paid now: cached verdicts cost nothing."""
+        return sum(v.cost_usd for v in self.verdicts if not v.cached)
 
     @property
-    def paid_calls(self) -> int:
-        return sum(not v.cached for v in self.verdicts)
+    def billed(self) -> int:
+        """Requests billed now (answered with a completion; retries after 429/5xx are not billed)."""
+        return sum(v.billed for v in self.verdicts)
+
+    @property
+    def requests(self) -> int:
+        """Requests sent now, retries and re-asks included."""
+        return sum(v.requests for v in self.verdicts)
+
+    @property
+    def cached(self) -> int:
+        """Verdicts served from the cache."""
+        return sum(v.cached for v in self.verdicts)
 
 
 def _score(verdict: Verdict, swapped: bool) -> float | None:
@@ -99,25 +111,3 @@ async def judge_pairs(
         else:
             out.append(PairJudgement(valid[0], verdicts=vs))
     return out
-
-
-def run_sync(coro: Coroutine):
-    """Runs a coroutine to completion from synchronous code, also when an event loop is already running."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    result: dict = {}
-
-    def target():
-        try:
-            result["value"] = asyncio.run(coro)
-        except BaseException as err:  # re-raised in the caller's thread
-            result["error"] = err
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]

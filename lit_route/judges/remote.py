@@ -7,6 +7,7 @@ exceptions to :class:`RetryableError` / :class:`FatalCallError`; this module doe
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -52,17 +53,19 @@ def classify_http_error(status: int | None, headers, detail: str) -> Exception:
 
 
 def classify_sdk_error(sdk, err: BaseException) -> Exception:
-    """Maps an exception of the ``anthropic`` or ``openai`` SDK (they share one hierarchy) to a retryable or
-    fatal error; a body the SDK could not read counts as a malformed response, which is worth a retry."""
+    """Maps an exception of the ``anthropic`` or ``openai`` SDK (they share one hierarchy) to a retryable or fatal
+    error. A body that is not valid JSON, or that the SDK could not validate, is a malformed response, worth a
+    retry. Anything else (``TypeError``, ``KeyError``, ``AttributeError``, ...) is a programming error and is
+    returned unchanged, so the caller raises it instead of retrying and paying for it again."""
     if isinstance(err, sdk.APITimeoutError):
         return RetryableError("timeout", None, str(err))
     if isinstance(err, sdk.APIConnectionError):
         return RetryableError("connection", None, str(err))
     if isinstance(err, sdk.APIStatusError):
         return classify_http_error(err.status_code, err.response.headers, str(err)[:300])
-    if isinstance(err, ValueError | KeyError | TypeError | AttributeError | IndexError):
+    if isinstance(err, json.JSONDecodeError | sdk.APIResponseValidationError):
         return RetryableError("malformed_response", None, repr(err)[:300])
-    return FatalCallError("error", repr(err)[:300])
+    return err
 
 
 async def run_requests(
@@ -88,27 +91,32 @@ async def _judge_one(request, complete, classify, policy, limits, stats) -> Verd
     system, user = render(request)
     estimate = (len(system) + len(user)) // 4 + 1024
     start = time.perf_counter()
+    counts = {"requests": 0, "billed": 0}
     in_tok = out_tok = 0
     text = ""
+
+    def verdict(preference, failure=None, raw="") -> Verdict:
+        return Verdict(preference, failure=failure, raw=raw, latency_s=time.perf_counter() - start,
+                       input_tokens=in_tok, output_tokens=out_tok, cost_usd=policy.cost(in_tok, out_tok),
+                       requests=counts["requests"], billed=counts["billed"])
+
     for _ in range(policy.unparseable_retries + 1):
         try:
-            completion = await _call_with_retries(system, user, complete, classify, policy, limits, stats, estimate)
+            completion = await _call_with_retries(system, user, complete, classify, policy, limits, stats, estimate,
+                                                  counts)
         except (RetryableError, FatalCallError) as err:
-            return Verdict(None, failure=err.reason, raw=str(err)[:500], latency_s=time.perf_counter() - start,
-                           input_tokens=in_tok, output_tokens=out_tok, cost_usd=policy.cost(in_tok, out_tok))
+            return verdict(None, failure=err.reason, raw=str(err)[:500])
         in_tok += completion.input_tokens
         out_tok += completion.output_tokens
         text = completion.text
         preference = parse_verdict(text)
         if preference is not None:
-            return Verdict(preference, raw=text, latency_s=time.perf_counter() - start, input_tokens=in_tok,
-                           output_tokens=out_tok, cost_usd=policy.cost(in_tok, out_tok))
+            return verdict(preference, raw=text)
     reason = "empty" if not text.strip() else ("truncated" if completion.truncated else "unparseable")
-    return Verdict(None, failure=reason, raw=text[-2000:], latency_s=time.perf_counter() - start,
-                   input_tokens=in_tok, output_tokens=out_tok, cost_usd=policy.cost(in_tok, out_tok))
+    return verdict(None, failure=reason, raw=text[-2000:])
 
 
-async def _call_with_retries(system, user, complete, classify, policy, limits, stats, estimate) -> Completion:
+async def _call_with_retries(system, user, complete, classify, policy, limits, stats, estimate, counts) -> Completion:
     retrying = AsyncRetrying(
         stop=stop_after_attempt(policy.max_attempts) | stop_after_delay(policy.deadline_s),
         wait=backoff_wait(policy),
@@ -120,12 +128,15 @@ async def _call_with_retries(system, user, complete, classify, policy, limits, s
             if attempt.retry_state.attempt_number > 1:
                 stats.retries += 1
             await limits.acquire_rate(estimate)
+            counts["requests"] += 1
             try:
-                return await asyncio.wait_for(complete(system, user), timeout=policy.timeout_s)
+                completion = await asyncio.wait_for(complete(system, user), timeout=policy.timeout_s)
             except asyncio.TimeoutError as err:
                 raise RetryableError("timeout", None, f"no answer within {policy.timeout_s}s") from err
             except (RetryableError, FatalCallError):
                 raise
-            except Exception as err:  # SDK exceptions: classified, never swallowed
+            except Exception as err:  # SDK exceptions: classified; programming errors come back as they are
                 raise classify(err) from err
+            counts["billed"] += 1
+            return completion
     raise RetryableError("deadline")  # unreachable: tenacity re-raises the last error

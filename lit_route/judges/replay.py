@@ -58,17 +58,22 @@ class ReplayJudge:
     def __repr__(self) -> str:
         return f"ReplayJudge(path={self.path!r}, judge={self.model!r})"
 
+    def identity(self) -> dict:
+        """What the verdicts depend on (the verdict cache keys on it)."""
+        return {"backend": self.name, "model": self.model, "path": str(self.path)}
+
     async def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
         out = []
         for request in requests:
             key = content_key(request.prompt, request.response_a, request.response_b)
             if key not in self._records:
-                verdict = Verdict(None, failure="no_record")
+                verdict = Verdict(None, failure="no_record", requests=1)
             elif self._records[key] is None:
-                verdict = Verdict(None, failure="unparseable")
+                verdict = Verdict(None, failure="unparseable", requests=1, billed=1)
             else:
                 winner = self._records[key]
-                verdict = Verdict(Preference.TIE if winner.lower() == "tie" else Preference(winner), raw=winner)
+                verdict = Verdict(Preference.TIE if winner.lower() == "tie" else Preference(winner), raw=winner,
+                                  requests=1, billed=1)
             self.stats.record(verdict)
             out.append(verdict)
         return out

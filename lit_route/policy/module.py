@@ -7,6 +7,7 @@ import logging
 import lightning as L
 import torch
 
+from lit_route.checks import check_choice, check_nonnegative, check_optional
 from lit_route.models.backbone import (
     BackboneSpec,
     LoraSpec,
@@ -49,7 +50,8 @@ class RLOOPolicyModule(L.LightningModule):
         clip_eps: PPO clip range.
         lr: Learning rate.
         max_grad_norm: Gradient clipping (``None``: off).
-        accumulate_batches: Sampled batches per optimiser step.
+        accumulate_batches: Sampled batches per optimiser step (with ``updates_per_batch == 1`` only: reusing a
+            batch for PPO-style updates steps the optimiser on every reuse).
         pm_batch_size: Pairs per PM forward pass.
         separate_reference: Keep a full frozen reference copy even with LoRA.
         sample_seed: Seed added to the global step for sampling (reproducible runs).
@@ -75,12 +77,15 @@ class RLOOPolicyModule(L.LightningModule):
         sample_seed: int = 0,
     ):
         super().__init__()
+        if policy is None:
+            raise ValueError("policy: no base model given; set model.policy.model_path "
+                             "(builtin:tiny-llama is a tiny random model for tests)")
+        self.generation = generation or GenerationConfig()
+        _check_options(self.generation, beta, kl_estimator, updates_per_batch, clip_eps, lr, max_grad_norm,
+                       accumulate_batches, pm_batch_size)
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.policy_spec = policy or BackboneSpec()
-        self.generation = generation or GenerationConfig()
-        if self.generation.num_samples < 2:
-            raise ValueError("generation.num_samples: RLOO needs K >= 2")
+        self.policy_spec = policy
         self.tokenizer = load_tokenizer(self.policy_spec)
         base = load_backbone(self.policy_spec, causal_lm=True)
         self.policy = apply_lora(base, lora) if lora is not None else base
@@ -106,11 +111,14 @@ class RLOOPolicyModule(L.LightningModule):
     def reward_hooks(self):
         return [cb for cb in self.trainer.callbacks if hasattr(cb, "on_pairwise_scores")] if self._trainer else []
 
+    def _logprobs(self, model, *args) -> torch.Tensor:
+        return token_logprobs(model, *args, temperature=self.generation.temperature)
+
     def _reference_logprobs(self, *args) -> torch.Tensor:
         if self.reference is not None:
-            return token_logprobs(self.reference, *args)
+            return self._logprobs(self.reference, *args)
         with self.policy.disable_adapter():
-            return token_logprobs(self.policy, *args)
+            return self._logprobs(self.policy, *args)
 
     def training_step(self, batch: dict, batch_idx: int):
         k = self.generation.num_samples
@@ -135,7 +143,7 @@ class RLOOPolicyModule(L.LightningModule):
         prompt_mask = batch["prompt_mask"].repeat_interleave(k, 0)
         with ctx.timer("reference_logprobs"), torch.no_grad():
             ref_logp = self._reference_logprobs(prompt_ids, prompt_mask, comps, cmask)
-            old_logp = token_logprobs(self.policy, prompt_ids, prompt_mask, comps, cmask)
+            old_logp = self._logprobs(self.policy, prompt_ids, prompt_mask, comps, cmask)
         for hook in hooks:
             hook.on_before_rewards(self.trainer, self, ctx)
         kl = kl_per_sequence(old_logp, ref_logp, cmask, self.hparams.kl_estimator).view(b, k)
@@ -154,7 +162,7 @@ class RLOOPolicyModule(L.LightningModule):
         opt = self.optimizers()
         acc = self.hparams.accumulate_batches
         for update in range(self.hparams.updates_per_batch):
-            logp = token_logprobs(self.policy, prompt_ids, prompt_mask, comps, cmask)
+            logp = self._logprobs(self.policy, prompt_ids, prompt_mask, comps, cmask)
             loss = policy_loss(logp, old_logp, advantages, cmask, self.hparams.clip_eps if update > 0 else None)
             self.manual_backward(loss / acc)
             if (batch_idx + 1) % acc == 0 or update > 0:
@@ -180,7 +188,9 @@ class RLOOPolicyModule(L.LightningModule):
             **ctx.stats,
         }
         self.log_dict({k_: float(v) for k_, v in metrics.items()}, prog_bar=False, on_step=True, batch_size=b)
-        self.log("reward", float(pm_reward.mean()), prog_bar=True, batch_size=b)
+        # the group-mean reward is 0 by construction (S is antisymmetric): the bar shows what moves
+        self.log_dict({"judged": metrics["judge/fraction"], "kl": metrics["kl/mean"], "reward_std": metrics["reward/std"]},
+                      prog_bar=True, logger=False, on_step=True, batch_size=b)
         self.last_step = {k_: float(v) for k_, v in metrics.items()}
 
     def configure_optimizers(self):
@@ -191,3 +201,25 @@ class RLOOPolicyModule(L.LightningModule):
         trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["lit_route"] = {"base_model": describe(self.policy_spec), "pm_ckpt": self.hparams.pm_ckpt}
+
+
+def _check_options(generation, beta, kl_estimator, updates_per_batch, clip_eps, lr, max_grad_norm, accumulate_batches,
+                   pm_batch_size) -> None:
+    if generation.num_samples < 2:
+        raise ValueError(f"generation.num_samples: RLOO needs K >= 2; got {generation.num_samples}")
+    check_nonnegative("generation.max_new_tokens", generation.max_new_tokens, integer=True, positive=True)
+    check_nonnegative("generation.temperature", generation.temperature, positive=True)
+    check_nonnegative("generation.top_k", generation.top_k, integer=True)
+    if not 0 < generation.top_p <= 1:
+        raise ValueError(f"generation.top_p: expected a number in (0, 1]; got {generation.top_p}")
+    check_nonnegative("beta", beta)
+    check_choice("kl_estimator", kl_estimator, ("k1", "k3"))
+    check_nonnegative("updates_per_batch", updates_per_batch, integer=True, positive=True)
+    check_nonnegative("clip_eps", clip_eps, positive=True)
+    check_nonnegative("lr", lr, positive=True)
+    check_optional("max_grad_norm", max_grad_norm, positive=True)
+    check_nonnegative("accumulate_batches", accumulate_batches, integer=True, positive=True)
+    check_nonnegative("pm_batch_size", pm_batch_size, integer=True, positive=True)
+    if updates_per_batch > 1 and accumulate_batches > 1:
+        raise ValueError("updates_per_batch: reusing a batch (> 1) steps the optimiser on every reuse, which "
+                         "accumulation cannot wait for; set accumulate_batches: 1 or updates_per_batch: 1")

@@ -11,6 +11,9 @@ from lit_route.rewards.pairwise import upper_pairs
 def load_reward_pm(pm_ckpt: str | None, pm_backbone=None):
     """The frozen reward PM and its encoder: from a finalised checkpoint, or (debugging) an untrained SNGP PM
     whose covariance is the prior."""
+    if pm_ckpt is None and pm_backbone is None:
+        raise ValueError("pm_ckpt: no reward model given; pass a finalised PM checkpoint "
+                         "(or pm_backbone for an untrained PM, for debugging only)")
     if pm_ckpt is not None:
         from lit_route.preference.io import load_preference_model
 

@@ -16,12 +16,15 @@ class GenerationConfig:
         max_new_tokens: Completion length limit.
         temperature: Sampling temperature.
         top_p: Nucleus sampling threshold.
+        top_k: Keep only the k most likely tokens (0: off). Set explicitly because transformers' own default
+            (50) would otherwise apply silently.
     """
 
     num_samples: int = 4
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
 
 
 def completion_mask(completions: torch.Tensor, eos_ids: list[int], pad_id: int) -> torch.Tensor:
@@ -70,6 +73,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, config: G
         do_sample=True,
         temperature=config.temperature,
         top_p=config.top_p,
+        top_k=config.top_k,
         max_new_tokens=config.max_new_tokens,
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
@@ -79,14 +83,19 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, config: G
 
 
 def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.Tensor,
-                   comp_mask: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each completion token under ``model``.
+                   comp_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each completion token under ``model`` at the sampling ``temperature``.
+
+    The logits are divided by the temperature the completions were sampled at, so that ratios and KL are those
+    of the distribution that produced the samples (as TRL does); at temperature 1 they would describe a
+    distribution nobody sampled from. (Top-p truncation is not applied: it would make most ratios undefined.)
 
     Args:
         prompt_ids: (N, P) left-padded prompts (already repeated K times).
         prompt_mask: (N, P).
         completions: (N, T).
         comp_mask: (N, T).
+        temperature: The sampling temperature.
 
     Returns:
         (N, T) log-probs (0 where the mask is 0).
@@ -97,7 +106,7 @@ def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
     position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
     logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False).logits
     p = prompt_ids.shape[1]
-    logits = logits[:, p - 1 : -1].float()
+    logits = logits[:, p - 1 : -1].float() / temperature
     logp = torch.log_softmax(logits, dim=-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
     return logp * comp_mask
 

@@ -78,7 +78,7 @@ class PreferenceModule(L.LightningModule):
     model; the frozen base weights are reloaded from ``backbone.model_path``.
 
     Args:
-        backbone: Where the base model comes from (default: the tiny random Llama).
+        backbone: Where the base model comes from (required: ``builtin:tiny-llama`` is a tiny random model).
         lora: LoRA adapters; ``None`` trains (or, with ``freeze_backbone``, freezes) the whole backbone.
         head: ``sngp`` or ``linear``.
         sngp: SNGP head options.
@@ -100,7 +100,10 @@ class PreferenceModule(L.LightningModule):
         mode: str = "pairwise",
     ):
         super().__init__()
-        backbone, sngp, optim = backbone or BackboneSpec(), sngp or SNGPConfig(), optim or OptimConfig()
+        if backbone is None:
+            raise ValueError("backbone: no base model given; set model.backbone.model_path "
+                             "(builtin:tiny-llama is a tiny random model for tests)")
+        sngp, optim = sngp or SNGPConfig(), optim or OptimConfig()
         self.save_hyperparameters()
         if mode not in ("pairwise", "pointwise"):
             raise ValueError(f"mode: expected 'pairwise' or 'pointwise', got {mode!r}")

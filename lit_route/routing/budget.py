@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import math
 
+from lit_route.checks import check_optional
+
 
 class BudgetLedger:
-    """Caps on judge calls per step, per run, and on spend; counters survive checkpoints via ``state_dict``.
+    """Caps on billed judge calls per step, per run, and on spend; counters survive checkpoints via ``state_dict``.
+
+    ``calls`` counts billed requests (answered with a completion), not pairs: a pair judged in both display orders
+    is two calls, a cached verdict none. Failed pairs and cached verdicts are counted apart.
 
     Args:
-        max_calls_per_step: Most judge calls in one training step (``None``: no cap).
-        max_calls_total: Most judge calls over the run.
+        max_calls_per_step: Most billed judge calls in one training step (``None``: no cap).
+        max_calls_total: Most billed judge calls over the run.
         max_spend_usd: Most estimated spend over the run.
     """
 
     def __init__(self, max_calls_per_step: int | None = None, max_calls_total: int | None = None,
                  max_spend_usd: float | None = None):
+        check_optional("max_calls_per_step", max_calls_per_step, integer=True)
+        check_optional("max_calls_total", max_calls_total, integer=True)
+        check_optional("max_spend_usd", max_spend_usd)
         self.max_calls_per_step = max_calls_per_step
         self.max_calls_total = max_calls_total
         self.max_spend_usd = max_spend_usd
@@ -37,7 +45,7 @@ class BudgetLedger:
         return 2**62 if cap == math.inf else int(cap)
 
     def charge(self, calls: int, spend_usd: float = 0.0, failures: int = 0, cached: int = 0) -> None:
-        """Records calls made (cached verdicts cost nothing and are counted apart)."""
+        """Records billed calls and spend, failed pairs, and cached verdicts (free, counted apart)."""
         self.calls += calls
         self.spend_usd += spend_usd
         self.failures += failures

@@ -1,0 +1,131 @@
+"""The routing callback's decisions, budgets, failures and option checks."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lit_route.callbacks import UncertaintyRouting
+from lit_route.judges import HFLocalJudge, JudgeStats
+from lit_route.judges.limits import CallPolicy
+
+
+def tiny_judge():
+    return HFLocalJudge(model_path="builtin:tiny-llama", gguf_file=None, max_prompt_tokens=256, tie_margin=-1.0)
+
+
+class RaisingJudge:
+    """A judge whose backend breaks (a local model error, a locked cache): ``judge`` raises."""
+
+    name, model = "raising", "none"
+
+    def __init__(self):
+        self.stats = JudgeStats()
+
+    async def judge(self, requests):
+        raise RuntimeError("database is locked")
+
+
+def trainer(world=1, step=0, rank=0, strategy=None):
+    return SimpleNamespace(world_size=world, global_step=step, global_rank=rank, strategy=strategy)
+
+
+D = torch.tensor([[0.1, -2.0, 0.5], [3.0, 0.05, -0.2]])
+U = torch.tensor([[1.0, 1.5, 1.2], [1.1, 1.05, 3.0]])
+
+
+def route(cb, **kw):
+    return cb._route(trainer(**kw), SimpleNamespace(device=torch.device("cpu")), D, U)
+
+
+def test_uncertainty_margin_and_random_route_the_same_number_of_pairs():
+    unc = route(UncertaintyRouting(tiny_judge(), fraction=0.5))
+    assert sorted(U[unc].tolist()) == pytest.approx([1.2, 1.5, 3.0])  # the three highest ū
+    margin = route(UncertaintyRouting(tiny_judge(), router="margin", fraction=0.5))
+    assert sorted(D[margin].abs().tolist()) == pytest.approx([0.05, 0.1, 0.2])  # the three smallest |d|
+    draws = [route(UncertaintyRouting(tiny_judge(), router="random", fraction=0.5, seed=s), step=t)
+             for s in range(3) for t in range(3)]
+    assert all(int(m.sum()) == 3 for m in draws)
+    assert len({tuple(m.flatten().tolist()) for m in draws}) > 1  # not a fixed subset
+    # the same seed and step give the same draw (every DDP rank must agree)
+    a = route(UncertaintyRouting(tiny_judge(), router="random", fraction=0.5, seed=7), step=4)
+    b = route(UncertaintyRouting(tiny_judge(), router="random", fraction=0.5, seed=7), step=4)
+    assert torch.equal(a, b)
+
+
+def test_random_router_with_a_threshold_judges_as_many_pairs_as_the_threshold_selects():
+    by_threshold = route(UncertaintyRouting(tiny_judge(), threshold=1.15))
+    random = route(UncertaintyRouting(tiny_judge(), router="random", threshold=1.15))
+    assert int(by_threshold.sum()) == int(random.sum()) == 3
+
+
+def test_collectives_get_tensors_on_the_module_device():
+    """NCCL cannot gather CPU tensors: what reaches all_gather must live on the module's device."""
+    seen = []
+
+    def all_gather(t):
+        seen.append(t.device)
+        local = torch.stack([D, U])
+        return torch.stack([local, local])
+
+    cb = UncertaintyRouting(tiny_judge(), fraction=0.5)
+    module = SimpleNamespace(device=torch.device("meta"))
+    mask = cb._route(trainer(world=2, rank=1, strategy=SimpleNamespace(all_gather=all_gather)), module, D, U)
+    assert seen == [torch.device("meta")]
+    assert mask.shape == D.shape and int(mask.sum()) <= 6
+
+
+@pytest.mark.parametrize("option,value,match", [
+    ({"max_calls_per_step": -1}, None, "max_calls_per_step"),
+    ({"max_calls_total": -5}, None, "max_calls_total"),
+    ({"max_spend_usd": -1.0}, None, "max_spend_usd"),
+    ({"fraction": 1.5}, None, "fraction"),
+    ({"fraction": -0.1}, None, "fraction"),
+    ({"order": "sideways"}, None, "order"),
+    ({"router": "oracle"}, None, "router"),
+    ({"router": "margin", "threshold": 1.2}, None, "threshold"),
+    ({"verdict_logit": 0.0}, None, "verdict_logit"),
+])
+def test_bad_options_fail_at_construction_naming_the_option(option, value, match):
+    with pytest.raises(ValueError, match=f"^{match}"):
+        UncertaintyRouting(tiny_judge(), **option)
+
+
+@pytest.mark.parametrize("policy,match", [
+    ({"max_concurrency": 0}, "policy.max_concurrency"),
+    ({"max_attempts": 0}, "policy.max_attempts"),
+    ({"unparseable_retries": -1}, "policy.unparseable_retries"),
+    ({"requests_per_minute": 0}, "policy.requests_per_minute"),
+    ({"timeout_s": -1}, "policy.timeout_s"),
+])
+def test_bad_call_policy_fails_naming_the_option(policy, match):
+    with pytest.raises(ValueError, match=f"^{match}"):
+        CallPolicy(**policy)
+
+
+def test_a_judge_that_raises_keeps_pm_scores_and_the_run_goes_on(tmp_path):
+    from test_rloo import build, lora_state
+
+    cb = UncertaintyRouting(RaisingJudge(), fraction=0.5)
+    routed, _ = build(tmp_path, [cb], max_steps=3)
+    assert cb.failures == {"error:RuntimeError": 9} and cb.ledger.calls == 0 and cb.ledger.failures == 9
+    plain, _ = build(tmp_path, max_steps=3)
+    a, b = lora_state(plain), lora_state(routed)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # rewards were the PM's alone: the same run as PM-only
+
+
+def test_a_judge_that_keeps_raising_stops_the_run(tmp_path):
+    from test_rloo import build
+
+    cb = UncertaintyRouting(RaisingJudge(), fraction=0.5, max_consecutive_errors=1)
+    with pytest.raises(RuntimeError, match="consecutive"):
+        build(tmp_path, [cb], max_steps=3)
+
+
+def test_both_display_orders_cost_two_billed_calls_per_pair_under_the_cap(tmp_path):
+    from test_rloo import build
+
+    cb = UncertaintyRouting(tiny_judge(), fraction=0.5, order="both", max_calls_total=10)
+    build(tmp_path, [cb], max_steps=3)
+    # step 1: 3 pairs x 2 calls; step 2: 4 calls left -> 2 pairs; step 3: none
+    assert cb.ledger.calls == 10 and cb.pairs_routed == 5
