@@ -21,7 +21,7 @@ commands:
   evaluate --config CONFIG          accuracy vs judge budget: uncertainty / random / margin / oracle routing
   rloo fit --config CONFIG          online RLHF with RLOO and uncertainty-routed rewards (LightningCLI)
 
-Each command takes --help.
+Each command takes --help. Errors are one line; --debug (or LIT_ROUTE_DEBUG=1) shows the traceback.
 """
 
 
@@ -135,10 +135,55 @@ def pm_score(
     return summary
 
 
+def error_line(err: BaseException) -> str:
+    """One line for an error: the first raised by lit_route in the chain of causes (it names the file, line or
+    option), else the outermost; its first line only."""
+    chain, seen = [], set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    ours = [e for e in chain if _raised_in_lit_route(e)]
+    chosen = ours[0] if ours else chain[0]
+    text = str(chosen).strip().splitlines()[0] if str(chosen).strip() else ""
+    if not ours or not text:  # not one of our messages: say what kind of error it is
+        text = f"{type(chosen).__name__}: {text}" if text else type(chosen).__name__
+    return text
+
+
+def _raised_in_lit_route(err: BaseException) -> bool:
+    tb = err.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and f"{os.sep}lit_route{os.sep}" in last.tb_frame.f_code.co_filename
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LIT_ROUTE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        _dispatch(argv)
+    except KeyboardInterrupt:
+        print("lit-route: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as err:
+        if debug:
+            raise
+        print(f"lit-route: error: {error_line(err)}  (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _dispatch(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
+        return
+    if argv[0] == "--version":
+        from lit_route import __version__
+
+        print(f"lit-route {__version__}")
         return
     _setup_logging()
     command, rest = argv[0], argv[1:]

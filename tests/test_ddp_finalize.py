@@ -1,4 +1,5 @@
-"""Two gloo processes must finalise exactly the precision that one process does on the same data."""
+"""Two gloo processes must finalise the precision that one process does on the same data: the same pairs, each
+counted once, summed across ranks (equal up to float32 rounding of the features)."""
 
 import json
 import os
@@ -52,4 +53,8 @@ def test_two_process_finalize_equals_single_process(tiny_model_dir, toy_pairs, t
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert torch.equal(ranks[0]["precision"], ranks[1]["precision"])  # every rank holds the same sum
     assert int(ranks[0]["n"]) == int(module.head.n_accumulated) == 22
-    assert torch.allclose(ranks[0]["precision"], module.head.precision, rtol=1e-10, atol=1e-10)
+    # The float64 sum is over float32 features, which differ in their last bits between the runs: a rank pads its
+    # shard's batches to other widths, and matmul kernels (AVX2 vs AVX-512, thread count) sum in other orders.
+    # float32 rounding is ~6e-8 relative per feature; 1e-5 leaves room for the reductions of the forward pass.
+    scale = module.head.precision.abs().max()
+    assert torch.allclose(ranks[0]["precision"], module.head.precision, rtol=1e-5, atol=1e-5 * float(scale))

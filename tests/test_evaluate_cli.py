@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from lit_route.cli import main
 
 
@@ -8,7 +10,8 @@ def test_pm_fit_score_and_evaluate_end_to_end(tmp_path, tiny_model_dir):
     main(["pm", "fit", "--config", "configs/pm/debug_tiny.yaml", "--trainer.default_root_dir", str(root),
           "--trainer.max_epochs", "1", "--data.limit_per_file", "12", "--model.backbone.model_path", str(tiny_model_dir),
           "--trainer.enable_progress_bar", "false"])
-    (ckpt,) = root.rglob("finalized.ckpt")
+    ckpt = root / "finalized.ckpt"  # the stable copy, beside the versioned one
+    assert len(list(root.rglob("finalized.ckpt"))) == 2
     scores = tmp_path / "scores.jsonl"
     main(["pm", "score", "--ckpt", str(ckpt), "--data", "[bundled:llmbar/Adversarial-GPTOut.json]", "--output", str(scores),
           "--limit_per_file", "9"])
@@ -26,3 +29,96 @@ def test_pm_fit_score_and_evaluate_end_to_end(tmp_path, tiny_model_dir):
     curves = results["curves"]
     assert curves["uncertainty"][0] == results["pm_accuracy"] and curves["uncertainty"][-1] == results["judge_accuracy"]
     assert (out / "routing_curve.png").exists() and (out / "by_decile.png").exists() and (out / "curves.csv").exists()
+
+
+def _strict(text):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def write_scores(path, pairs, score=lambda i: 0.3, uncertainty=lambda i: 1.0 + i / 100):
+    path.write_text("".join(json.dumps({"id": p.id, "score": score(i), "uncertainty": uncertainty(i)}) + "\n"
+                            for i, p in enumerate(pairs)))
+    return path
+
+
+def test_results_are_strict_json_with_fewer_pairs_than_deciles(tmp_path):
+    from lit_route.data import load_pairs
+
+    pairs = load_pairs("bundled:llmbar/Natural.json", limit=6)
+    scores = write_scores(tmp_path / "s.jsonl", pairs)
+    main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm", "null", "--scores", str(scores),
+          "--data", "[bundled:llmbar/Natural.json]", "--limit_per_file", "6", "--output_dir", str(tmp_path / "e")])
+    results = _strict((tmp_path / "e" / "results.json").read_text())
+    assert results["by_decile"]["pm_accuracy"].count(None) == 4  # 6 pairs fill 6 of the 10 deciles
+
+
+def test_non_finite_scores_are_refused_with_file_and_line(tmp_path, capsys):
+    from lit_route.data import load_pairs
+
+    pairs = load_pairs("bundled:llmbar/Natural.json", limit=5)
+    scores = write_scores(tmp_path / "s.jsonl", pairs, score=lambda i: float("nan") if i == 3 else 0.1)
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm", "null", "--scores", str(scores),
+              "--data", "[bundled:llmbar/Natural.json]", "--limit_per_file", "5", "--output_dir", str(tmp_path / "e")])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{scores}:4: field 'score': not a finite number" in err[0]
+
+
+def test_evaluate_fails_loudly_when_the_judge_gives_no_verdicts_but_keeps_the_results(tmp_path, capsys):
+    from lit_route.data import load_pairs
+
+    pairs = load_pairs("bundled:llmbar/Natural.json", limit=8)
+    scores = write_scores(tmp_path / "s.jsonl", pairs)
+    verdicts = tmp_path / "v.jsonl"  # a verdict file with nothing for these pairs: every call fails
+    verdicts.write_text(json.dumps({"judge": "J", "prompt": "p", "response_a": "a", "response_b": "b", "winner": "A"}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm", "null", "--scores", str(scores),
+              "--data", "[bundled:llmbar/Natural.json]", "--limit_per_file", "8", "--output_dir", str(tmp_path / "e"),
+              "--judge.init_args.path", str(verdicts), "--judge.init_args.judge", "J"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "8 of 8 pairs got no verdict (no_record: 16)" in err
+    assert _strict((tmp_path / "e" / "results.json").read_text())["judge_failed_pairs"] == 8
+
+
+def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "c"}\n')
+    with pytest.raises(SystemExit) as exit_:
+        main(["pm", "score", "--ckpt", str(bad), "--data", "[bundled:llmbar/Natural.json]", "--output", "x.jsonl"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lit-route: error: ckpt: {bad} is not a readable checkpoint")
+    with pytest.raises(Exception, match="not a readable checkpoint"):
+        main(["pm", "score", "--ckpt", str(bad), "--data", "[bundled:llmbar/Natural.json]", "--output", "x.jsonl",
+              "--debug"])
+
+
+def test_pm_fit_without_a_model_is_refused(tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n")
+    with pytest.raises(SystemExit):
+        main(["pm", "fit", "--data.train", f"[{data}]", "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert "backbone: no base model given" in capsys.readouterr().err
+
+
+def test_shipped_configs_find_the_checkpoint_pm_fit_writes(tmp_path, tiny_model_dir, monkeypatch):
+    """The eval config's default ``pm`` path is where ``pm fit`` with the SmolLM2 config's root leaves it."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIT_ROUTE_PM_CKPT", raising=False)
+    main(["pm", "fit", "--config", "configs/pm/debug_tiny.yaml", "--trainer.default_root_dir", "runs/pm_smollm2_sngp",
+          "--trainer.max_epochs", "1", "--data.limit_per_file", "8", "--model.backbone.model_path", str(tiny_model_dir),
+          "--trainer.enable_progress_bar", "false"])
+    assert Path("runs/pm_smollm2_sngp/finalized.ckpt").exists()
+    main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--limit_per_file", "4",
+          "--output_dir", "runs/eval", "--progress", "false"])
+    assert _strict(Path("runs/eval/results.json").read_text())["n_pairs"] == 20

@@ -21,14 +21,21 @@ class FinalizeCovariance(L.Callback):
     shard, the head sums the precision across ranks (``all_reduce``) and factorises it once in float64. The
     checkpoint written afterwards holds the finalised state, so loading it needs no second pass.
 
+    It is written next to the run's other checkpoints and, with ``stable_copy``, also as
+    ``<trainer.default_root_dir>/<filename>``: a path that does not change with the run's version number, which
+    the shipped evaluation and RLOO configs point at (the latest fit wins).
+
     Args:
-        filename: Name of the finalised checkpoint, written next to the other checkpoints.
+        filename: Name of the finalised checkpoint.
         progress: Show a progress bar.
+        stable_copy: Also write the checkpoint to ``<default_root_dir>/<filename>``.
     """
 
-    def __init__(self, filename: str = "finalized.ckpt", progress: bool = True):
+    def __init__(self, filename: str = "finalized.ckpt", progress: bool = True, stable_copy: bool = True):
         self.filename = filename
         self.progress = progress
+        self.stable_copy = stable_copy
+        self.stable_path: str | None = None
         self.seconds: float | None = None
         self.ckpt_path: str | None = None
 
@@ -65,10 +72,16 @@ class FinalizeCovariance(L.Callback):
         self.ckpt_path = str(directory / self.filename)
         trainer.save_checkpoint(self.ckpt_path)
         rank_zero_info(f"finalised checkpoint: {self.ckpt_path}")
+        if self.stable_copy:
+            self.stable_path = str(Path(trainer.default_root_dir) / self.filename)
+            if Path(self.stable_path).resolve() != Path(self.ckpt_path).resolve():
+                trainer.save_checkpoint(self.stable_path)  # a collective under DDP/FSDP, like the first save
+                rank_zero_info(f"also written as {self.stable_path}")
 
     def state_dict(self) -> dict:
-        return {"seconds": self.seconds, "ckpt_path": self.ckpt_path}
+        return {"seconds": self.seconds, "ckpt_path": self.ckpt_path, "stable_path": self.stable_path}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.seconds = state_dict.get("seconds")
         self.ckpt_path = state_dict.get("ckpt_path")
+        self.stable_path = state_dict.get("stable_path")

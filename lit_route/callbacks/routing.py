@@ -11,7 +11,7 @@ import lightning as L
 import torch
 
 from lit_route.checks import check_choice, check_fraction, check_nonnegative
-from lit_route.judges.base import JudgeBackend
+from lit_route.judges.base import JudgeBackend, check_judge
 from lit_route.judges.cache import CachedJudge
 from lit_route.judges.loop import submit
 from lit_route.judges.pairwise import ORDERS, judge_pairs
@@ -79,6 +79,7 @@ class UncertaintyRouting(L.Callback):
         seed: int = 0,
         max_consecutive_errors: int | None = 3,
     ):
+        check_judge(judge)
         check_choice("router", router, ROUTERS)
         check_choice("order", order, ORDERS)
         check_fraction("fraction", fraction)

@@ -74,8 +74,9 @@ def plot(results: dict, output_dir: Path) -> list[str]:
     dec = results["by_decile"]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     x = list(range(1, len(dec["pm_accuracy"]) + 1))
-    ax.bar([i - 0.2 for i in x], dec["pm_accuracy"], width=0.4, label="PM")
-    ax.bar([i + 0.2 for i in x], dec["judge_accuracy"], width=0.4, label="judge")
+    ax.bar([i - 0.2 for i in x], [v if v is not None else 0.0 for v in dec["pm_accuracy"]], width=0.4, label="PM")
+    ax.bar([i + 0.2 for i in x], [v if v is not None else 0.0 for v in dec["judge_accuracy"]], width=0.4,
+           label="judge")
     ax.set_xlabel("uncertainty decile (1 = most certain)")
     ax.set_ylabel("accuracy")
     ax.set_xticks(x)
@@ -93,7 +94,7 @@ def write_results(results: dict, output_dir: Path) -> dict[str, str]:
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"results": str(output_dir / "results.json"), "curves": str(output_dir / "curves.csv")}
     with open(paths["results"], "w") as fh:
-        json.dump(results, fh, indent=2)
+        json.dump(results, fh, indent=2, allow_nan=False)  # strict JSON: a NaN here is a bug, not a value
     write_curves_csv(output_dir / "curves.csv", results)
     for p in plot(results, output_dir):
         paths[Path(p).stem] = p

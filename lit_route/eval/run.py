@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
-from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
+from lit_route.checks import check_choice, check_fraction, check_nonnegative
 from lit_route.data.readers import load_pairs
 from lit_route.eval.curves import (
     area_under_curve,
@@ -19,9 +21,10 @@ from lit_route.eval.curves import (
     uncertainty_order,
 )
 from lit_route.eval.report import console_table, write_results
+from lit_route.judges.base import JudgeBackend, check_judge
 from lit_route.judges.cache import CachedJudge
 from lit_route.judges.loop import run_sync
-from lit_route.judges.pairwise import judge_pairs
+from lit_route.judges.pairwise import ORDERS, judge_pairs
 from lit_route.preference.metrics import PreferenceMetrics
 
 log = logging.getLogger(__name__)
@@ -38,16 +41,20 @@ REWARDBENCH_SECTIONS = {
 
 
 def read_scores(path: str, pairs) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pm score`` output matched to ``pairs`` by id (every pair must have a score)."""
+    """``pm score`` output matched to ``pairs`` by id (every pair must have a finite score and uncertainty)."""
     rows = {}
     with open(path) as fh:
         for number, line in enumerate(fh, start=1):
             if line.strip():
                 try:
                     row = json.loads(line)
-                    rows[str(row["id"])] = (float(row["score"]), float(row["uncertainty"]))
+                    values = (float(row["score"]), float(row["uncertainty"]))
+                    rows[str(row["id"])] = values
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
                     raise ValueError(f"{path}:{number}: not a score line ({err})") from err
+                for name, value in zip(("score", "uncertainty"), values, strict=True):
+                    if not math.isfinite(value):
+                        raise ValueError(f"{path}:{number}: field '{name}': not a finite number ({value})")
     missing = [p.id for p in pairs if p.id not in rows]
     if missing:
         raise ValueError(f"scores: {len(missing)} pairs have no score in {path}, e.g. {missing[:3]}")
@@ -65,7 +72,7 @@ def _group_accuracy(groups: list[str], values: torch.Tensor) -> dict[str, float]
 
 def evaluate(
     data: list[str],
-    judge: Any,
+    judge: JudgeBackend,
     pm: str | None = None,
     scores: str | None = None,
     output_dir: str = "runs/eval",
@@ -78,13 +85,15 @@ def evaluate(
     batch_size: int = 8,
     device: str = "cpu",
     seed: int = 0,
+    max_failed_fraction: float = 0.1,
+    progress: bool = True,
 ) -> dict:
     """Accuracy against judge budget for uncertainty, random, margin and oracle routing.
 
     Args:
         data: Benchmark file(s), any supported format; ``bundled:<path>`` for shipped data.
         judge: The judge backend (``class_path`` + ``init_args``): ReplayJudge, AnthropicJudge,
-            OpenAICompatibleJudge or HFLocalJudge.
+            OpenAICompatibleJudge, HFLocalJudge, or any class with the members of ``JudgeBackend``.
         pm: A finalised ``PreferenceModule`` checkpoint (or give ``scores``).
         scores: A ``lit-route pm score`` output to use instead of scoring with ``pm``.
         output_dir: Where results.json, curves.csv, scores.jsonl and the plots go.
@@ -97,7 +106,15 @@ def evaluate(
         batch_size: Pairs per PM forward pass.
         device: Where the PM runs.
         seed: Seed of the ``random`` display order.
+        max_failed_fraction: Share of pairs that may end without any verdict before the evaluation counts as
+            failed (the results are written first, then the command exits non-zero).
+        progress: Show progress bars while scoring and judging.
     """
+    check_judge(judge)
+    check_choice("order", order, ORDERS)
+    check_fraction("fraction_step", fraction_step, open_low=True)
+    check_fraction("max_failed_fraction", max_failed_fraction)
+    check_nonnegative("batch_size", batch_size, integer=True, positive=True)
     if (pm is None) == (scores is None):
         raise ValueError("give exactly one of pm (a checkpoint) or scores (a `pm score` file)")
     out_dir = Path(output_dir)
@@ -110,13 +127,15 @@ def evaluate(
         from lit_route.preference.scoring import score_pairs
 
         module, encoder = load_preference_model(pm, device)
-        d, u = score_pairs(module, pairs, encoder, batch_size=batch_size)
+        d, u = score_pairs(module, pairs, encoder, batch_size=batch_size, progress=progress)
         with open(out_dir / "scores.jsonl", "w") as fh:
             for p, s, v in zip(pairs, d.tolist(), u.tolist(), strict=True):
                 fh.write(json.dumps({"id": p.id, "subset": p.subset, "score": s, "uncertainty": v, "correct": s > 0}) + "\n")
     backend = CachedJudge(judge, cache) if cache else judge
     items = [(p.prompt_text(), p.chosen, p.rejected) for p in pairs]
-    judgements = run_sync(judge_pairs(backend, items, order=order, seed=seed))
+    with tqdm(total=len(items) * (2 if order == "both" else 1), desc="judging", unit="call",
+              disable=not progress) as bar:
+        judgements = run_sync(judge_pairs(backend, items, order=order, seed=seed, on_verdict=bar.update))
     pm_correct = (d > 0).double()
     judge_ok = torch.tensor([j.score is not None for j in judgements])
     raw_judge = torch.tensor([j.score if j.score is not None else 0.0 for j in judgements], dtype=torch.float64)
@@ -169,10 +188,10 @@ def evaluate(
         },
         "judge_stats": backend.stats.summary(),
         "metrics": metrics.compute(with_uncertainty=True),
-        "by_decile": {
-            "pm_accuracy": [float(pm_correct[decile_of == i].mean()) for i in range(10)],
-            "judge_accuracy": [float(judge_score[decile_of == i].mean()) for i in range(10)],
-            "mean_uncertainty": [float(u[decile_of == i].mean()) for i in range(10)],
+        "by_decile": {  # null for a decile with no pairs (fewer than 10 pairs)
+            "pm_accuracy": [_mean(pm_correct[decile_of == i]) for i in range(10)],
+            "judge_accuracy": [_mean(judge_score[decile_of == i]) for i in range(10)],
+            "mean_uncertainty": [_mean(u[decile_of == i]) for i in range(10)],
         },
         "by_subset": by_subset,
     }
@@ -185,7 +204,16 @@ def evaluate(
     paths = write_results(results, out_dir)
     print(console_table(results))
     print("written: " + ", ".join(paths.values()))
+    failed = results["judge_failed_pairs"]
+    if n and failed / n > max_failed_fraction:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(results["judge_stats"]["failures"].items())) or "errors"
+        raise RuntimeError(f"judge: {failed} of {n} pairs got no verdict ({reasons}), more than "
+                           f"max_failed_fraction={max_failed_fraction}; results written to {out_dir}")
     return results
+
+
+def _mean(values: torch.Tensor) -> float | None:
+    return float(values.double().mean()) if values.numel() else None
 
 
 def _difficulty_groups(subsets: list[str]) -> dict[str, list[str]]:
@@ -204,22 +232,10 @@ def evaluate_cli(args: list[str], run: bool = True):
 
     parser = ArgumentParser(prog="lit-route evaluate", parser_mode="omegaconf", default_env=False)
     parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(evaluate, skip={"judge"})
-    parser.add_subclass_arguments(_judge_types(), "judge", required=True, help="The judge backend.")
+    parser.add_function_arguments(evaluate)
     cfg = parser.parse_args(args)
     if not run:
         return cfg
-    init = parser.instantiate_classes(cfg)
+    init = parser.instantiate(cfg)
     kwargs = {k: v for k, v in init.items() if k not in ("config", "__path__")}
     return evaluate(**kwargs)
-
-
-def _judge_types():
-    from lit_route.judges.replay import ReplayJudge
-
-    types = [ReplayJudge]
-    for mod, cls in (("anthropic_judge", "AnthropicJudge"), ("openai_judge", "OpenAICompatibleJudge"),
-                     ("hf_local", "HFLocalJudge")):
-        module = __import__(f"lit_route.judges.{mod}", fromlist=[cls])
-        types.append(getattr(module, cls))
-    return tuple(types)

@@ -4,23 +4,42 @@ from __future__ import annotations
 
 import collections
 import statistics
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from lit_route.types import JudgeRequest, Verdict
+from lit_route.types import Verdict
 
 
 @runtime_checkable
 class JudgeBackend(Protocol):
-    """An LLM judge: async and batched. Failures come back as verdicts with ``preference=None``."""
+    """An LLM judge: async and batched. Failures come back as verdicts with ``preference=None``.
+
+    Any class with these members is a judge (the check is structural: no base class to inherit, no annotations
+    to copy): ``name`` and ``model`` (strings), ``stats`` (a :class:`JudgeStats`) and ``async judge(requests)``,
+    which takes a sequence of :class:`~lit_route.types.JudgeRequest` and returns one
+    :class:`~lit_route.types.Verdict` per request, in order. Optionally ``identity()`` returns every setting that
+    changes the answers, for the verdict cache key.
+    """
 
     name: str
     model: str
     stats: JudgeStats
 
-    async def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
+    # unannotated on purpose: config parsers match protocol methods by their annotations, and a user's judge
+    # must not have to copy ours to be accepted
+    async def judge(self, requests):
         """One verdict per request, in order."""
+
+
+def check_judge(judge, option: str = "judge") -> None:
+    """Raises a one-line ``TypeError`` naming what ``judge`` lacks to be a :class:`JudgeBackend`."""
+    import inspect
+
+    missing = [m for m in ("name", "model", "stats") if not hasattr(judge, m)]
+    if not inspect.iscoroutinefunction(getattr(judge, "judge", None)):
+        missing.append("async judge(requests)")
+    if missing:
+        raise TypeError(f"{option}: {type(judge).__name__} is not a judge backend: it lacks {', '.join(missing)}")
 
 
 @dataclass

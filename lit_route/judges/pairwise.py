@@ -10,8 +10,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lit_route.types import JudgeRequest, Preference, Verdict
@@ -76,7 +77,8 @@ def _score(verdict: Verdict, swapped: bool) -> float | None:
 
 
 async def judge_pairs(
-    backend, items: Sequence[tuple[str, str, str]], order: str = "both", seed: int = 0
+    backend, items: Sequence[tuple[str, str, str]], order: str = "both", seed: int = 0,
+    on_verdict: Callable[[int], object] | None = None,
 ) -> list[PairJudgement]:
     """Judges ``(prompt, x, y)`` items; the score is from ``x``'s side.
 
@@ -85,6 +87,8 @@ async def judge_pairs(
         items: ``(prompt, x, y)`` triples.
         order: ``fixed``, ``random`` or ``both``.
         seed: Seed of the ``random`` order (per-item coins are a function of seed and position).
+        on_verdict: Called with 1 as each verdict arrives (a progress bar); requests then go to the backend one
+            per call, concurrently (the backend's own limits bound how many are in flight).
     """
     if order not in ORDERS:
         raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
@@ -98,7 +102,15 @@ async def judge_pairs(
             slots.append((len(requests), swapped))
             requests.append(JudgeRequest(prompt, y if swapped else x, x if swapped else y))
         plan.append(slots)
-    verdicts = await backend.judge(requests) if requests else []
+    if on_verdict is None:
+        verdicts = await backend.judge(requests) if requests else []
+    else:
+        async def one(request: JudgeRequest) -> Verdict:
+            (verdict,) = await backend.judge([request])
+            on_verdict(1)
+            return verdict
+
+        verdicts = list(await asyncio.gather(*(one(r) for r in requests)))
     out = []
     for slots in plan:
         vs = tuple(verdicts[i] for i, _ in slots)
