@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
 
 USAGE = """usage: lit-route <command> [options]
 
 commands:
   pm fit|validate --config CONFIG   train / validate a pairwise preference model (LightningCLI)
-  pm score --ckpt CKPT --data PATH --output scores.jsonl
+  pm score --pm_ckpt CKPT --data PATH --output scores.jsonl
                                     score pairs: d(chosen, rejected) and its uncertainty
   evaluate --config CONFIG          accuracy vs judge budget: uncertainty / random / margin / oracle routing
   rloo fit --config CONFIG          online RLHF with RLOO and uncertainty-routed rewards (LightningCLI)
@@ -33,6 +35,20 @@ CLI_CONVENTIONS = {
     "save_config_kwargs": {"overwrite": True},
 }
 
+# third-party notices a user cannot act on; everything else Lightning says is kept
+_QUIET_WARNINGS = (
+    "LightningCLI's args parameter is intended",  # we pass args on purpose: `lit-route pm fit ...` is not argv[1:]
+    "Starting from v1.9.0, `tensorboardX` has been removed",  # TensorBoard is an extra: lit-route[tensorboard]
+    "`is_gradient_checkpointing` is deprecated",
+    "`isinstance(treespec, LeafSpec)` is deprecated",
+    "Metric `SpearmanCorrcoef` will save all targets",  # validation sets are small; the buffer is the point
+)
+
+
+class _TipFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip:")  # adverts for Lightning's cloud services
+
 
 def _setup_logging() -> None:
     # Our own logger only: Lightning already prints its messages through its own handler.
@@ -44,17 +60,42 @@ def _setup_logging() -> None:
         logger.setLevel(os.environ.get("LIT_ROUTE_LOG", "INFO"))
     for noisy in ("httpx", "httpcore", "anthropic", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _TipFilter) for f in target.filters):
+            target.addFilter(_TipFilter())
+    for message in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(message))
+
+
+def _cli_class(commands: tuple[str, ...]):
+    """A LightningCLI that offers only ``commands`` (those the module implements) and one progress-bar style."""
+    from lightning.pytorch.callbacks import ProgressBar as AnyBar
+    from lightning.pytorch.cli import LightningCLI
+
+    from lit_route.callbacks.progress import ProgressBar
+
+    class CLI(LightningCLI):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {k: v for k, v in LightningCLI.subcommands().items() if k in commands}
+
+        def _instantiate_trainer(self, config, callbacks):
+            listed = list(config.get("callbacks") or []) + list(callbacks)
+            if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, AnyBar) for c in listed):
+                callbacks = [*callbacks, ProgressBar()]
+            return super()._instantiate_trainer(config, callbacks)
+
+    return CLI
 
 
 def pm_cli(args: list[str], run: bool = True):
     """The LightningCLI of the preference model (``lit-route pm fit|validate``)."""
-    from lightning.pytorch.cli import LightningCLI
-
     from lit_route.callbacks.finalize import FinalizeCovariance
     from lit_route.data.datamodule import PreferenceDataModule
     from lit_route.preference.module import PreferenceModule
 
-    class PreferenceCLI(LightningCLI):
+    class PreferenceCLI(_cli_class(("fit", "validate"))):
         def add_arguments_to_parser(self, parser):
             parser.add_lightning_class_args(FinalizeCovariance, "finalize")
 
@@ -63,33 +104,19 @@ def pm_cli(args: list[str], run: bool = True):
             if self.model.has_uncertainty and self.datamodule.val_set is not None:
                 self.trainer.validate(self.model, datamodule=self.datamodule)
 
-    return PreferenceCLI(
-        PreferenceModule,
-        PreferenceDataModule,
-        args=args,
-        run=run,
-        **CLI_CONVENTIONS,
-    )
+    return PreferenceCLI(PreferenceModule, PreferenceDataModule, args=args, run=run, **CLI_CONVENTIONS)
 
 
 def rloo_cli(args: list[str], run: bool = True):
     """The LightningCLI of RLOO policy training (``lit-route rloo fit``)."""
-    from lightning.pytorch.cli import LightningCLI
-
     from lit_route.policy.data import PromptDataModule
     from lit_route.policy.module import RLOOPolicyModule
 
-    return LightningCLI(
-        RLOOPolicyModule,
-        PromptDataModule,
-        args=args,
-        run=run,
-        **CLI_CONVENTIONS,
-    )
+    return _cli_class(("fit",))(RLOOPolicyModule, PromptDataModule, args=args, run=run, **CLI_CONVENTIONS)
 
 
 def pm_score(
-    ckpt: str,
+    pm_ckpt: str,
     data: list[str],
     output: str,
     format: str = "auto",
@@ -104,7 +131,7 @@ def pm_score(
     and ``correct`` (score > 0).
 
     Args:
-        ckpt: A ``PreferenceModule`` checkpoint (the finalised one for SNGP uncertainties).
+        pm_ckpt: A ``PreferenceModule`` checkpoint (the finalised one for SNGP uncertainties).
         data: Pair file(s) in any supported format; ``bundled:<path>`` for shipped data.
         output: Where to write the JSON lines.
         format: Reader (``auto`` detects it).
@@ -118,7 +145,7 @@ def pm_score(
     from lit_route.preference.scoring import score_pairs
 
     pairs = load_pairs(data, format, skip_invalid, limit_per_file)
-    module, encoder = load_preference_model(ckpt, device)
+    module, encoder = load_preference_model(pm_ckpt, device)
     d, u = score_pairs(module, pairs, encoder, batch_size=batch_size)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w") as fh:

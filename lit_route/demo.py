@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("\n== 3. Routing on LLMBar (419 pairs) with GPT-4's recorded verdicts ==", flush=True)
     t = time.perf_counter()
-    gpt4 = evaluate(LLMBAR_EVAL, ReplayJudge(judge="GPT-4"), pm=ckpt, output_dir=str(out / "eval_gpt4"),
+    gpt4 = evaluate(LLMBAR_EVAL, ReplayJudge(judge="GPT-4"), pm_ckpt=ckpt, output_dir=str(out / "eval_gpt4"),
                     cache=None, limit_per_file=args.limit_per_file)
     timings["evaluate_gpt4_s"] = time.perf_counter() - t
 

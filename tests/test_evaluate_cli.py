@@ -13,13 +13,13 @@ def test_pm_fit_score_and_evaluate_end_to_end(tmp_path, tiny_model_dir):
     ckpt = root / "finalized.ckpt"  # the stable copy, beside the versioned one
     assert len(list(root.rglob("finalized.ckpt"))) == 2
     scores = tmp_path / "scores.jsonl"
-    main(["pm", "score", "--ckpt", str(ckpt), "--data", "[bundled:llmbar/Adversarial-GPTOut.json]", "--output", str(scores),
+    main(["pm", "score", "--pm_ckpt", str(ckpt), "--data", "[bundled:llmbar/Adversarial-GPTOut.json]", "--output", str(scores),
           "--limit_per_file", "9"])
     rows = [json.loads(line) for line in scores.read_text().splitlines()]
     assert len(rows) == 9 and set(rows[0]) == {"id", "subset", "score", "uncertainty", "correct"}
     assert all(r["uncertainty"] >= 1.0 for r in rows)
     out = tmp_path / "eval"
-    main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm", "null", "--scores", str(scores),
+    main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm_ckpt", "null", "--scores", str(scores),
           "--data", "[bundled:llmbar/Adversarial-GPTOut.json]", "--limit_per_file", "9", "--output_dir", str(out)])
     results = json.loads((out / "results.json").read_text())
     assert results["n_pairs"] == 9
@@ -49,7 +49,7 @@ def test_results_are_strict_json_with_fewer_pairs_than_deciles(tmp_path):
 
     pairs = load_pairs("bundled:llmbar/Natural.json", limit=6)
     scores = write_scores(tmp_path / "s.jsonl", pairs)
-    main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm", "null", "--scores", str(scores),
+    main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm_ckpt", "null", "--scores", str(scores),
           "--data", "[bundled:llmbar/Natural.json]", "--limit_per_file", "6", "--output_dir", str(tmp_path / "e")])
     results = _strict((tmp_path / "e" / "results.json").read_text())
     assert results["by_decile"]["pm_accuracy"].count(None) == 4  # 6 pairs fill 6 of the 10 deciles
@@ -61,7 +61,7 @@ def test_non_finite_scores_are_refused_with_file_and_line(tmp_path, capsys):
     pairs = load_pairs("bundled:llmbar/Natural.json", limit=5)
     scores = write_scores(tmp_path / "s.jsonl", pairs, score=lambda i: float("nan") if i == 3 else 0.1)
     with pytest.raises(SystemExit) as exit_:
-        main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm", "null", "--scores", str(scores),
+        main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm_ckpt", "null", "--scores", str(scores),
               "--data", "[bundled:llmbar/Natural.json]", "--limit_per_file", "5", "--output_dir", str(tmp_path / "e")])
     assert exit_.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -76,7 +76,7 @@ def test_evaluate_fails_loudly_when_the_judge_gives_no_verdicts_but_keeps_the_re
     verdicts = tmp_path / "v.jsonl"  # a verdict file with nothing for these pairs: every call fails
     verdicts.write_text(json.dumps({"judge": "J", "prompt": "p", "response_a": "a", "response_b": "b", "winner": "A"}))
     with pytest.raises(SystemExit) as exit_:
-        main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm", "null", "--scores", str(scores),
+        main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm_ckpt", "null", "--scores", str(scores),
               "--data", "[bundled:llmbar/Natural.json]", "--limit_per_file", "8", "--output_dir", str(tmp_path / "e"),
               "--judge.init_args.path", str(verdicts), "--judge.init_args.judge", "J"])
     assert exit_.value.code == 1
@@ -89,12 +89,12 @@ def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "c"}\n')
     with pytest.raises(SystemExit) as exit_:
-        main(["pm", "score", "--ckpt", str(bad), "--data", "[bundled:llmbar/Natural.json]", "--output", "x.jsonl"])
+        main(["pm", "score", "--pm_ckpt", str(bad), "--data", "[bundled:llmbar/Natural.json]", "--output", "x.jsonl"])
     assert exit_.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"lit-route: error: ckpt: {bad} is not a readable checkpoint")
+    assert len(err) == 1 and err[0].startswith(f"lit-route: error: pm_ckpt: {bad} is not a readable checkpoint")
     with pytest.raises(Exception, match="not a readable checkpoint"):
-        main(["pm", "score", "--ckpt", str(bad), "--data", "[bundled:llmbar/Natural.json]", "--output", "x.jsonl",
+        main(["pm", "score", "--pm_ckpt", str(bad), "--data", "[bundled:llmbar/Natural.json]", "--output", "x.jsonl",
               "--debug"])
 
 
@@ -122,3 +122,12 @@ def test_shipped_configs_find_the_checkpoint_pm_fit_writes(tmp_path, tiny_model_
     main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--limit_per_file", "4",
           "--output_dir", "runs/eval", "--progress", "false"])
     assert _strict(Path("runs/eval/results.json").read_text())["n_pairs"] == 20
+
+
+def test_pm_fit_logs_to_tensorboard_through_the_extra(tmp_path, tiny_model_dir):
+    root = tmp_path / "run"
+    main(["pm", "fit", "--config", "configs/pm/debug_tiny.yaml", "--trainer.default_root_dir", str(root),
+          "--trainer.max_epochs", "1", "--data.limit_per_file", "8", "--model.backbone.model_path", str(tiny_model_dir),
+          "--trainer.enable_progress_bar", "false", "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+          "--trainer.logger.save_dir", str(root)])
+    assert list(root.rglob("events.out.tfevents.*"))

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_evaluate(url: str, tmp: Path, out: str) -> subprocess.Popen:
     args = [sys.executable, "-m", "lit_route", "evaluate", "--config", "configs/eval/rmbench.yaml",
-            "--pm", "null", "--scores", str(tmp / "scores.jsonl"), "--data", "[bundled:llmbar/Adversarial-GPTOut.json]",
+            "--pm_ckpt", "null", "--scores", str(tmp / "scores.jsonl"), "--data", "[bundled:llmbar/Adversarial-GPTOut.json]",
             "--output_dir", str(tmp / out), "--cache", str(tmp / "cache.sqlite"),
             "--judge.init_args.base_url", f"{url}/v1", "--judge.init_args.policy.max_concurrency", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

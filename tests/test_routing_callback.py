@@ -129,3 +129,12 @@ def test_both_display_orders_cost_two_billed_calls_per_pair_under_the_cap(tmp_pa
     build(tmp_path, [cb], max_steps=3)
     # step 1: 3 pairs x 2 calls; step 2: 4 calls left -> 2 pairs; step 3: none
     assert cb.ledger.calls == 10 and cb.pairs_routed == 5
+
+
+def test_local_judge_loads_a_plain_model_folder_without_naming_a_file(tiny_model_dir):
+    from lit_route.judges import run_sync
+    from lit_route.types import JudgeRequest
+
+    judge = HFLocalJudge(model_path=str(tiny_model_dir), max_prompt_tokens=128)
+    (verdict,) = run_sync(judge.judge([JudgeRequest("q", "a", "b")]))
+    assert verdict.ok and verdict.billed == 1

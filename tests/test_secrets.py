@@ -33,7 +33,7 @@ def test_sentinel_key_appears_in_no_artefact(tmp_path, monkeypatch, capsys, capl
         scores = tmp_path / "scores.jsonl"
         scores.write_text("".join(f'{{"id": "Adversarial-GPTOut:{line}", "score": 0.1, "uncertainty": 1.2}}\n'
                                   for line in (2, 8, 14)))
-        main(["evaluate", "--config", "configs/eval/rewardbench_anthropic.yaml", "--pm", "null",
+        main(["evaluate", "--config", "configs/eval/rewardbench_anthropic.yaml", "--pm_ckpt", "null",
               "--scores", str(scores), "--data", "[bundled:llmbar/Adversarial-GPTOut.json]", "--limit_per_file", "3",
               "--output_dir", str(tmp_path / "eval"), "--cache", str(tmp_path / "eval" / "cache.sqlite"),
               "--judge.init_args.base_url", server.url])

@@ -59,11 +59,13 @@ def plot(results: dict, output_dir: Path) -> list[str]:
     for name in ROUTERS:
         color, ls = styles[name]
         ax.plot(fr, results["curves"][name], ls, color=color, label=f"{name} (AUC {results['area_under_curve'][name]:.3f})")
-    ax.axhline(results["judge_accuracy"], color="grey", lw=0.8, ls=":", label="judge alone")
+    ax.axhline(results["judge_accuracy"], color="grey", lw=0.8, ls=":",
+               label=f"judge alone ({results['judge_accuracy']:.3f})")
+    ax.plot([0], [results["pm_accuracy"]], "ko", ms=5, label=f"PM alone ({results['pm_accuracy']:.3f})")
     ax.set_xlabel("pairs sent to the judge (%)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{_short_label(results['benchmark'])} · judge {results.get('judge_model', results['judge'])}",
-                 fontsize=10)
+    ax.set_title(f"{_short_label(results['benchmark'])} (n={results['n_pairs']}) · judge "
+                 f"{results.get('judge_model', results['judge'])}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -82,7 +84,8 @@ def plot(results: dict, output_dir: Path) -> list[str]:
     ax.set_xticks(x)
     ax.set_ylim(0, 1)
     ax.legend()
-    ax.set_title("Accuracy by PM uncertainty")
+    ax.set_title(f"{_short_label(results['benchmark'])} (n={results['n_pairs']}): accuracy by PM uncertainty · "
+                 f"judge {results.get('judge_model', results['judge'])}", fontsize=9)
     fig.tight_layout()
     decile_path = output_dir / "by_decile.png"
     fig.savefig(decile_path, dpi=120)

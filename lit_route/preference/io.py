@@ -21,13 +21,13 @@ def load_preference_model(ckpt: str | Path, device: str = "cpu"):
 
     ckpt = Path(ckpt)
     if not ckpt.exists():
-        raise FileNotFoundError(f"ckpt: {ckpt} does not exist")
+        raise FileNotFoundError(f"pm_ckpt: {ckpt} does not exist")
     try:
         raw = torch.load(ckpt, map_location="cpu", weights_only=False)
     except Exception as err:  # pickle, zip and EOF errors all mean the same to a user
-        raise ValueError(f"ckpt: {ckpt} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+        raise ValueError(f"pm_ckpt: {ckpt} is not a readable checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(raw, dict) or "lit_route" not in raw or "state_dict" not in raw:
-        raise ValueError(f"ckpt: {ckpt} is not a lit-route preference-model checkpoint (written by `lit-route pm fit`)")
+        raise ValueError(f"pm_ckpt: {ckpt} is not a lit-route preference-model checkpoint (written by `lit-route pm fit`)")
     # hparams hold the config dataclasses; the file is the user's own training output
     with warnings.catch_warnings():
         # the frozen base weights are absent from the checkpoint by design; they come from model_path
