@@ -69,7 +69,9 @@ def _setup_logging() -> None:
 
 
 def _cli_class(commands: tuple[str, ...]):
-    """A LightningCLI that offers only ``commands`` (those the module implements) and one progress-bar style."""
+    """A LightningCLI that offers only ``commands`` (those the module implements), one progress-bar style, and the
+    CSV logger unless another is named (Lightning would switch to TensorBoard whenever it happens to be
+    installed, and ``metrics.csv`` would vanish from a run that relied on it)."""
     from lightning.pytorch.callbacks import ProgressBar as AnyBar
     from lightning.pytorch.cli import LightningCLI
 
@@ -84,6 +86,10 @@ def _cli_class(commands: tuple[str, ...]):
             listed = list(config.get("callbacks") or []) + list(callbacks)
             if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, AnyBar) for c in listed):
                 callbacks = [*callbacks, ProgressBar()]
+            if config.get("logger") in (None, True):  # None is the default: "Lightning chooses"
+                from lightning.pytorch.loggers import CSVLogger
+
+                config["logger"] = CSVLogger(save_dir=config.get("default_root_dir") or ".")
             return super()._instantiate_trainer(config, callbacks)
 
     return CLI

@@ -35,7 +35,8 @@ U = torch.tensor([[1.0, 1.5, 1.2], [1.1, 1.05, 3.0]])
 
 
 def route(cb, **kw):
-    return cb._route(trainer(**kw), SimpleNamespace(device=torch.device("cpu")), D, U)
+    routed, _audit = cb._route(trainer(**kw), SimpleNamespace(device=torch.device("cpu")), D, U)
+    return routed
 
 
 def test_uncertainty_margin_and_random_route_the_same_number_of_pairs():
@@ -70,7 +71,7 @@ def test_collectives_get_tensors_on_the_module_device():
 
     cb = UncertaintyRouting(tiny_judge(), fraction=0.5)
     module = SimpleNamespace(device=torch.device("meta"))
-    mask = cb._route(trainer(world=2, rank=1, strategy=SimpleNamespace(all_gather=all_gather)), module, D, U)
+    mask, _ = cb._route(trainer(world=2, rank=1, strategy=SimpleNamespace(all_gather=all_gather)), module, D, U)
     assert seen == [torch.device("meta")]
     assert mask.shape == D.shape and int(mask.sum()) <= 6
 
@@ -138,3 +139,26 @@ def test_local_judge_loads_a_plain_model_folder_without_naming_a_file(tiny_model
     judge = HFLocalJudge(model_path=str(tiny_model_dir), max_prompt_tokens=128)
     (verdict,) = run_sync(judge.judge([JudgeRequest("q", "a", "b")]))
     assert verdict.ok and verdict.billed == 1
+
+
+def test_controller_and_audit_from_yaml_log_their_state_and_resume(tmp_path):
+    import csv
+
+    from lit_route.cli import main
+
+    root = tmp_path / "run"
+    args = ["rloo", "fit", "--config", "configs/rloo/debug_tiny_budget.yaml", "--trainer.default_root_dir", str(root),
+            "--trainer.enable_progress_bar", "false"]
+    main([*args, "--trainer.max_steps", "4"])
+    (metrics,) = root.rglob("metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.read_text().splitlines()) if r.get("judge/tau")]
+    assert len(rows) == 4 and all(float(r["judge/target_fraction"]) == 0.25 for r in rows)
+    assert any(r.get("audit/agreement") for r in rows)
+    (ckpt,) = root.rglob("*.ckpt")
+    state = torch.load(ckpt, weights_only=False)
+    routing = next(v for k, v in state["callbacks"].items() if "UncertaintyRouting" in k)
+    assert routing["controller"]["tau"] is not None and routing["audit"]["audit_n"] > 0
+    main([*args, "--trainer.max_steps", "6", "--ckpt_path", str(ckpt)])
+    state = torch.load(max(root.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime), weights_only=False)
+    resumed = next(v for k, v in state["callbacks"].items() if "UncertaintyRouting" in k)
+    assert resumed["audit"]["audit_n"] > routing["audit"]["audit_n"]  # the tally went on from the saved one

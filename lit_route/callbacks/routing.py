@@ -16,7 +16,9 @@ from lit_route.judges.cache import CachedJudge
 from lit_route.judges.loop import submit
 from lit_route.judges.pairwise import ORDERS, judge_pairs
 from lit_route.rewards.pairwise import upper_pairs, verdict_logits
+from lit_route.routing.audit import AuditTally
 from lit_route.routing.budget import BudgetLedger
+from lit_route.routing.controller import BudgetTarget, Controller, target_fraction
 from lit_route.routing.routers import count_for_fraction
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,11 @@ class UncertaintyRouting(L.Callback):
     - ``router: margin`` judges the pairs with the smallest |d| (no uncertainty model needed).
 
     How many: ``fraction`` of the pairs (top-k), or with ``threshold`` every pair with ū > τ (``random`` then
-    draws as many pairs as the threshold selects). The caps (``max_calls_per_step``, ``max_calls_total``,
+    draws as many pairs as the threshold selects), or with a ``controller`` a τ moved between steps so that the
+    realised share tracks ``target`` (a fixed fraction, a share of the provider's rate limit, or a spend pace;
+    see :mod:`lit_route.routing.controller`). ``audit_fraction`` sends a further uniformly random share of the
+    pairs to the judge whatever their ū: the judge's verdicts there estimate, without bias, how often PM and judge
+    agree and how many more PM answers a routed call overturns than a random one (``audit/*`` metrics). The caps (``max_calls_per_step``, ``max_calls_total``,
     ``max_spend_usd``) count billed judge requests, so a pair costs two calls with ``order: both`` and a cached
     verdict costs nothing; over a cap, the router's own priority decides which pairs keep their place.
 
@@ -62,6 +68,9 @@ class UncertaintyRouting(L.Callback):
         cache: sqlite verdict cache (``None``: no cache).
         seed: Seed of the display order and of the random router.
         max_consecutive_errors: Steps in a row in which the judge may raise before the run stops (``None``: never).
+        controller: Moves τ between steps (``QuantileTracker`` or ``PIController``); replaces ``threshold``.
+        target: What the controller aims for (default: ``fraction`` of the pairs).
+        audit_fraction: Share of each step's pairs judged at random on top of the routed ones.
     """
 
     def __init__(
@@ -78,6 +87,9 @@ class UncertaintyRouting(L.Callback):
         cache: str | None = None,
         seed: int = 0,
         max_consecutive_errors: int | None = 3,
+        controller: Controller | None = None,
+        target: BudgetTarget | None = None,
+        audit_fraction: float = 0.0,
     ):
         check_judge(judge)
         check_choice("router", router, ROUTERS)
@@ -85,8 +97,11 @@ class UncertaintyRouting(L.Callback):
         check_fraction("fraction", fraction)
         if threshold is not None and not math.isfinite(threshold):
             raise ValueError(f"threshold: expected a finite number, got {threshold}")
-        if threshold is not None and router == "margin":
+        if (threshold is not None or controller is not None) and router == "margin":
             raise ValueError("threshold: applies to the uncertainty and random routers; the margin router takes fraction")
+        if threshold is not None and controller is not None:
+            raise ValueError("controller: moves the threshold itself; give a controller or a threshold, not both")
+        check_fraction("audit_fraction", audit_fraction)
         if not math.isfinite(verdict_logit) or verdict_logit <= 0:
             raise ValueError(f"verdict_logit: expected a finite number > 0, got {verdict_logit}")
         if max_consecutive_errors is not None:
@@ -96,6 +111,12 @@ class UncertaintyRouting(L.Callback):
         self.ledger = BudgetLedger(max_calls_per_step, max_calls_total, max_spend_usd)
         self.c, self.order, self.seed = verdict_logit, order, seed
         self.max_consecutive_errors = max_consecutive_errors
+        self.controller = controller
+        self.target = target or BudgetTarget(kind="fraction", fraction=fraction)
+        self.audit_fraction = audit_fraction
+        self.audit = AuditTally()
+        self._last_step_started: float | None = None
+        self._step_seconds = 0.0
         self.pairs_seen = 0
         self.pairs_routed = 0
         self.inconsistent = 0
@@ -114,8 +135,27 @@ class UncertaintyRouting(L.Callback):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         return torch.rand(u.shape, generator=generator, dtype=torch.float64)
 
-    def _route(self, trainer, module, d_pairs: torch.Tensor, u_pairs: torch.Tensor) -> torch.Tensor:
-        """(B, P) local upper-triangle scores and uncertainties -> local (B, P) mask, decided on the global batch."""
+    def _how_many(self, u_all: torch.Tensor, step: int) -> int:
+        """Pairs to route this step, before the caps."""
+        if self.controller is not None:
+            calls_per_pair = 2 if self.order == "both" else 1
+            usd_per_call = self.ledger.spend_usd / self.ledger.calls if self.ledger.calls else 0.0
+            target = target_fraction(self.target, u_all.numel(), calls_per_pair, step, self._step_seconds,
+                                     self.ledger.spend_usd, usd_per_call)
+            if self.controller.tau is None:
+                self.controller.calibrate(u_all, target)
+            tau = self.controller.threshold(u_all)
+            k = int((u_all > tau).sum())
+            self.controller.update(u_all, target)  # τ for the next step, from what this one would route
+            self._control = {"judge/tau": tau, "judge/target_fraction": target}
+            return k
+        if self.threshold is not None:
+            return int((u_all > self.threshold).sum())
+        return count_for_fraction(u_all.numel(), self.fraction)
+
+    def _route(self, trainer, module, d_pairs: torch.Tensor, u_pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, P) local upper-triangle scores and uncertainties -> local (B, P) masks of routed and audited pairs,
+        decided on the global batch."""
         world = trainer.world_size
         if world > 1:  # collectives need tensors on the module's device (NCCL has no CPU tensors)
             both = torch.stack([d_pairs, u_pairs]).to(module.device)
@@ -123,28 +163,37 @@ class UncertaintyRouting(L.Callback):
             d_all, u_all = both[:, 0].reshape(-1, u_pairs.shape[-1]), both[:, 1].reshape(-1, u_pairs.shape[-1])
         else:
             d_all, u_all = d_pairs, u_pairs
-        n = u_all.numel()
-        if self.threshold is not None:
-            k = int((u_all > self.threshold).sum())
-        else:
-            k = count_for_fraction(n, self.fraction)
-        calls_per_pair = 2 if self.order == "both" else 1
-        k = min(k, self.ledger.allowance() // calls_per_pair)
-        priority = self._priority(d_all, u_all, trainer.global_step).flatten()
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[torch.argsort(priority, descending=True, stable=True)[:k]] = True
-        mask = mask.view_as(u_all)
+        n, step = u_all.numel(), trainer.global_step
+        allowance = self.ledger.allowance() // (2 if self.order == "both" else 1)
+        k = min(self._how_many(u_all, step), allowance)
+        priority = self._priority(d_all, u_all, step).flatten()
+        routed = torch.zeros(n, dtype=torch.bool)
+        routed[torch.argsort(priority, descending=True, stable=True)[:k]] = True
+        audit = torch.zeros(n, dtype=torch.bool)
+        if self.audit_fraction > 0:  # uniform over all pairs, from its own stream, whatever the router chose
+            draw = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7_919 + step + 1))
+            audit[draw[: count_for_fraction(n, self.audit_fraction)]] = True
+            extra = (audit & ~routed).nonzero().flatten()
+            audit[extra[max(allowance - k, 0):]] = False  # the caps bind audits after routed pairs
         b = u_pairs.shape[0]
         rank = trainer.global_rank if world > 1 else 0
-        return mask[rank * b : (rank + 1) * b]
+        local = slice(rank * b, (rank + 1) * b)
+        return routed.view_as(u_all)[local], audit.view_as(u_all)[local]
 
     # --- reward hooks ------------------------------------------------------------------------------------------
     def on_pairwise_scores(self, trainer, module, ctx) -> None:
+        now = time.perf_counter()
+        if self._last_step_started is not None:
+            self._step_seconds = now - self._last_step_started
+        self._last_step_started = now
         with ctx.timer("routing"):
             b, k, _ = ctx.uncertainty.shape
             ii, jj = upper_pairs(k)
-            mask = self._route(trainer, module, ctx.scores[:, ii, jj].float(), ctx.uncertainty[:, ii, jj].float())
-            routed = [(bi, int(ii[p]), int(jj[p])) for bi, p in mask.nonzero().tolist()]
+            self._control = {}
+            mask, audit = self._route(trainer, module, ctx.scores[:, ii, jj].float(), ctx.uncertainty[:, ii, jj].float())
+            self._kinds = {(bi, int(ii[p]), int(jj[p])): (bool(mask[bi, p]), bool(audit[bi, p]))
+                           for bi, p in (mask | audit).nonzero().tolist()}
+            routed = list(self._kinds)
             items = [(_prompt_text(ctx.prompts[bi]), ctx.completions[bi][i], ctx.completions[bi][j]) for bi, i, j in routed]
             self.pairs_seen += b * len(ii) * trainer.world_size  # global, like pairs_routed
             seed = self.seed + trainer.global_step * 1009 + trainer.global_rank
@@ -182,15 +231,17 @@ class UncertaintyRouting(L.Callback):
                 failures += 1
                 self.failures[jd.failure or "failed"] += 1
                 continue
+            self.audit.add(*self._kinds[bi, i, j], pm_score=float(ctx.pm_scores[bi, i, j]), judge_score=jd.score)
             value = float(verdict_logits(torch.tensor(jd.score), self.c))
             ctx.scores[bi, i, j] = value
             ctx.scores[bi, j, i] = -value
             ctx.judged[bi, i, j] = ctx.judged[bi, j, i] = True
-        totals = torch.tensor([len(routed), failures, billed, requests, cached, spend, tokens, error is not None],
-                              dtype=torch.float64)
+        totals = torch.tensor([len(routed), failures, billed, requests, cached, spend, tokens, error is not None,
+                               *self.audit.step_counts()], dtype=torch.float64)
         if trainer.world_size > 1:  # every rank charges the same global amounts, so ledgers stay equal
             totals = trainer.strategy.reduce(totals.to(module.device), reduce_op="sum").cpu()
-        n_routed, n_failed, n_billed, n_requests, n_cached, n_spend, n_tokens, n_errors = totals.tolist()
+        n_routed, n_failed, n_billed, n_requests, n_cached, n_spend, n_tokens, n_errors, *audit = totals.tolist()
+        self.audit.close_step(audit)
         self.pairs_routed += int(n_routed)
         self.ledger.charge(int(n_billed), n_spend, int(n_failed), int(n_cached))
         ctx.stats.update({
@@ -198,6 +249,7 @@ class UncertaintyRouting(L.Callback):
             "judge/requests": n_requests, "judge/cached": n_cached, "judge/tokens": n_tokens,
             "judge/cost_usd": n_spend, "judge/max_latency_s": latency,
             "judge/total_billed": float(self.ledger.calls), "judge/total_spend_usd": self.ledger.spend_usd,
+            **self._control, **self.audit.metrics(),
         })
         # decided on the global count, so that every rank stops together
         self.consecutive_errors = self.consecutive_errors + 1 if n_errors else 0
@@ -214,6 +266,8 @@ class UncertaintyRouting(L.Callback):
             "inconsistent": self.inconsistent,
             "consecutive_errors": self.consecutive_errors,
             "failures": dict(self.failures),
+            "controller": self.controller.state_dict() if self.controller is not None else None,
+            "audit": self.audit.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -223,6 +277,10 @@ class UncertaintyRouting(L.Callback):
         self.inconsistent = int(state_dict["inconsistent"])
         self.consecutive_errors = int(state_dict.get("consecutive_errors", 0))
         self.failures = collections.Counter(state_dict["failures"])
+        if self.controller is not None and state_dict.get("controller") is not None:
+            self.controller.load_state_dict(state_dict["controller"])
+        if "audit" in state_dict:
+            self.audit.load_state_dict(state_dict["audit"])
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._pending is not None and self._pending[0] is not None:

@@ -1,6 +1,14 @@
 """Routers decide which pairs go to the judge: tensors in, boolean mask out."""
 
+from lit_route.routing.audit import AuditTally
 from lit_route.routing.budget import BudgetLedger
+from lit_route.routing.controller import (
+    BudgetTarget,
+    Controller,
+    PIController,
+    QuantileTracker,
+    target_fraction,
+)
 from lit_route.routing.routers import (
     BudgetRouter,
     MarginRouter,
@@ -13,13 +21,19 @@ from lit_route.routing.routers import (
 )
 
 __all__ = [
+    "AuditTally",
     "BudgetLedger",
     "BudgetRouter",
+    "BudgetTarget",
+    "Controller",
     "MarginRouter",
     "OracleRouter",
+    "PIController",
+    "QuantileTracker",
     "RandomRouter",
     "Router",
     "ThresholdRouter",
     "count_for_fraction",
+    "target_fraction",
     "threshold_for_fraction",
 ]
