@@ -97,6 +97,7 @@ def _cli_class(commands: tuple[str, ...]):
 
 def pm_cli(args: list[str], run: bool = True):
     """The LightningCLI of the preference model (``lit-route pm fit|validate``)."""
+    from lit_route.callbacks.continue_from import ContinueFrom
     from lit_route.callbacks.finalize import FinalizeCovariance
     from lit_route.data.datamodule import PreferenceDataModule
     from lit_route.preference.module import PreferenceModule
@@ -104,6 +105,7 @@ def pm_cli(args: list[str], run: bool = True):
     class PreferenceCLI(_cli_class(("fit", "validate"))):
         def add_arguments_to_parser(self, parser):
             parser.add_lightning_class_args(FinalizeCovariance, "finalize")
+            parser.add_lightning_class_args(ContinueFrom, "continue_from")
 
         def after_fit(self):
             # metrics with uncertainty exist only once the covariance pass has run

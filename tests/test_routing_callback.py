@@ -35,7 +35,7 @@ U = torch.tensor([[1.0, 1.5, 1.2], [1.1, 1.05, 3.0]])
 
 
 def route(cb, **kw):
-    routed, _audit = cb._route(trainer(**kw), SimpleNamespace(device=torch.device("cpu")), D, U)
+    _assign, routed, _audit = cb._route(trainer(**kw), SimpleNamespace(device=torch.device("cpu")), D, U)
     return routed
 
 
@@ -71,7 +71,7 @@ def test_collectives_get_tensors_on_the_module_device():
 
     cb = UncertaintyRouting(tiny_judge(), fraction=0.5)
     module = SimpleNamespace(device=torch.device("meta"))
-    mask, _ = cb._route(trainer(world=2, rank=1, strategy=SimpleNamespace(all_gather=all_gather)), module, D, U)
+    _, mask, _ = cb._route(trainer(world=2, rank=1, strategy=SimpleNamespace(all_gather=all_gather)), module, D, U)
     assert seen == [torch.device("meta")]
     assert mask.shape == D.shape and int(mask.sum()) <= 6
 
@@ -153,7 +153,7 @@ def test_controller_and_audit_from_yaml_log_their_state_and_resume(tmp_path):
     (metrics,) = root.rglob("metrics.csv")
     rows = [r for r in csv.DictReader(metrics.read_text().splitlines()) if r.get("judge/tau")]
     assert len(rows) == 4 and all(float(r["judge/target_fraction"]) == 0.25 for r in rows)
-    assert any(r.get("audit/agreement") for r in rows)
+    assert any(r.get("audit/agreement") for r in rows) and all("cascade/judged_by_1" in r for r in rows)
     (ckpt,) = root.rglob("*.ckpt")
     state = torch.load(ckpt, weights_only=False)
     routing = next(v for k, v in state["callbacks"].items() if "UncertaintyRouting" in k)
@@ -162,3 +162,70 @@ def test_controller_and_audit_from_yaml_log_their_state_and_resume(tmp_path):
     state = torch.load(max(root.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime), weights_only=False)
     resumed = next(v for k, v in state["callbacks"].items() if "UncertaintyRouting" in k)
     assert resumed["audit"]["audit_n"] > routing["audit"]["audit_n"]  # the tally went on from the saved one
+
+
+def test_cascade_sends_the_next_band_to_the_cheaper_judge_and_charges_both(tmp_path):
+    from test_rloo import build
+
+    from lit_route.callbacks.routing import CascadeStage
+
+    strong, cheap = tiny_judge(), tiny_judge()
+    cb = UncertaintyRouting(strong, fraction=1 / 6, cascade=[CascadeStage(cheap, fraction=2 / 6)])
+    module, _ = build(tmp_path, [cb], max_steps=2)
+    # 6 pairs a step: 1 to the strong judge, the next 2 by ū to the cheap one; one billed call each
+    assert strong.stats.billed == 2 and cheap.stats.billed == 4
+    assert cb.ledger.calls == 6 and cb.pairs_routed == 6
+    assert module.last_step["cascade/judged_by_0"] == 1 and module.last_step["cascade/judged_by_1"] == 2
+    assert module.last_step["judge/fraction"] == 0.5
+    assign, _, _ = cb._route(trainer(), SimpleNamespace(device=torch.device("cpu")), D, U)
+    assert sorted(U[assign == 0].tolist()) == pytest.approx([3.0])
+    assert sorted(U[assign == 1].tolist()) == pytest.approx([1.2, 1.5])  # the next two by ū
+
+
+def test_rloo_exports_judged_pairs_that_pm_fit_trains_on(tmp_path, tiny_model_dir):
+    from test_rloo import build
+
+    from lit_route.cli import main
+    from lit_route.data import load_pairs
+
+    exported = tmp_path / "judged.jsonl"
+    cb = UncertaintyRouting(tiny_judge(), fraction=0.5, export_judged=str(exported))
+    build(tmp_path, [cb], max_steps=3)
+    pairs = load_pairs(str(exported))
+    assert len(pairs) == 9  # 3 steps x 3 routed pairs, every verdict decisive (tie_margin -1)
+    assert all(p.subset == "rloo" and p.prompt for p in pairs)
+    root = tmp_path / "pm"
+    main(["pm", "fit", "--config", "configs/pm/debug_tiny.yaml", "--data.train", f"[{exported}]",
+          "--data.val_fraction", "0", "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root),
+          "--model.backbone.model_path", str(tiny_model_dir), "--trainer.enable_progress_bar", "false"])
+    assert (root / "finalized.ckpt").exists()
+    # a second round continues from the first PM on the same labels, and refinalises
+    again = tmp_path / "pm2"
+    main(["pm", "fit", "--config", "configs/pm/debug_tiny.yaml", "--data.train", f"[{exported}]",
+          "--data.val_fraction", "0", "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(again),
+          "--model.backbone.model_path", str(tiny_model_dir), "--trainer.enable_progress_bar", "false",
+          "--continue_from.pm_ckpt", str(root / "finalized.ckpt")])
+    assert (again / "finalized.ckpt").exists()
+
+
+def test_continue_from_loads_the_trained_adapters_and_head(tmp_path, tiny_model_dir):
+    from lit_route.callbacks.continue_from import ContinueFrom
+    from lit_route.cli import main
+    from lit_route.models.backbone import BackboneSpec, LoraSpec
+    from lit_route.preference import PreferenceModule, SNGPConfig
+
+    root = tmp_path / "pm"
+    main(["pm", "fit", "--config", "configs/pm/debug_tiny.yaml", "--data.limit_per_file", "8", "--trainer.max_epochs",
+          "1", "--trainer.default_root_dir", str(root), "--model.backbone.model_path", str(tiny_model_dir),
+          "--model.lora.r", "4", "--trainer.enable_progress_bar", "false"])
+    saved = torch.load(root / "finalized.ckpt", weights_only=False)["state_dict"]
+    fresh = PreferenceModule(backbone=BackboneSpec(model_path=str(tiny_model_dir)), lora=LoraSpec(r=4),
+                             sngp=SNGPConfig(num_features=128))
+    lora_key = next(k for k in saved if "lora_B" in k)
+    assert not torch.equal(fresh.state_dict()[lora_key], saved[lora_key])  # LoRA B starts at zero
+    ContinueFrom(str(root / "finalized.ckpt")).setup(None, fresh, "fit")
+    now = fresh.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in saved.items())
+    other = PreferenceModule(backbone=BackboneSpec(model_path="builtin:tiny-llama"), lora=LoraSpec(r=4))
+    with pytest.raises(ValueError, match="continue_from.pm_ckpt: trained on"):
+        ContinueFrom(str(root / "finalized.ckpt")).setup(None, other, "fit")

@@ -32,6 +32,12 @@ def console_table(results: dict, show=(0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)) ->
         i = min(range(len(fr)), key=lambda j: abs(fr[j] - f))
         lines.append(f"{fr[i] * 100:>7.0f}% " + " ".join(f"{results['curves'][r][i]:>12.3f}" for r in ROUTERS))
     lines.append(f"{'AUC':>8} " + " ".join(f"{results['area_under_curve'][r]:>12.3f}" for r in ROUTERS))
+    if "cascade" in results:
+        lines.append(f"cascade with {results['cascade']['cheap_judge']}: best accuracy at a share of the cost of "
+                     f"judging every pair with {results.get('judge_model')}")
+        for share, row in results["cascade"]["at_budget"].items():
+            cells = "  ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in row.items() if k != "budget_usd")
+            lines.append(f"{float(share) * 100:>7.0f}%  {cells}")
     failures = results["judge_stats"].get("failures") or {}
     lines.append(f"judge: {results['judge']}   failures: {failures or 'none'}   inconsistent pairs: "
                  f"{results['judge_inconsistent']}")
@@ -90,7 +96,35 @@ def plot(results: dict, output_dir: Path) -> list[str]:
     decile_path = output_dir / "by_decile.png"
     fig.savefig(decile_path, dpi=120)
     plt.close(fig)
-    return [str(curve_path), str(decile_path)]
+    paths = [str(curve_path), str(decile_path)]
+    if "cascade" in results:
+        paths.append(_plot_cascade(results, output_dir, plt))
+    return paths
+
+
+def _plot_cascade(results: dict, output_dir: Path, plt) -> str:
+    cas = results["cascade"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    strong, cheap = results.get("judge_model", "strong"), cas["cheap_judge"]
+    ax.plot(cas["strong_only"]["cost"], cas["strong_only"]["accuracy"], "-", label=f"PM → {strong}")
+    ax.plot(cas["cheap_only"]["cost"], cas["cheap_only"]["accuracy"], "--", label=f"PM → {cheap}")
+    front = cas["bands_frontier"]
+    ax.plot([p["cost"] for p in front], [p["accuracy"] for p in front], "-o", ms=2.5,
+            label=f"PM → {cheap} → {strong} (bands, best)")
+    ax.plot(cas["escalate"]["cost"], cas["escalate"]["accuracy"], "-.",
+            label=f"PM → {cheap}, unsure → {strong}")
+    ax.plot([0], [results["pm_accuracy"]], "ko", ms=5, label=f"PM alone ({results['pm_accuracy']:.3f})")
+    ax.set_xlabel("judge cost (USD, estimated)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{_short_label(results['benchmark'])} (n={results['n_pairs']}): accuracy against judge cost",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = output_dir / "cost_curve.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
 
 
 def write_results(results: dict, output_dir: Path) -> dict[str, str]:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from lit_route.checks import check_choice, check_fraction, check_nonnegative
 from lit_route.data.readers import load_pairs
+from lit_route.eval.cascade import cascade_report
 from lit_route.eval.curves import (
     area_under_curve,
     curve_for_order,
@@ -20,12 +21,14 @@ from lit_route.eval.curves import (
     random_expected_curve,
     uncertainty_order,
 )
+from lit_route.eval.export import write_judged_pairs
 from lit_route.eval.report import console_table, write_results
 from lit_route.judges.base import JudgeBackend, check_judge
 from lit_route.judges.cache import CachedJudge
 from lit_route.judges.loop import run_sync
 from lit_route.judges.pairwise import ORDERS, judge_pairs
 from lit_route.preference.metrics import PreferenceMetrics
+from lit_route.routing.routers import count_for_fraction
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,9 @@ def evaluate(
     seed: int = 0,
     max_failed_fraction: float = 0.1,
     progress: bool = True,
+    cheap_judge: JudgeBackend | None = None,
+    export_judged: str | None = None,
+    export_fraction: float = 1.0,
 ) -> dict:
     """Accuracy against judge budget for uncertainty, random, margin and oracle routing.
 
@@ -109,12 +115,22 @@ def evaluate(
         max_failed_fraction: Share of pairs that may end without any verdict before the evaluation counts as
             failed (the results are written first, then the command exits non-zero).
         progress: Show progress bars while scoring and judging.
+        cheap_judge: A cheaper judge for a cascade (PM → cheap judge → ``judge``): it judges every pair too, and
+            ``results.json`` gains accuracy-against-cost curves of both judges alone and of their cascades
+            (``cascade``), plotted in ``cost_curve.png``. Costs come from the judges' prices.
+        export_judged: Write the pairs the judge decided (not ties, not failures) as a preference file
+            (``prompt``, ``chosen``, ``rejected``: the judge's verdict is the label) for ``pm fit``.
+        export_fraction: Export only the most uncertain share of pairs: those uncertainty routing judges at
+            that budget.
     """
     check_judge(judge)
     check_choice("order", order, ORDERS)
     check_fraction("fraction_step", fraction_step, open_low=True)
     check_fraction("max_failed_fraction", max_failed_fraction)
     check_nonnegative("batch_size", batch_size, integer=True, positive=True)
+    check_fraction("export_fraction", export_fraction)
+    if cheap_judge is not None:
+        check_judge(cheap_judge, "cheap_judge")
     if (pm_ckpt is None) == (scores is None):
         raise ValueError("pm_ckpt: give exactly one of pm_ckpt (a checkpoint) or scores (a `pm score` file)")
     out_dir = Path(output_dir)
@@ -131,15 +147,10 @@ def evaluate(
         with open(out_dir / "scores.jsonl", "w") as fh:
             for p, s, v in zip(pairs, d.tolist(), u.tolist(), strict=True):
                 fh.write(json.dumps({"id": p.id, "subset": p.subset, "score": s, "uncertainty": v, "correct": s > 0}) + "\n")
-    backend = CachedJudge(judge, cache) if cache else judge
     items = [(p.prompt_text(), p.chosen, p.rejected) for p in pairs]
-    with tqdm(total=len(items) * (2 if order == "both" else 1), desc="judging", unit="call",
-              disable=not progress) as bar:
-        judgements = run_sync(judge_pairs(backend, items, order=order, seed=seed, on_verdict=bar.update))
+    backend, judgements = _judge_all(judge, cache, items, order, seed, progress, "judging")
     pm_correct = (d > 0).double()
-    judge_ok = torch.tensor([j.score is not None for j in judgements])
-    raw_judge = torch.tensor([j.score if j.score is not None else 0.0 for j in judgements], dtype=torch.float64)
-    judge_score = torch.where(judge_ok, raw_judge, pm_correct)  # a failed verdict leaves the PM's answer
+    judge_ok, raw_judge, judge_score = _credit(judgements, pm_correct)
     n = len(pairs)
     steps = round(1 / fraction_step)
     fractions = [round(i / steps, 6) for i in range(steps + 1)]
@@ -152,8 +163,7 @@ def evaluate(
     curves["random"] = random_expected_curve(pm_correct, judge_score, fractions)
     latency = torch.tensor([j.latency_s for j in judgements], dtype=torch.float64)[orders["uncertainty"]]
     tokens = torch.tensor([j.tokens for j in judgements], dtype=torch.long)[orders["uncertainty"]]
-    from lit_route.routing.routers import count_for_fraction
-
+    usd = torch.tensor([j.verdict_cost_usd for j in judgements], dtype=torch.float64)[orders["uncertainty"]]
     ks = [count_for_fraction(n, f) for f in fractions]
     metrics = PreferenceMetrics()
     metrics.update(d, u)
@@ -185,6 +195,7 @@ def evaluate(
         "judge_cost": {
             "seconds": [float(latency[:k].sum()) for k in ks],
             "tokens": [int(tokens[:k].sum()) for k in ks],
+            "usd": [float(usd[:k].sum()) for k in ks],
         },
         "judge_stats": backend.stats.summary(),
         "metrics": metrics.compute(with_uncertainty=True),
@@ -201,6 +212,22 @@ def evaluate(
                                       (("pm", pm_correct), ("judge", judge_score),
                                        *((f"uncertainty@{int(f * 100)}%", c) for f, c in routed_credit.items()))}
                                for name, g in groups.items()}
+    if cheap_judge is not None:
+        cheap_backend, cheap = _judge_all(cheap_judge, cache, items, order, seed, progress, "cheap judge")
+        _, _, cheap_score = _credit(cheap, pm_correct)
+        results["cascade"] = cascade_report(
+            orders["uncertainty"], u, pm_correct, judge_score, cheap_score,
+            torch.tensor([j.verdict_cost_usd for j in judgements], dtype=torch.float64),
+            torch.tensor([j.verdict_cost_usd for j in cheap], dtype=torch.float64),
+            torch.tensor([j.score is None or j.inconsistent for j in cheap]), fractions)
+        results["cascade"]["cheap_judge"] = str(getattr(cheap_judge, "model", repr(cheap_judge)))
+        results["cascade"]["cheap_accuracy"] = float(cheap_score.mean())
+        results["cascade"]["cheap_judge_stats"] = cheap_backend.stats.summary()
+    if export_judged is not None:
+        top = orders["uncertainty"][: count_for_fraction(n, export_fraction)].tolist()
+        results["exported_pairs"] = write_judged_pairs(export_judged, [pairs[i] for i in top],
+                                                       [judgements[i].score for i in top],
+                                                       results["judge_model"])
     paths = write_results(results, out_dir)
     print(console_table(results))
     print("written: " + ", ".join(paths.values()))
@@ -210,6 +237,19 @@ def evaluate(
         raise RuntimeError(f"judge: {failed} of {n} pairs got no verdict ({reasons}), more than "
                            f"max_failed_fraction={max_failed_fraction}; results written to {out_dir}")
     return results
+
+
+def _judge_all(judge, cache, items, order, seed, progress, desc):
+    backend = CachedJudge(judge, cache) if cache else judge
+    with tqdm(total=len(items) * (2 if order == "both" else 1), desc=desc, unit="call", disable=not progress) as bar:
+        return backend, run_sync(judge_pairs(backend, items, order=order, seed=seed, on_verdict=bar.update))
+
+
+def _credit(judgements, pm_correct: torch.Tensor):
+    """``(answered, raw credit, credit)``: a failed verdict leaves the PM's answer."""
+    ok = torch.tensor([j.score is not None for j in judgements])
+    raw = torch.tensor([j.score if j.score is not None else 0.0 for j in judgements], dtype=torch.float64)
+    return ok, raw, torch.where(ok, raw, pm_correct)
 
 
 def _mean(values: torch.Tensor) -> float | None:

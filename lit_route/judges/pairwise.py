@@ -52,6 +52,11 @@ class PairJudgement:
         return sum(v.cost_usd for v in self.verdicts if not v.cached)
 
     @property
+    def verdict_cost_usd(self) -> float:
+        """What the verdicts cost when they were paid (cached ones included): the price of this judgement."""
+        return sum(v.cost_usd for v in self.verdicts)
+
+    @property
     def billed(self) -> int:
         """Requests billed now (answered with a completion; retries after 429/5xx are not billed)."""
         return sum(v.billed for v in self.verdicts)
