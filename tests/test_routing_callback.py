@@ -227,5 +227,5 @@ def test_continue_from_loads_the_trained_adapters_and_head(tmp_path, tiny_model_
     now = fresh.state_dict()
     assert all(torch.equal(now[k], v) for k, v in saved.items())
     other = PreferenceModule(backbone=BackboneSpec(model_path="builtin:tiny-llama"), lora=LoraSpec(r=4))
-    with pytest.raises(ValueError, match="continue_from.pm_ckpt: trained on"):
+    with pytest.raises(ValueError, match=r"continue_from\.pm_ckpt: trained on"):
         ContinueFrom(str(root / "finalized.ckpt")).setup(None, other, "fit")

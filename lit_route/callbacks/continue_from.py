@@ -40,7 +40,7 @@ class ContinueFrom(L.Callback):
         if theirs.get("model_path") != ours.get("model_path") or theirs.get("gguf_file") != ours.get("gguf_file"):
             raise ValueError(f"continue_from.pm_ckpt: trained on {theirs.get('model_path')}, "
                              f"this run uses {ours.get('model_path')}")
-        missing, unexpected = pl_module.load_state_dict(state["state_dict"], strict=False)
+        missing, _ = pl_module.load_state_dict(state["state_dict"], strict=False)
         trained = {n for n, p in pl_module.named_parameters() if p.requires_grad}
         if trained & set(missing):
             raise ValueError(f"continue_from.pm_ckpt: lacks {len(trained & set(missing))} trained tensors, e.g. "
