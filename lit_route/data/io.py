@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
+import re
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -54,27 +55,74 @@ def read_text(path: Path) -> str:
         raise DataFormatError(path, line, f"invalid UTF-8 at byte {err.start}") from err
 
 
+def lone_surrogate(value: object, field: str = "") -> str | None:
+    """The field path (``prompt[0].content``) of the first string holding a lone UTF-16 surrogate, else ``None``.
+
+    JSON allows escapes such as ``"\\ud800"`` that decode to no character at all; such a string cannot be encoded
+    as UTF-8, so it would fail much later (tokenising, hashing, writing results). Readers reject it up front.
+    """
+    if isinstance(value, str):
+        return (field or "(value)") if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = lone_surrogate(item, f"{field}.{key}" if field else str(key))
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = lone_surrogate(item, f"{field}[{i}]")
+            if found:
+                return found
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE_MESSAGE = "lone UTF-16 surrogate (an escape such as \\ud800 that is not a character)"
+
+
+def check_record(path: Path, line: int | None, record: object) -> None:
+    """Raises :class:`DataFormatError` naming the field when ``record`` holds a lone surrogate."""
+    field = lone_surrogate(record)
+    if field:
+        raise DataFormatError(path, line, SURROGATE_MESSAGE, field)
+
+
 def iter_records(path: str | Path) -> Iterator[tuple[int, object]]:
     """Yields ``(line, record)`` from a JSON Lines file or a JSON array (optionally gzipped).
 
     For a JSON array the line is where the element starts. Blank JSONL lines are ignored (they hold no record).
+    Lines are split at ``\\n`` only: U+2028 and friends are legal inside JSON strings.
 
     Raises:
-        DataFormatError: malformed JSON, invalid UTF-8 or a truncated gzip stream, with the line.
+        DataFormatError: malformed JSON, invalid UTF-8, a lone surrogate or a truncated gzip stream, with the
+            line (and the field, for a surrogate).
     """
     path = Path(path)
     text = read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
-        yield from _iter_json_array(path, text)
+        for line, record in _iter_json_array(path, text):
+            check_record(path, line, record)
+            yield line, record
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataFormatError(path, number, f"invalid JSON ({err.msg} at column {err.colno})") from err
+        check_record(path, number, record)
+        yield number, record
+
+
+def record_lines(path: str | Path) -> list[int]:
+    """The line on which each record of a JSON Lines file or JSON array starts (a record's row -> its line)."""
+    path = Path(path)
+    text = read_text(path)
+    if text.lstrip().startswith("["):
+        return [line for line, _ in _iter_json_array(path, text)]
+    return [number for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
 
 
 def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, object]]:
