@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
-import zlib
 import re
+import zlib
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path

@@ -220,11 +220,17 @@ def load_pair_dataset(
     return tables[0] if len(tables) == 1 else concatenate_datasets(tables)
 
 
+_PAIR_FIELDS = ["prompt", "prompt_messages", "chosen", "rejected", "subset", "id", "strength"]
+
+
 def pairs_from_dataset(dataset) -> list[PreferencePair]:
-    """The rows of a pair table as :class:`PreferencePair` records."""
-    cols = dataset.select_columns(["prompt", "prompt_messages", "chosen", "rejected", "subset", "id", "strength"])
+    """The rows of a pair table (a ``datasets.Dataset`` or a batch of its columns) as :class:`PreferencePair`."""
+    if not hasattr(dataset, "select_columns"):  # a batch: a mapping of column lists
+        rows = [dict(zip(_PAIR_FIELDS, values, strict=True)) for values in zip(*(dataset[k] for k in _PAIR_FIELDS), strict=True)]
+    else:
+        rows = dataset.select_columns(_PAIR_FIELDS).to_list()
     out = []
-    for row in cols.to_list():
+    for row in rows:
         prompt = row["prompt"] if row["prompt"] is not None else tuple(
             {"role": m["role"], "content": m["content"]} for m in row["prompt_messages"])
         out.append(PreferencePair(prompt=prompt, chosen=row["chosen"], rejected=row["rejected"], subset=row["subset"],
