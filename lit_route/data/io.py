@@ -16,9 +16,10 @@ BUNDLED_PREFIX = "bundled:"
 class DataFormatError(ValueError):
     """A record that cannot be read; the message names the file, the line and the field."""
 
-    def __init__(self, path: str | Path, line: int | None, message: str, field: str | None = None):
-        self.path, self.line, self.field = str(path), line, field
-        where = f"{path}:{line}" if line is not None else str(path)
+    def __init__(self, path: str | Path, line: int | None, message: str, field: str | None = None,
+                 row: int | None = None):
+        self.path, self.line, self.field, self.row = str(path), line, field, row
+        where = f"{path}:{line}" if line is not None else f"{path}: row {row}" if row is not None else str(path)
         what = f"field '{field}': " if field else ""
         super().__init__(f"{where}: {what}{message}")
 
@@ -34,6 +35,9 @@ def resolve_path(path: str | Path) -> Path:
         return resolved
     resolved = Path(text).expanduser()
     if not resolved.exists():
+        folder = Path(text.rsplit("#", 1)[0]).expanduser()
+        if "#" in text and folder.is_dir():  # `<dataset folder>#<split>`
+            return resolved
         raise FileNotFoundError(f"{text}: no such file")
     return resolved
 
@@ -101,7 +105,7 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, object]]:
     text = read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
-        for line, record in _iter_json_array(path, text):
+        for line, record in iter_json_array(path, text):
             check_record(path, line, record)
             yield line, record
         return
@@ -116,16 +120,7 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, object]]:
         yield number, record
 
 
-def record_lines(path: str | Path) -> list[int]:
-    """The line on which each record of a JSON Lines file or JSON array starts (a record's row -> its line)."""
-    path = Path(path)
-    text = read_text(path)
-    if text.lstrip().startswith("["):
-        return [line for line, _ in _iter_json_array(path, text)]
-    return [number for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
-
-
-def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, object]]:
+def iter_json_array(path: Path, text: str) -> Iterator[tuple[int, object]]:
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
     line = text.count("\n", 0, pos) + 1

@@ -143,9 +143,7 @@ def read_pair_table(path: Path, format: str = "auto", limit_rows: int | None = N
 
 
 def _error(path: Path, line, row, message: str, field_name) -> DataFormatError:
-    if line is None:
-        message = f"row {row}: {message}"
-    return DataFormatError(path, line, message, field_name)
+    return DataFormatError(path, line, message, field_name, row=row if line is None else None)
 
 
 def _check_file(path: Path, table, skip_invalid: bool, report: ReadReport):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from lit_route.data.io import DataFormatError, _iter_json_array, read_text, record_lines
+from lit_route.data.io import DataFormatError, iter_json_array, read_text
 
 log = logging.getLogger(__name__)
 
@@ -94,23 +93,32 @@ def read_table(path: str | Path):
         if not path.name.endswith(_JSON_SUFFIXES):
             raise DataFormatError(path, None, "unknown file type; expected .json, .jsonl (optionally .gz), .parquet "
                                               "or a dataset folder")
+        text = read_text(path)
+        if text.lstrip().startswith("["):
+            # a JSON array is parsed whole by either reader; Python's keeps every string as written (the Arrow
+            # path of `datasets` silently drops a lone surrogate from a JSON array) and knows each record's line
+            return None, None, _records(path, text)
         try:
             table = datasets.load_dataset("json", data_files=str(path), split="train")
-        except (datasets.exceptions.DatasetGenerationError, ValueError, EOFError, OSError, zlib.error) as err:
-            # mixed types, a syntax error, invalid UTF-8 or a lone surrogate: read it record by record, so the
-            # error (or, with skip_invalid, the skipped record) is named by its line
+        except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
+            # mixed types, a syntax error or a lone surrogate: read it record by record, so the error (or,
+            # with skip_invalid, the skipped record) is named by its line
             log.debug("%s: not one Arrow table (%s); reading record by record", path, err)
-            return None, None, _records(path)
-    lines = record_lines(path)
+            return None, None, _records(path, text)
+    lines = record_lines(text)
     if len(lines) != len(table):  # Arrow and the line reader disagree on what a record is: trust the latter
-        return None, None, _records(path)
+        return None, None, _records(path, text)
     return table, lines, None
 
 
-def _records(path: Path) -> list[tuple[int, object]]:
-    text = read_text(path)
+def record_lines(text: str) -> list[int]:
+    """The line of each record of a JSON Lines text (blank lines hold none)."""
+    return [number for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
+
+
+def _records(path: Path, text: str) -> list[tuple[int, object]]:
     if text.lstrip().startswith("["):  # a syntax error ends a JSON array: nothing after it can be trusted
-        return list(_iter_json_array(path, text))
+        return list(iter_json_array(path, text))
     out: list[tuple[int, object]] = []
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():

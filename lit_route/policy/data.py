@@ -86,7 +86,7 @@ def _prompt_only(path) -> list[list[dict]] | None:
                       list(range(len(records))))
     for line, row, error, field in zip(cols["line"], cols["row"], cols["error"], cols["error_field"], strict=True):
         if error is not None:
-            raise DataFormatError(path, line, error if line is not None else f"row {row}: {error}", field)
+            raise DataFormatError(path, line, error, field, row=row if line is None else None)
     return [[{"role": m["role"], "content": m["content"]} for m in messages] for messages in cols["messages"]]
 
 
