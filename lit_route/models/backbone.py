@@ -113,6 +113,13 @@ class LoraSpec:
         if model is not None and "fan_in_fan_out" not in options and _uses_conv1d(model):
             options["fan_in_fan_out"] = True  # GPT-2 stores its linear layers transposed (transformers' Conv1D)
         targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        if isinstance(targets, str) and layers is not None:
+            if targets != "all-linear":
+                raise ValueError("lora.top_layers: peft cannot limit a regular-expression target_modules to some "
+                                 "layers; write the layer indices into the expression instead")
+            # peft takes `all-linear` as a string, which it will not combine with layers_to_transform: name the
+            # linear layers of the transformer blocks instead (what `all-linear` selects there)
+            targets = _block_linear_names(model, pattern, n_layers)
         return LoraConfig(
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
             layers_to_transform=layers, layers_pattern=pattern if layers is not None else None,
@@ -126,6 +133,16 @@ def _layer_list_name(model: torch.nn.Module, n_layers: int) -> str:
         if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers and name:
             return name.rsplit(".", 1)[-1]
     raise ValueError("lora.layers_pattern: cannot find the list of transformer layers; name it")
+
+
+def _block_linear_names(model: torch.nn.Module, pattern: str, n_layers: int) -> list[str]:
+    names = set()
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        in_block = any(parts[i] == pattern and parts[i + 1].isdigit() for i in range(len(parts) - 1))
+        if in_block and _is_linear(module):
+            names.add(parts[-1])
+    return sorted(names)
 
 
 def _uses_conv1d(model: torch.nn.Module) -> bool:
