@@ -51,6 +51,7 @@ def test_killed_and_resumed_run_sees_what_an_uninterrupted_run_sees(tmp_path):
     assert last.exists(), sorted(p.name for p in (tmp_path / "killed" / "ckpt").iterdir())
     resumed = run(rloo_config(tmp_path, "killed", total, None), "--ckpt_path", str(last))
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    assert b"dataloader is not resumable" not in resumed.stderr
     expected = steps(tmp_path / "full.jsonl")
     got = steps(tmp_path / "killed.jsonl")
     assert len(expected) == 2 * total

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 class ResumableSampler(DistributedSampler):
@@ -46,3 +48,26 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return (self.total_size - self._start()) // self.num_replicas
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`ResumableSampler` whose position the owning datamodule keeps.
+
+    The datamodule counts what training consumed and restores it from the checkpoint before this loader is
+    built, so the sampler already starts at the right place; the state methods only tell Lightning that the
+    loader resumes mid-epoch (instead of warning that it does not).
+
+    Args:
+        position: Returns the datamodule's ``{"epoch", "consumed"}``.
+        *args, **kwargs: ``DataLoader`` arguments.
+    """
+
+    def __init__(self, *args, position: Callable[[], dict], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._position = position
+
+    def state_dict(self) -> dict:
+        return dict(self._position())
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing to do: the datamodule's own state (restored first) already placed the sampler."""

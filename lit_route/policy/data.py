@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from lit_route.data.adapters import RecordError
 from lit_route.data.io import SURROGATE_MESSAGE, DataFormatError, lone_surrogate, read_text, resolve_path
 from lit_route.data.readers import load_pairs
-from lit_route.data.sampler import ResumableSampler
+from lit_route.data.sampler import ResumableLoader, ResumableSampler
 from lit_route.data.tables import quiet_datasets, read_table
 
 log = logging.getLogger(__name__)
@@ -196,8 +196,8 @@ class PromptDataModule(L.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         self.sampler = ResumableSampler(self.items, num_replicas=world, rank=rank, seed=self.hparams.seed,
                                         skip=self.consumed, skip_epoch=self.epoch)
-        return DataLoader(self.items, batch_size=self.hparams.batch_size, sampler=self.sampler,
-                          collate_fn=self.collate, drop_last=True)
+        return ResumableLoader(self.items, batch_size=self.hparams.batch_size, sampler=self.sampler,
+                               collate_fn=self.collate, drop_last=True, position=self.state_dict)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.sampler is not None and (self.trainer is None or self.trainer.training):
