@@ -56,3 +56,19 @@ def test_killed_and_resumed_run_sees_what_an_uninterrupted_run_sees(tmp_path):
     got = steps(tmp_path / "killed.jsonl")
     assert len(expected) == 2 * total
     assert got == expected  # same prompts at the same steps: none replayed, none skipped
+
+
+def test_sampler_shards_disjointly_and_skips_what_was_consumed():
+    from lit_route.data.sampler import ResumableSampler
+
+    data = list(range(11))
+    ranks = [list(ResumableSampler(data, num_replicas=2, rank=r, seed=3)) for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1]) and len(ranks[0]) == len(ranks[1]) == 5  # 11 -> 10, evenly
+    order = [i for pair in zip(*ranks, strict=True) for i in pair]  # the shared permutation, interleaved
+    resumed = [ResumableSampler(data, num_replicas=2, rank=r, seed=3, skip=4, skip_epoch=0) for r in range(2)]
+    assert [i for pair in zip(*map(list, resumed), strict=True) for i in pair] == order[4:]
+    assert len(resumed[0]) == 3
+    for s in resumed:
+        s.set_epoch(1)  # a new epoch starts from its beginning, in a new order
+    epoch1 = [i for pair in zip(*map(list, resumed), strict=True) for i in pair]
+    assert len(epoch1) == 10 and len(set(epoch1)) == 10 and epoch1 != order
