@@ -146,12 +146,15 @@ def _error(path: Path, line, row, message: str, field_name) -> DataFormatError:
     return DataFormatError(path, line, message, field_name, row=row if line is None else None)
 
 
-def _check_file(path: Path, table, skip_invalid: bool, report: ReadReport):
-    """Raises (or, with ``skip_invalid``, records) error rows and duplicate ids; returns the good rows."""
+def _check_file(path: Path, table, skip_invalid: bool, report: ReadReport, limit: int | None = None):
+    """Raises (or, with ``skip_invalid``, records) error rows and duplicate ids up to the ``limit``-th good pair;
+    returns the good rows."""
     keep, seen = [], {}
     cols = table.select_columns(["line", "row", "id", "error", "error_field"]).to_dict()
     lines, rows, ids, errors = cols["line"], cols["row"], cols["id"], cols["error"]
     for i, message in enumerate(errors):
+        if limit is not None and len(keep) >= limit:
+            break
         err = None
         if message is not None:
             err = _error(path, lines[i], rows[i], message, cols["error_field"][i])
@@ -202,12 +205,10 @@ def load_pair_dataset(
         # every record holds at least one pair: the first `limit` records are enough, unless some are skipped
         file_report = ReadReport()
         table, truncated = read_pair_table(path, format, limit)
-        good = _check_file(path, table, skip_invalid, file_report)
+        good = _check_file(path, table, skip_invalid, file_report, limit)
         if truncated and len(good) < limit:
             file_report = ReadReport()
-            good = _check_file(path, read_pair_table(path, format)[0], skip_invalid, file_report)
-        if limit is not None and len(good) > limit:
-            good = good.select(range(limit))
+            good = _check_file(path, read_pair_table(path, format)[0], skip_invalid, file_report, limit)
         if not len(good):
             raise DataFormatError(path, None, "no preference pairs in this file")
         report.skipped.extend(file_report.skipped)
