@@ -22,7 +22,7 @@ commands:
                                     score pairs: d(chosen, rejected) and its uncertainty
   evaluate --config CONFIG          accuracy vs judge budget: uncertainty / random / margin / oracle routing
   rloo fit --config CONFIG          online RLHF with RLOO and uncertainty-routed rewards (LightningCLI)
-  export --ckpt CKPT --output DIR [--merge true]
+  export --ckpt CKPT --output_dir DIR [--merge true]
                                     a PM or policy checkpoint as peft adapters (+ head) in save_pretrained form
 
 Each command takes --help. Errors are one line; --debug (or LIT_ROUTE_DEBUG=1) shows the traceback.

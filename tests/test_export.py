@@ -63,7 +63,7 @@ def test_exported_pm_loads_with_transformers_peft_and_lit_route(pm_ckpt, tiny_mo
     module, encoder = load_preference_model(pm_ckpt)
     d_ckpt, u_ckpt = score_pairs(module, toy_pairs, encoder, batch_size=len(toy_pairs), progress=False)
     out = tmp_path / "pm_export"
-    main(["export", "--ckpt", str(pm_ckpt), "--output", str(out)])
+    main(["export", "--ckpt", str(pm_ckpt), "--output_dir", str(out)])
     names = {p.name for p in out.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors", "lit_route.json",
             "tokenizer.json"} <= names
@@ -92,7 +92,7 @@ def test_merged_pm_is_a_plain_transformers_model(pm_ckpt, tmp_path, toy_pairs):
     module, encoder = load_preference_model(pm_ckpt)
     d_ckpt, _ = score_pairs(module, toy_pairs, encoder, batch_size=len(toy_pairs), progress=False)
     out = tmp_path / "merged"
-    main(["export", "--ckpt", str(pm_ckpt), "--output", str(out), "--merge", "true"])
+    main(["export", "--ckpt", str(pm_ckpt), "--output_dir", str(out), "--merge", "true"])
     assert (out / "config.json").exists() and not (out / "adapter_config.json").exists()
     AutoModel.from_pretrained(out)
     loaded, enc2 = load_preference_model(out)
@@ -145,10 +145,10 @@ def test_exported_policy_gives_the_same_logprobs(tiny_model_dir, tmp_path):
     reference = logp(module.policy)
     assert torch.equal(logp(policy), reference)
     out = tmp_path / "policy"
-    main(["export", "--ckpt", str(ckpt), "--output", str(out)])
+    main(["export", "--ckpt", str(ckpt), "--output_dir", str(out)])
     exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
     assert torch.allclose(logp(exported), reference, atol=1e-5)  # same weights, same arithmetic
-    main(["export", "--ckpt", str(ckpt), "--output", str(tmp_path / "merged"), "--merge", "true"])
+    main(["export", "--ckpt", str(ckpt), "--output_dir", str(tmp_path / "merged"), "--merge", "true"])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert torch.allclose(logp(merged), reference, atol=1e-4)  # merged weights round differently
 
@@ -162,7 +162,7 @@ def test_evaluate_records_provenance_and_its_config(tmp_path):
     scores.write_text("".join(json.dumps({"id": p.id, "score": 0.1, "uncertainty": 1.0 + i}) + "\n"
                               for i, p in enumerate(pairs)))
     out = tmp_path / "eval"
-    main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm", "null", "--scores", str(scores),
+    main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm_ckpt", "null", "--scores", str(scores),
           "--data", "[bundled:llmbar/Adversarial-GPTOut.json]", "--limit_per_file", "5", "--output_dir", str(out)])
     record = json.loads((out / "results.json").read_text())["provenance"]
     data_file = resolve_path("bundled:llmbar/Adversarial-GPTOut.json")

@@ -155,12 +155,12 @@ def export_policy(ckpt: str | Path, output: str | Path, merge: bool = False) -> 
     return output
 
 
-def export(ckpt: str, output: str, merge: bool = False) -> dict:
+def export(ckpt: str, output_dir: str, merge: bool = False) -> dict:
     """Exports a lit-route checkpoint (preference model or RLOO policy) in ``save_pretrained`` form.
 
     Args:
         ckpt: A ``PreferenceModule`` (finalised, for uncertainties) or ``RLOOPolicyModule`` checkpoint.
-        output: The folder to write.
+        output_dir: The folder to write.
         merge: Merge the LoRA adapters into the base weights and save the whole model (for serving).
     """
     path = Path(ckpt)
@@ -168,7 +168,7 @@ def export(ckpt: str, output: str, merge: bool = False) -> dict:
         raise FileNotFoundError(f"ckpt: {ckpt} does not exist")
     raw = torch.load(path, map_location="cpu", weights_only=False)
     kind = "preference_model" if "head" in raw.get("lit_route", {}) else "policy"
-    folder = export_pm(path, output, merge) if kind == "preference_model" else export_policy(path, output, merge)
+    folder = (export_pm if kind == "preference_model" else export_policy)(path, output_dir, merge)
     config = json.loads((folder / EXPORT_CONFIG).read_text())
     summary = {"kind": kind, "weights": config["weights"], "output": str(folder),
                "files": sorted(p.name for p in folder.iterdir())}
@@ -177,7 +177,7 @@ def export(ckpt: str, output: str, merge: bool = False) -> dict:
 
 
 def export_cli(args: list[str]) -> dict:
-    """``lit-route export --ckpt CKPT --output DIR [--merge true]``."""
+    """``lit-route export --ckpt CKPT --output_dir DIR [--merge true]``."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog="lit-route export", parser_mode="omegaconf", default_env=False,
