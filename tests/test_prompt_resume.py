@@ -24,7 +24,7 @@ def rloo_config(tmp: Path, name: str, max_steps: int, kill_at: int | None) -> Pa
     if kill_at is not None:
         trainer["callbacks"].append({"class_path": "prompt_log.KillAt", "init_args": {"step": kill_at}})
     config["model"]["generation"]["max_new_tokens"] = 2
-    config["data"].update(limit=8, batch_size=2)  # 4 steps per epoch: the run crosses an epoch boundary
+    config["data"].update(limit=6, batch_size=2)  # 3 steps per epoch: the run crosses an epoch boundary
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -42,7 +42,7 @@ def steps(path: Path) -> list[tuple[int, str]]:
 
 
 def test_killed_and_resumed_run_sees_what_an_uninterrupted_run_sees(tmp_path):
-    total, kill_at = 7, 5  # killed in the second epoch, its step-6 batch already prefetched
+    total, kill_at = 5, 4  # killed in the second epoch, its step-5 batch already prefetched
     full = run(rloo_config(tmp_path, "full", total, None))
     assert full.returncode == 0, full.stderr.decode()[-2000:]
     killed = run(rloo_config(tmp_path, "killed", total, kill_at))

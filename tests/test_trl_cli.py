@@ -25,7 +25,7 @@ def test_trl_preference_and_prompt_sets_train_through_the_cli(tmp_path, tiny_mod
           "--model.backbone.model_path", str(tiny_model_dir), "--data.val_fraction", "0.2",
           "--data.train", json.dumps([str(tmp_path / "explicit.parquet"), str(tmp_path / "implicit"),
                                       str(tmp_path / "more.jsonl")])])
-    (ckpt,) = root.rglob("finalized.ckpt")
+    ckpt = next(root.rglob("finalized.ckpt"))
     import torch
 
     state = torch.load(ckpt, weights_only=False)
