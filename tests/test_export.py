@@ -187,3 +187,12 @@ def test_provenance_redacts_secret_options(tmp_path):
     assert record["init_args"] == {"model": "m", "api_key": "<redacted>", "api_key_env": "MY_KEY",
                                    "max_tokens": 5, "hf_token": "<redacted>"}
     assert "SECRET" not in json.dumps(provenance(judge=MyJudge(api_key="sk-SECRET"), config={"token": "SECRET"}))
+
+
+def test_export_of_a_foreign_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "not.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit):
+        main(["export", "--ckpt", str(bad), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lit-route: error: ckpt:") and "not a readable checkpoint" in err and "\n" not in err

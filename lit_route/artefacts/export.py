@@ -166,8 +166,13 @@ def export(ckpt: str, output_dir: str, merge: bool = False) -> dict:
     path = Path(ckpt)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt: {ckpt} does not exist")
-    raw = torch.load(path, map_location="cpu", weights_only=False)
-    kind = "preference_model" if "head" in raw.get("lit_route", {}) else "policy"
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # pickle, zip and EOF errors all mean the same to a user
+        raise ValueError(f"ckpt: {ckpt} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(raw, dict) or "lit_route" not in raw:
+        raise ValueError(f"ckpt: {ckpt} is not a lit-route checkpoint (written by `pm fit` or `rloo fit`)")
+    kind = "preference_model" if "head" in raw["lit_route"] else "policy"
     folder = (export_pm if kind == "preference_model" else export_policy)(path, output_dir, merge)
     config = json.loads((folder / EXPORT_CONFIG).read_text())
     summary = {"kind": kind, "weights": config["weights"], "output": str(folder),
