@@ -100,12 +100,9 @@ def read_prompts(path: str, first_turn_only: bool = False) -> list[list[dict]]:
     """
     resolved = resolve_path(path)
     if resolved.suffix == ".txt":
-        prompts = []
-        for number, line in enumerate(read_text(resolved).split("\n"), start=1):
-            if line.strip():
-                if lone_surrogate(line):
-                    raise DataFormatError(resolved, number, SURROGATE_MESSAGE)
-                prompts.append([{"role": "user", "content": line.rstrip("\r")}])
+        # UTF-8 cannot encode a lone surrogate: read_text rejects one as invalid UTF-8, naming the line
+        lines = read_text(resolved).split("\n")
+        prompts = [[{"role": "user", "content": line.rstrip("\r")}] for line in lines if line.strip()]
     else:
         prompts = _prompt_only(resolved)
         if prompts is None:
