@@ -22,6 +22,8 @@ commands:
                                     score pairs: d(chosen, rejected) and its uncertainty
   evaluate --config CONFIG          accuracy vs judge budget: uncertainty / random / margin / oracle routing
   rloo fit --config CONFIG          online RLHF with RLOO and uncertainty-routed rewards (LightningCLI)
+  export --ckpt CKPT --output_dir DIR [--merge true]
+                                    a PM or policy checkpoint as peft adapters (+ head) in save_pretrained form
 
 Each command takes --help. Errors are one line; --debug (or LIT_ROUTE_DEBUG=1) shows the traceback.
 """
@@ -236,6 +238,10 @@ def _dispatch(argv: list[str]) -> None:
         pm_cli(rest)
     elif command == "rloo":
         rloo_cli(rest)
+    elif command == "export":
+        from lit_route.artefacts.export import export_cli
+
+        export_cli(rest)
     elif command == "evaluate":
         from lit_route.eval.run import evaluate_cli
 

@@ -1,6 +1,8 @@
-"""Datasets: readers for each preference format, pair encoding, DataModules."""
+"""Datasets: loading through Hugging Face ``datasets``, format adapters, pair encoding, DataModules."""
 
+from lit_route.data.adapters import FORMATS, detect_format
 from lit_route.data.io import DataFormatError, resolve_path
-from lit_route.data.readers import FORMATS, ReadReport, load_pairs
+from lit_route.data.readers import ReadReport, load_pair_dataset, load_pairs, pairs_from_dataset
 
-__all__ = ["FORMATS", "DataFormatError", "ReadReport", "load_pairs", "resolve_path"]
+__all__ = ["FORMATS", "DataFormatError", "ReadReport", "detect_format", "load_pair_dataset", "load_pairs",
+           "pairs_from_dataset", "resolve_path"]

@@ -11,25 +11,81 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lit_route.data.encoding import PairEncoder, pad_batch
-from lit_route.data.readers import ReadReport, load_pairs
-from lit_route.types import PreferencePair
+from lit_route.data.readers import ReadReport, load_pair_dataset, pairs_from_dataset
+from lit_route.data.tables import quiet_datasets
 
 log = logging.getLogger(__name__)
 
 
+class PairEncodeFn:
+    """``Dataset.map`` function (batched): pair rows -> the token ids of both orders, cached by ``datasets``.
+
+    Holds only what decides the output (tokenizer, length, template, mode), so that its fingerprint, and so the
+    cache entry, changes exactly when one of them does.
+    """
+
+    def __init__(self, tokenizer, max_length: int, template: str, mode: str):
+        self.tokenizer, self.max_length, self.template, self.mode = tokenizer, max_length, template, mode
+        self._encoder: PairEncoder | None = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_encoder"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _encoder=None)
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        if self._encoder is None:
+            self._encoder = PairEncoder(self.tokenizer, self.max_length, self.template, self.mode)
+        out: dict[str, list] = {"ab": [], "ba": [], "truncated": []}
+        for pair in pairs_from_dataset(batch):
+            ab, ba = self._encoder.encode_both(pair)
+            out["ab"].append(ab.input_ids)
+            out["ba"].append(ba.input_ids)
+            out["truncated"].append(int(ab.truncated) + int(ba.truncated))
+        return out
+
+
 class EncodedPairs(Dataset):
     """Each item is one pair as its two sequences: ``(x, chosen, rejected)`` and ``(x, rejected, chosen)``
-    (pairwise), or ``(x, chosen)`` and ``(x, rejected)`` (pointwise); plus the loss weight."""
+    (pairwise), or ``(x, chosen)`` and ``(x, rejected)`` (pointwise); plus the loss weight.
 
-    def __init__(self, pairs: Sequence[PreferencePair], encoder: PairEncoder, use_strength: bool = False):
-        before = encoder.n_truncated
-        self.items = []
-        for pair in pairs:
-            ab, ba = encoder.encode_both(pair)
-            weight = pair.strength if (use_strength and pair.strength is not None) else 1.0
-            self.items.append((ab.input_ids, ba.input_ids, weight))
-        self.n_truncated = encoder.n_truncated - before
-        self.pairs = list(pairs)
+    Args:
+        pairs: A pair table from :func:`~lit_route.data.readers.load_pair_dataset` (encoded with a cached
+            ``Dataset.map``) or a list of :class:`PreferencePair`.
+        encoder: The pair encoder (its tokenizer, length, template and mode).
+        use_strength: Weight each pair by its preference strength (1 when absent).
+    """
+
+    def __init__(self, pairs, encoder: PairEncoder, use_strength: bool = False):
+        if isinstance(pairs, Sequence):
+            from datasets import Dataset as HFDataset
+
+            from lit_route.data.readers import pair_features
+
+            rows: dict[str, list] = {name: [] for name in pair_features()}
+            for pair in pairs:
+                text = isinstance(pair.prompt, str)
+                rows["prompt"].append(pair.prompt if text else None)
+                rows["prompt_messages"].append(None if text else list(pair.prompt))
+                for key in ("chosen", "rejected", "subset", "id", "strength"):
+                    rows[key].append(getattr(pair, key))
+                for key in ("line", "row", "error", "error_field"):
+                    rows[key].append(None)
+            pairs = HFDataset.from_dict(rows, features=pair_features())
+        fn = PairEncodeFn(encoder.tokenizer, encoder.max_length, encoder.template, encoder.mode)
+        with quiet_datasets():
+            encoded = pairs.map(fn, batched=True, remove_columns=pairs.column_names)
+        strengths = pairs["strength"][:] if use_strength else [None] * len(pairs)
+        self.items = [
+            (ab, ba, s if s is not None else 1.0)
+            for ab, ba, s in zip(encoded["ab"][:], encoded["ba"][:], strengths, strict=True)
+        ]
+        self.n_truncated = sum(encoded["truncated"][:])
+        self.n_encoded = 2 * len(self.items)
+        encoder.n_truncated += self.n_truncated
+        encoder.n_encoded += self.n_encoded
+        self.pairs = pairs
 
     def __len__(self) -> int:
         return len(self.items)
@@ -98,9 +154,9 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_set: EncodedPairs | None = None
         self.tokenizer = None
 
-    def _load(self, paths) -> list[PreferencePair]:
+    def _load(self, paths):
         report = ReadReport()
-        pairs = load_pairs(paths, self.hparams.format, self.hparams.skip_invalid, self.hparams.limit_per_file, report)
+        pairs = load_pair_dataset(paths, self.hparams.format, self.hparams.skip_invalid, self.hparams.limit_per_file, report)
         for path, n in report.pairs_per_file.items():
             log.info("read %d pairs from %s", n, path)
         if report.skipped:
@@ -118,21 +174,21 @@ class PreferenceDataModule(L.LightningDataModule):
         if model_mode != hp.mode:
             raise ValueError(f"data.mode={hp.mode!r} but model.mode={model_mode!r}; set both to the same value")
         encoder = PairEncoder(self.tokenizer, hp.max_length, hp.template, hp.mode)
-        train = self._load(hp.train) if hp.train else []
-        val = self._load(hp.val) if hp.val else []
+        train = self._load(hp.train) if hp.train else None
+        val = self._load(hp.val) if hp.val else None
         if train and not val and hp.val_fraction > 0:
             idx = list(range(len(train)))
             random.Random(hp.seed).shuffle(idx)
             n_val = max(1, round(len(train) * hp.val_fraction))
-            val = [train[i] for i in sorted(idx[:n_val])]
-            train = [train[i] for i in sorted(idx[n_val:])]
+            val = train.select(sorted(idx[:n_val]))
+            train = train.select(sorted(idx[n_val:]))
         if train:
             self.train_set = EncodedPairs(train, encoder, hp.use_strength)
         if val:
             self.val_set = EncodedPairs(val, encoder)
         log.info(
-            "pairs: %d train, %d val; %d of %d encoded pairs truncated to %d tokens",
-            len(train), len(val), encoder.n_truncated, encoder.n_encoded, hp.max_length,
+            "pairs: %d train, %d val; %d of %d encoded sequences truncated to %d tokens",
+            len(train or []), len(val or []), encoder.n_truncated, encoder.n_encoded, hp.max_length,
         )
         self.n_truncated, self.n_encoded = encoder.n_truncated, encoder.n_encoded
 

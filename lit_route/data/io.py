@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import zlib
 from collections.abc import Iterator
 from importlib import resources
@@ -15,9 +16,10 @@ BUNDLED_PREFIX = "bundled:"
 class DataFormatError(ValueError):
     """A record that cannot be read; the message names the file, the line and the field."""
 
-    def __init__(self, path: str | Path, line: int | None, message: str, field: str | None = None):
-        self.path, self.line, self.field = str(path), line, field
-        where = f"{path}:{line}" if line is not None else str(path)
+    def __init__(self, path: str | Path, line: int | None, message: str, field: str | None = None,
+                 row: int | None = None):
+        self.path, self.line, self.field, self.row = str(path), line, field, row
+        where = f"{path}:{line}" if line is not None else f"{path}: row {row}" if row is not None else str(path)
         what = f"field '{field}': " if field else ""
         super().__init__(f"{where}: {what}{message}")
 
@@ -33,6 +35,9 @@ def resolve_path(path: str | Path) -> Path:
         return resolved
     resolved = Path(text).expanduser()
     if not resolved.exists():
+        folder = Path(text.rsplit("#", 1)[0]).expanduser()
+        if "#" in text and folder.is_dir():  # `<dataset folder>#<split>`
+            return resolved
         raise FileNotFoundError(f"{text}: no such file")
     return resolved
 
@@ -54,30 +59,68 @@ def read_text(path: Path) -> str:
         raise DataFormatError(path, line, f"invalid UTF-8 at byte {err.start}") from err
 
 
+def lone_surrogate(value: object, field: str = "") -> str | None:
+    """The field path (``prompt[0].content``) of the first string holding a lone UTF-16 surrogate, else ``None``.
+
+    JSON allows escapes such as ``"\\ud800"`` that decode to no character at all; such a string cannot be encoded
+    as UTF-8, so it would fail much later (tokenising, hashing, writing results). Readers reject it up front.
+    """
+    if isinstance(value, str):
+        return (field or "(value)") if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = lone_surrogate(item, f"{field}.{key}" if field else str(key))
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = lone_surrogate(item, f"{field}[{i}]")
+            if found:
+                return found
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE_MESSAGE = "lone UTF-16 surrogate (an escape such as \\ud800 that is not a character)"
+
+
+def check_record(path: Path, line: int | None, record: object) -> None:
+    """Raises :class:`DataFormatError` naming the field when ``record`` holds a lone surrogate."""
+    field = lone_surrogate(record)
+    if field:
+        raise DataFormatError(path, line, SURROGATE_MESSAGE, field)
+
+
 def iter_records(path: str | Path) -> Iterator[tuple[int, object]]:
     """Yields ``(line, record)`` from a JSON Lines file or a JSON array (optionally gzipped).
 
     For a JSON array the line is where the element starts. Blank JSONL lines are ignored (they hold no record).
+    Lines are split at ``\\n`` only: U+2028 and friends are legal inside JSON strings.
 
     Raises:
-        DataFormatError: malformed JSON, invalid UTF-8 or a truncated gzip stream, with the line.
+        DataFormatError: malformed JSON, invalid UTF-8, a lone surrogate or a truncated gzip stream, with the
+            line (and the field, for a surrogate).
     """
     path = Path(path)
     text = read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
-        yield from _iter_json_array(path, text)
+        for line, record in iter_json_array(path, text):
+            check_record(path, line, record)
+            yield line, record
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataFormatError(path, number, f"invalid JSON ({err.msg} at column {err.colno})") from err
+        check_record(path, number, record)
+        yield number, record
 
 
-def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, object]]:
+def iter_json_array(path: Path, text: str) -> Iterator[tuple[int, object]]:
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
     line = text.count("\n", 0, pos) + 1

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lit_route.artefacts.provenance import provenance
 from lit_route.checks import check_choice, check_fraction, check_nonnegative
 from lit_route.data.readers import load_pairs
 from lit_route.eval.cascade import cascade_report
@@ -205,6 +206,7 @@ def evaluate(
             "mean_uncertainty": [_mean(u[decile_of == i]) for i in range(10)],
         },
         "by_subset": by_subset,
+        "provenance": provenance(pm_ckpt=pm_ckpt, data=data, judge=judge, scores=scores),
     }
     groups = _difficulty_groups(subsets)
     if groups:
@@ -276,6 +278,8 @@ def evaluate_cli(args: list[str], run: bool = True):
     cfg = parser.parse_args(args)
     if not run:
         return cfg
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    parser.save(cfg, str(Path(cfg.output_dir) / "config.yaml"), overwrite=True)
     init = parser.instantiate(cfg)
     kwargs = {k: v for k, v in init.items() if k not in ("config", "__path__")}
     return evaluate(**kwargs)

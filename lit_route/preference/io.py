@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -11,7 +10,8 @@ from lit_route.data.encoding import PairEncoder
 
 
 def load_preference_model(ckpt: str | Path, device: str = "cpu"):
-    """Loads a ``PreferenceModule`` checkpoint (base weights come from the recorded ``model_path``).
+    """Loads a ``PreferenceModule`` checkpoint (base weights come from the recorded ``model_path``), or a
+    folder written by ``lit-route export``.
 
     Returns:
         ``(module, encoder)``: the module in eval mode on ``device`` and a :class:`PairEncoder` with the
@@ -22,6 +22,10 @@ def load_preference_model(ckpt: str | Path, device: str = "cpu"):
     ckpt = Path(ckpt)
     if not ckpt.exists():
         raise FileNotFoundError(f"pm_ckpt: {ckpt} does not exist")
+    if ckpt.is_dir():
+        from lit_route.artefacts.export import load_exported_pm
+
+        return load_exported_pm(ckpt, device)
     try:
         raw = torch.load(ckpt, map_location="cpu", weights_only=False)
     except Exception as err:  # pickle, zip and EOF errors all mean the same to a user
@@ -29,10 +33,7 @@ def load_preference_model(ckpt: str | Path, device: str = "cpu"):
     if not isinstance(raw, dict) or "lit_route" not in raw or "state_dict" not in raw:
         raise ValueError(f"pm_ckpt: {ckpt} is not a lit-route preference-model checkpoint (written by `lit-route pm fit`)")
     # hparams hold the config dataclasses; the file is the user's own training output
-    with warnings.catch_warnings():
-        # the frozen base weights are absent from the checkpoint by design; they come from model_path
-        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict")
-        module = PreferenceModule.load_from_checkpoint(ckpt, map_location=device, weights_only=False)
+    module = PreferenceModule.load_from_checkpoint(ckpt, map_location=device, weights_only=False)
     module.eval()
     data_hp = raw.get("datamodule_hyper_parameters", {})
     encoder = PairEncoder(module.tokenizer, data_hp.get("max_length", 1024), data_hp.get("template", "auto"),

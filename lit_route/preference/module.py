@@ -205,6 +205,16 @@ class PreferenceModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in kept}
         checkpoint["lit_route"] = {"base_model": describe(self.backbone_spec), "head": self.head_kind}
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Loads a checkpoint's tensors; the frozen base weights it leaves out by design are not "missing"
+        (they come from ``backbone.model_path``), so neither ``strict`` nor Lightning's report counts them."""
+        keys = super().load_state_dict(state_dict, strict=False, assign=assign)
+        kept = self._kept_keys()
+        missing = [k for k in keys.missing_keys if k in kept]
+        if strict and (missing or keys.unexpected_keys):
+            raise RuntimeError(f"state dict: missing {missing[:5]}, unexpected {keys.unexpected_keys[:5]}")
+        return type(keys)(missing, keys.unexpected_keys)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         missing = self._kept_keys() - set(checkpoint["state_dict"])
         if missing:

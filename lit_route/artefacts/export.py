@@ -1,0 +1,193 @@
+"""``lit-route export``: a PM or policy checkpoint as a folder that transformers, peft and lit-route all load.
+
+A preference model becomes::
+
+    adapter_config.json, adapter_model.safetensors   the LoRA adapters (peft ``save_pretrained``)
+      or config.json, model.safetensors              the whole backbone (``merge: true``, or trained without LoRA)
+    head.safetensors                                 the head: weights, random features, GP precision/covariance
+    lit_route.json                                   how to rebuild it: head options, mode, encoder, base model
+    tokenizer files
+
+and a policy the same without the head (``merge: true`` gives a plain causal LM folder that any transformers
+user or server loads). Load an exported PM with :func:`load_exported_pm` (or pass the folder wherever lit-route
+takes a PM checkpoint), or by hand::
+
+    base = AutoModel.from_pretrained(BASE)                    # lit_route.json: base_model
+    backbone = PeftModel.from_pretrained(base, FOLDER)
+    head = build_head(**config["head"]).eval()                # eval before loading: see load_exported_pm
+    head.load_state_dict(load_file(FOLDER / "head.safetensors"))
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from lit_route.models.backbone import (
+    BackboneSpec,
+    apply_lora,
+    describe,
+    load_backbone,
+    load_tokenizer,
+    resolve_model_dir,
+)
+
+EXPORT_CONFIG = "lit_route.json"
+HEAD_FILE = "head.safetensors"
+
+
+def _base_model_entry(spec: BackboneSpec) -> dict:
+    """Where the base weights are, as transformers wants them (a folder, plus the GGUF file name if any)."""
+    entry = describe(spec)
+    if not spec.model_path.startswith("builtin:"):
+        entry["path"] = resolve_model_dir(spec.model_path)
+    return entry
+
+
+def _save_backbone(backbone, output: Path, merge: bool, spec: BackboneSpec) -> str:
+    from peft import PeftModel
+
+    if isinstance(backbone, PeftModel) and not merge:
+        backbone.save_pretrained(output)
+        config_path = output / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = _base_model_entry(spec).get("path", spec.model_path)
+        config_path.write_text(json.dumps(config, indent=2))
+        return "adapter"
+    model = backbone.merge_and_unload() if isinstance(backbone, PeftModel) else backbone
+    model.save_pretrained(output)
+    return "merged" if isinstance(backbone, PeftModel) else "full"
+
+
+def export_pm(ckpt: str | Path, output: str | Path, merge: bool = False) -> Path:
+    """Exports a ``PreferenceModule`` checkpoint (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    from lit_route.preference.io import load_preference_model
+
+    module, encoder = load_preference_model(ckpt)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    hp = module.hparams
+    weights = _save_backbone(module.backbone, output, merge, module.backbone_spec)
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.head.state_dict().items()}, output / HEAD_FILE)
+    module.tokenizer.save_pretrained(output)
+    head_kwargs = asdict(hp.sngp) if module.head_kind == "sngp" else {}
+    config = {
+        "kind": "preference_model",
+        "weights": weights,  # adapter | merged | full
+        "base_model": _base_model_entry(module.backbone_spec),
+        "backbone": asdict(module.backbone_spec),
+        "head": {"kind": module.head_kind, "in_features": _hidden_size(module.backbone), **head_kwargs},
+        "mode": module.mode,
+        "encoder": {"max_length": encoder.max_length, "template": encoder.template},
+        "source_checkpoint": str(ckpt),
+    }
+    (output / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+    return output
+
+
+def _hidden_size(backbone) -> int:
+    return backbone.config.get_text_config().hidden_size
+
+
+def load_exported_pm(folder: str | Path, device: str = "cpu"):
+    """An exported PM folder -> ``(PreferenceModule, PairEncoder)``, as ``load_preference_model`` returns them."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from lit_route.data.encoding import PairEncoder
+    from lit_route.preference.module import PreferenceModule, SNGPConfig
+
+    folder = Path(folder)
+    config = json.loads((folder / EXPORT_CONFIG).read_text())
+    if config.get("kind") != "preference_model":
+        raise ValueError(f"{folder}: not an exported preference model (kind={config.get('kind')!r})")
+    spec = BackboneSpec(**config["backbone"])
+    if config["weights"] != "adapter":  # the folder holds the whole backbone
+        spec = BackboneSpec(model_path=str(folder), dtype=spec.dtype)
+    head = dict(config["head"])
+    kind = head.pop("kind")
+    head.pop("in_features")
+    module = PreferenceModule(backbone=spec, lora=None, head=kind, sngp=SNGPConfig(**head) if kind == "sngp" else None,
+                              freeze_backbone=True, mode=config["mode"])
+    if config["weights"] == "adapter":
+        module.backbone = PeftModel.from_pretrained(module.backbone, folder)
+    # eval mode first: leaving train mode refreshes the spectral-norm estimate, which must come from the file
+    module.eval()
+    module.head.load_state_dict(load_file(folder / HEAD_FILE))
+    module.requires_grad_(False).to(device)
+    encoder = PairEncoder(module.tokenizer, config["encoder"]["max_length"], config["encoder"]["template"], module.mode)
+    return module, encoder
+
+
+def load_policy_checkpoint(ckpt: str | Path):
+    """The policy of an ``RLOOPolicyModule`` checkpoint, rebuilt from its base model and trained tensors only
+    (the reward PM it was trained against is not loaded)."""
+    raw = torch.load(ckpt, map_location="cpu", weights_only=False)
+    hp = raw["hyper_parameters"]
+    spec = hp.get("policy") or BackboneSpec()
+    policy = load_backbone(spec, causal_lm=True)
+    if hp.get("lora") is not None:
+        policy = apply_lora(policy, hp["lora"])
+    state = {k[len("policy."):]: v for k, v in raw["state_dict"].items() if k.startswith("policy.")}
+    trained = {n for n, p in policy.named_parameters() if p.requires_grad}
+    missing = trained - set(state)
+    if missing:
+        raise KeyError(f"{ckpt}: lacks {len(missing)} trained policy tensors, e.g. {sorted(missing)[:3]}")
+    policy.load_state_dict(state, strict=False)
+    return policy.eval(), spec
+
+
+def export_policy(ckpt: str | Path, output: str | Path, merge: bool = False) -> Path:
+    """Exports an ``RLOOPolicyModule`` checkpoint: adapters, or (``merge``) a plain causal-LM folder."""
+    policy, spec = load_policy_checkpoint(ckpt)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    weights = _save_backbone(policy, output, merge, spec)
+    load_tokenizer(spec).save_pretrained(output)
+    config = {"kind": "policy", "weights": weights, "base_model": _base_model_entry(spec),
+              "backbone": asdict(spec), "source_checkpoint": str(ckpt)}
+    (output / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+    return output
+
+
+def export(ckpt: str, output_dir: str, merge: bool = False) -> dict:
+    """Exports a lit-route checkpoint (preference model or RLOO policy) in ``save_pretrained`` form.
+
+    Args:
+        ckpt: A ``PreferenceModule`` (finalised, for uncertainties) or ``RLOOPolicyModule`` checkpoint.
+        output_dir: The folder to write.
+        merge: Merge the LoRA adapters into the base weights and save the whole model (for serving).
+    """
+    path = Path(ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt: {ckpt} does not exist")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # pickle, zip and EOF errors all mean the same to a user
+        raise ValueError(f"ckpt: {ckpt} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(raw, dict) or "lit_route" not in raw:
+        raise ValueError(f"ckpt: {ckpt} is not a lit-route checkpoint (written by `pm fit` or `rloo fit`)")
+    kind = "preference_model" if "head" in raw["lit_route"] else "policy"
+    folder = (export_pm if kind == "preference_model" else export_policy)(path, output_dir, merge)
+    config = json.loads((folder / EXPORT_CONFIG).read_text())
+    summary = {"kind": kind, "weights": config["weights"], "output": str(folder),
+               "files": sorted(p.name for p in folder.iterdir())}
+    print(json.dumps(summary))
+    return summary
+
+
+def export_cli(args: list[str]) -> dict:
+    """``lit-route export --ckpt CKPT --output_dir DIR [--merge true]``."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="lit-route export", parser_mode="omegaconf", default_env=False,
+                            description=export.__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(export, as_positional=False)
+    cfg = parser.parse_args(args)
+    return export(**{k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__")})
