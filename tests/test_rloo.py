@@ -128,3 +128,14 @@ def test_bad_rloo_options_fail_at_construction_naming_the_option(kwargs, match):
     base = dict(policy=BackboneSpec(), pm_backbone=BackboneSpec())
     with pytest.raises(ValueError, match=f"^{match}"):
         RLOOPolicyModule(**{**base, **kwargs})
+
+
+def test_loading_a_policy_checkpoint_reports_no_frozen_weight_missing(tmp_path, recwarn):
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1)
+    module, _ = build(tmp_path, [ckpt_cb], max_steps=1)
+    (saved,) = (tmp_path / "ckpt").glob("*.ckpt")
+    recwarn.clear()
+    loaded = RLOOPolicyModule.load_from_checkpoint(saved, weights_only=False)
+    assert not [w for w in recwarn if "not in the checkpoint" in str(w.message) or "missing" in str(w.message).lower()]
+    a, b = lora_state(module), lora_state(loaded)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -197,8 +197,20 @@ class RLOOPolicyModule(L.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.hparams.lr)
 
+    def _kept_keys(self) -> set[str]:
+        return {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Loads a checkpoint's trained tensors; the frozen base (and reference) weights it leaves out by design
+        come from ``policy.model_path`` and are not reported missing."""
+        keys = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in keys.missing_keys if k in self._kept_keys()]
+        if strict and (missing or keys.unexpected_keys):
+            raise RuntimeError(f"state dict: missing {missing[:5]}, unexpected {keys.unexpected_keys[:5]}")
+        return type(keys)(missing, keys.unexpected_keys)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+        trainable = self._kept_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["lit_route"] = {"base_model": describe(self.policy_spec), "pm_ckpt": self.hparams.pm_ckpt}
 
