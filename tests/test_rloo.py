@@ -97,7 +97,7 @@ def test_logprobs_are_those_of_the_distribution_that_was_sampled():
     model = load_backbone(BackboneSpec(model_path="builtin:tiny-llama"), causal_lm=True).eval()
     prompt = torch.randint(3, 200, (2, 5))
     mask = torch.ones_like(prompt)
-    config = GenerationConfig(num_samples=2, max_new_tokens=6, temperature=0.5)
+    config = GenerationConfig(num_samples=2, max_new_tokens=6, temperature=0.5, engine="hf")
     torch.manual_seed(1)
     out = model.generate(input_ids=prompt.repeat_interleave(2, 0), attention_mask=mask.repeat_interleave(2, 0),
                          do_sample=True, temperature=0.5, top_p=1.0, top_k=0, max_new_tokens=6, eos_token_id=[],
@@ -139,3 +139,41 @@ def test_loading_a_policy_checkpoint_reports_no_frozen_weight_missing(tmp_path, 
     assert not [w for w in recwarn if "not in the checkpoint" in str(w.message) or "missing" in str(w.message).lower()]
     a, b = lora_state(module), lora_state(loaded)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.8)])
+def test_lean_decoding_samples_the_warped_distribution(top_k, top_p):
+    """The lean loop's cached logits equal a whole forward's, and its draws follow the warped distribution."""
+    from lit_route.models.backbone import load_backbone
+    from lit_route.policy.decode import lean_generate, warp
+    from lit_route.policy.sampling import sequence_inputs
+
+    torch.manual_seed(0)
+    model = load_backbone(BackboneSpec(model_path="builtin:tiny-llama"), causal_lm=True).eval()
+    prompt = torch.randint(3, 200, (3, 6))
+    mask = torch.ones_like(prompt)
+    mask[0, :2] = 0  # a left-padded row
+    comps = lean_generate(model, prompt, mask, 8, 0.7, top_k, top_p, eos_ids=[], pad_id=0)
+    assert comps.shape == (3, 8)
+    with torch.no_grad():
+        logits = model(**sequence_inputs(prompt, mask, comps, torch.ones_like(comps, dtype=torch.float))).logits
+    warped = warp(logits[:, prompt.shape[1] - 1 : -1].reshape(-1, logits.shape[-1]), 0.7, top_k, top_p)
+    drawn = warped.gather(-1, comps.reshape(-1, 1))
+    assert torch.isfinite(drawn).all()  # every drawn token survives top-k / top-p of a whole forward's logits
+    if top_k:
+        assert ((warped > -torch.inf).sum(-1) == top_k).all()
+
+
+def test_lean_decoding_stops_rows_at_eos_and_pads_after():
+    from lit_route.models.backbone import load_backbone
+    from lit_route.policy.decode import lean_generate
+
+    torch.manual_seed(0)
+    model = load_backbone(BackboneSpec(model_path="builtin:tiny-llama"), causal_lm=True).eval()
+    prompt = torch.randint(3, 200, (4, 5))
+    eos = list(range(3, 130))  # about half the vocabulary ends a row: rows end early, at different steps
+    comps = lean_generate(model, prompt, torch.ones_like(prompt), 12, 1.0, 0, 1.0, eos_ids=eos, pad_id=0)
+    for row in comps.tolist():
+        ends = [i for i, t in enumerate(row) if t in eos]
+        if ends:
+            assert all(t == 0 for t in row[ends[0] + 1 :])

@@ -222,6 +222,7 @@ def _check_options(generation, beta, kl_estimator, updates_per_batch, clip_eps, 
     check_nonnegative("generation.max_new_tokens", generation.max_new_tokens, integer=True, positive=True)
     check_nonnegative("generation.temperature", generation.temperature, positive=True)
     check_nonnegative("generation.top_k", generation.top_k, integer=True)
+    check_choice("generation.engine", generation.engine, ("lean", "hf"))
     if not 0 < generation.top_p <= 1:
         raise ValueError(f"generation.top_p: expected a number in (0, 1]; got {generation.top_p}")
     check_nonnegative("beta", beta)

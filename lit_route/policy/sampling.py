@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lit_route.policy.decode import lean_generate
+
 
 @dataclass
 class GenerationConfig:
@@ -18,6 +20,8 @@ class GenerationConfig:
         top_p: Nucleus sampling threshold.
         top_k: Keep only the k most likely tokens (0: off). Set explicitly because transformers' own default
             (50) would otherwise apply silently.
+        engine: ``lean`` (a minimal cached sampling loop, :mod:`lit_route.policy.decode`) or ``hf``
+            (``model.generate``). Both sample from the same distribution.
     """
 
     num_samples: int = 4
@@ -25,6 +29,7 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    engine: str = "lean"
 
 
 def completion_mask(completions: torch.Tensor, eos_ids: list[int], pad_id: int) -> torch.Tensor:
@@ -67,6 +72,10 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, config: G
     k = config.num_samples
     ids = prompt_ids.repeat_interleave(k, dim=0)
     mask = prompt_mask.repeat_interleave(k, dim=0)
+    if config.engine == "lean":
+        completions = lean_generate(model, ids, mask, config.max_new_tokens, config.temperature, config.top_k,
+                                    config.top_p, eos_ids, pad_id)
+        return completions, completion_mask(completions, eos_ids, pad_id)
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -82,6 +91,33 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, config: G
     return completions, completion_mask(completions, eos_ids, pad_id)
 
 
+def sequence_inputs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.Tensor,
+                    comp_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` and ``position_ids`` of prompts (left-padded) followed by completions;
+    positions follow the real tokens, so left padding does not shift them."""
+    attention = torch.cat([prompt_mask, comp_mask.long()], dim=1)
+    return {"input_ids": torch.cat([prompt_ids, completions], dim=1), "attention_mask": attention,
+            "position_ids": (attention.cumsum(-1) - 1).clamp_min(0)}
+
+
+def completion_logprobs(logits: torch.Tensor, completions: torch.Tensor, comp_mask: torch.Tensor,
+                        temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities of the completion tokens from the logits of the positions that predict them.
+
+    Args:
+        logits: (N, T + 1, V) logits of the last T + 1 positions (the last one predicts nothing and is dropped).
+        completions: (N, T).
+        comp_mask: (N, T).
+        temperature: The sampling temperature.
+
+    Returns:
+        (N, T) log-probs (0 where the mask is 0).
+    """
+    logits = logits[:, :-1].float() / temperature
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
+    return logp * comp_mask
+
+
 def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.Tensor,
                    comp_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-probability of each completion token under ``model`` at the sampling ``temperature``.
@@ -89,6 +125,7 @@ def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
     The logits are divided by the temperature the completions were sampled at, so that ratios and KL are those
     of the distribution that produced the samples (as TRL does); at temperature 1 they would describe a
     distribution nobody sampled from. (Top-p truncation is not applied: it would make most ratios undefined.)
+    Only the completion positions go through the output layer and the log-softmax.
 
     Args:
         prompt_ids: (N, P) left-padded prompts (already repeated K times).
@@ -100,15 +137,10 @@ def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
     Returns:
         (N, T) log-probs (0 where the mask is 0).
     """
-    input_ids = torch.cat([prompt_ids, completions], dim=1)
-    attention = torch.cat([prompt_mask, comp_mask.long()], dim=1)
-    # positions follow the real tokens, so left padding does not shift them
-    position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False).logits
-    p = prompt_ids.shape[1]
-    logits = logits[:, p - 1 : -1].float() / temperature
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
-    return logp * comp_mask
+    inputs = sequence_inputs(prompt_ids, prompt_mask, completions, comp_mask)
+    t = completions.shape[1]
+    logits = model(**inputs, use_cache=False, logits_to_keep=t + 1).logits
+    return completion_logprobs(logits, completions, comp_mask, temperature)
 
 
 torch.serialization.add_safe_globals([GenerationConfig])
