@@ -155,11 +155,17 @@ class PromptDataModule(L.LightningDataModule):
         self.sampler: ResumableSampler | None = None
         self.epoch, self.consumed = 0, 0  # prompts (all ranks) that training steps received in `epoch`
 
+    def connect(self, module) -> None:
+        """Takes the policy's tokenizer (a Trainer's ``setup`` does this; call it yourself without one)."""
+        self.tokenizer = module.tokenizer
+
     def setup(self, stage: str | None = None) -> None:
         if self.items is not None:
             return
+        if self.tokenizer is None and self.trainer is not None:
+            self.connect(self.trainer.lightning_module)
         if self.tokenizer is None:
-            self.tokenizer = self.trainer.lightning_module.tokenizer
+            raise ValueError("PromptDataModule: no tokenizer; call connect(module) before setup() without a Trainer")
         hp = self.hparams
         prompts = read_prompts(hp.prompts, hp.first_turn_only)
         if hp.max_prompt_chars is not None:
