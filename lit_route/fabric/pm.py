@@ -157,4 +157,6 @@ def fit_preference_model(
     summary["val"] = val_metrics
     if val_metrics:
         fabric.print("validation: " + " ".join(f"{k[4:]} {v:.4f}" for k, v in sorted(val_metrics.items())))
+    for logger in fabric.loggers:
+        logger.finalize("success")
     return summary
