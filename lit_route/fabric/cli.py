@@ -108,8 +108,9 @@ def run(program: str, args: list[str]) -> dict[str, Any]:
     try:
         fabric_args, loop, callback_specs = split_trainer_section(trainer, trainer_defaults())
         fabric = build_fabric(fabric_args, loggers=_loggers(loop))
-    except ValueError as err:
-        parser.error(str(err))
+    except ValueError as err:  # one line naming the option, as for any other bad input
+        print(f"lit-route fabric {program}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     fabric.launch()
     seed = cfg.seed_everything
     if seed is not False:

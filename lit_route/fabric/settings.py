@@ -9,8 +9,10 @@ ignored; any other option the Fabric engine does not implement is refused by nam
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
+from importlib import import_module
 from typing import Any
 
 # Trainer options that only concern the Trainer's own display and bookkeeping
@@ -96,14 +98,25 @@ def fabric_strategy(spec: Any) -> Any:
 
     spec = dict(spec)
     class_path = str(spec["class_path"])
+    name = class_path.rsplit(".", 1)[1]
     for prefix in ("lightning.pytorch.strategies.", "pytorch_lightning.strategies."):
         if class_path.startswith(prefix):
-            name = class_path.rsplit(".", 1)[1]
             class_path = f"lightning.fabric.strategies.{name}"
+    init_args = dict(spec.get("init_args") or {})
+    if class_path.startswith("lightning.fabric.strategies."):
+        # the Trainer's strategies take Trainer-only arguments (checkpoint_io, precision_plugin); the parsed
+        # config lists them with their defaults, which mean nothing to Fabric
+        target = getattr(import_module("lightning.fabric.strategies"), name, None)
+        if target is None:
+            raise ValueError(f"trainer.strategy: {spec['class_path']} has no Fabric counterpart")
+        accepted = inspect.signature(target).parameters
+        for key in [k for k in init_args if k not in accepted]:
+            if init_args.pop(key) is not None:
+                raise ValueError(f"trainer.strategy.init_args.{key}: not supported by the Fabric engine")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--strategy", type=Strategy)
     try:
-        cfg = parser.parse_object({"strategy": {"class_path": class_path, "init_args": spec.get("init_args") or {}}})
+        cfg = parser.parse_object({"strategy": {"class_path": class_path, "init_args": init_args}})
     except Exception as err:  # jsonargparse reports which init_arg is wrong
         raise ValueError(f"trainer.strategy: {err}") from None
     return parser.instantiate_classes(cfg).strategy

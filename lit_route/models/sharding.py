@@ -99,6 +99,13 @@ class TransformerBlockPolicy(ModuleWrapPolicy):
         return targets
 
 
+def is_fsdp(module: nn.Module | None) -> bool:
+    """Whether ``module`` is an FSDP root (its own parameters are sharded outside its forward)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(module, FullyShardedDataParallel)
+
+
 def call_through(wrapper: nn.Module, module: nn.Module, method: str) -> Callable[..., Any]:
     """``module.<method>`` called through ``wrapper``'s forward (an FSDP or DDP root around ``module``).
 
