@@ -28,7 +28,7 @@ def test_dtype_cast_keeps_the_head_on_its_device(head):
 
 
 def test_bf16_module_keeps_a_float32_head():
-    module = PreferenceModule(lora=LoraSpec(r=2, alpha=4), sngp=SNGPConfig(num_features=8)).to(torch.bfloat16)
+    module = PreferenceModule(backbone=BackboneSpec(), lora=LoraSpec(r=2, alpha=4), sngp=SNGPConfig(num_features=8)).to(torch.bfloat16)
     assert module.backbone.get_input_embeddings().weight.dtype == torch.bfloat16
     assert {p.dtype for p in module.head.parameters()} == {torch.float32}
     assert module.head.covariance.dtype == torch.float64

@@ -6,6 +6,8 @@
 
 from lit_route.fabric.pm import fit_preference_model
 from lit_route.fabric.recorder import MetricsRecorder
+from lit_route.fabric.rloo import fit_rloo
 from lit_route.fabric.settings import LoopSettings, build_fabric
+from lit_route.fabric.view import FabricTrainerView
 
-__all__ = ["LoopSettings", "MetricsRecorder", "build_fabric", "fit_preference_model"]
+__all__ = ["FabricTrainerView", "LoopSettings", "MetricsRecorder", "build_fabric", "fit_preference_model", "fit_rloo"]
