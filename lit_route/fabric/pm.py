@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.strategies import FSDPStrategy
 
 from lit_route.callbacks.finalize import FinalizeCovariance
 from lit_route.fabric.checkpoint import load_checkpoint, save_checkpoint
@@ -34,6 +35,16 @@ def plan_steps(loop: LoopSettings, batches_per_epoch: int) -> tuple[int, int]:
     if loop.max_steps >= 0:
         total = min(total, loop.max_steps)
     return epochs, total
+
+
+def _check_strategy(fabric) -> None:
+    from lightning.fabric.strategies import DeepSpeedStrategy
+
+    if isinstance(fabric.strategy, DeepSpeedStrategy) and fabric.strategy.precision.precision not in ("32-true", "64-true"):
+        # DeepSpeed's 16-bit engine casts the module and its ZeRO optimiser keeps one dtype for every parameter
+        # group (stage_1_and_2.py: param_groups[0]['params'][0].dtype); the head's float32 group would not fit
+        raise ValueError("trainer.strategy: DeepSpeed in 16-bit precision cannot optimise the PM's float32 head; "
+                         "train the PM with ddp or fsdp (DeepSpeed serves RLOO)")
 
 
 def _recorder(fabric) -> MetricsRecorder:
@@ -83,11 +94,16 @@ def fit_preference_model(
     datamodule.setup("fit")
     train_loader = fabric.setup_dataloaders(datamodule.train_dataloader())
     val_loader = fabric.setup_dataloaders(datamodule.val_dataloader()) if datamodule.val_set is not None else None
-    model = fabric.setup_module(module)
-    model.mark_forward_method("pooled")  # the covariance pass must go through the strategy's wrapper too
+    _check_strategy(fabric)
     epochs, total_steps = plan_steps(loop, len(train_loader))
-    config = module.configure_optimizers(total_steps=total_steps)
-    optimizer = fabric.setup_optimizers(config["optimizer"])
+    if isinstance(fabric.strategy, FSDPStrategy):  # the optimiser must hold the parameters FSDP made
+        model = fabric.setup_module(module)
+        config = module.configure_optimizers(total_steps=total_steps)
+        optimizer = fabric.setup_optimizers(config["optimizer"])
+    else:  # DDP, single device, DeepSpeed: model and optimiser together
+        config = module.configure_optimizers(total_steps=total_steps)
+        model, optimizer = fabric.setup(module, config["optimizer"])
+    model.mark_forward_method("pooled")  # the covariance pass must go through the strategy's wrapper too
     scheduler = config["lr_scheduler"]["scheduler"]
     state: dict[str, Any] = {"state_dict": model, "optimizer": optimizer, "lr_scheduler": scheduler,
                              "epoch": 0, "global_step": 0}
