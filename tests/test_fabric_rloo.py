@@ -79,17 +79,18 @@ def test_resume_continues_weights_and_the_routing_ledger(tmp_path):
 def test_two_processes_route_one_global_set_and_keep_one_ledger(tmp_path):
     out = tmp_path / "records"
     out.mkdir()
+    # the shipped debug config and 2-process strategy config; the routing callback swapped for one that records
     config = yaml.safe_load((ROOT / "configs" / "rloo" / "debug_tiny.yaml").read_text())
-    config["trainer"].update(devices=2, strategy="ddp", default_root_dir=str(tmp_path / "run"))
     routing = config["trainer"]["callbacks"][0]
     routing["class_path"] = "routing_recorder.RecordingRouting"
     routing["init_args"].update(out_dir=str(out), max_calls_total=15)
-    config["data"].update(prompts=prompts_file(tmp_path), limit=None)
-    path = tmp_path / "rloo.yaml"
-    path.write_text(yaml.safe_dump(config))
+    recording = tmp_path / "recording.yaml"
+    recording.write_text(yaml.safe_dump({"trainer": {"callbacks": [routing]}}))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    # Fabric starts the second process itself (trainer.devices: 2), as `lit-route fabric rloo` does for a user
-    done = subprocess.run([sys.executable, "-m", "lit_route", "fabric", "rloo", "--config", str(path)],
+    # Fabric starts the second process itself (trainer.devices: 2), as for a user
+    done = subprocess.run([sys.executable, "-m", "lit_route", "fabric", "rloo", "--config", "configs/rloo/debug_tiny.yaml",
+                           "--config", "configs/trainer/ddp_cpu_2.yaml", "--config", str(recording),
+                           "--data.prompts", prompts_file(tmp_path), "--trainer.default_root_dir", str(tmp_path / "run")],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [[json.loads(line) for line in (out / f"rank{r}.jsonl").read_text().splitlines()] for r in range(2)]
