@@ -100,7 +100,7 @@ def run(program: str, args: list[str]) -> dict[str, Any]:
     """Parses ``args`` for ``program`` (``pm`` or ``rloo``), launches Fabric and runs the loop; returns its summary."""
     import lightning as L
 
-    from lit_route.fabric.settings import build_fabric, split_trainer_section
+    from lit_route.fabric.settings import build_fabric, launch, split_trainer_section
 
     parser = build_parser(program)
     cfg = parser.parse_args(args)
@@ -111,7 +111,7 @@ def run(program: str, args: list[str]) -> dict[str, Any]:
     except ValueError as err:  # one line naming the option, as for any other bad input
         print(f"lit-route fabric {program}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    fabric.launch()
+    launch(fabric)
     seed = cfg.seed_everything
     if seed is not False:
         L.seed_everything(None if seed is True else seed, workers=True)

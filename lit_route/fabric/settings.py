@@ -135,3 +135,10 @@ def build_fabric(fabric_args: dict, loggers: list | None = None):
     if "strategy" in args:
         args["strategy"] = fabric_strategy(args["strategy"])
     return L.Fabric(**args, loggers=loggers)
+
+
+def launch(fabric) -> None:
+    """``fabric.launch()``, except under ``fabric run``, which has started the processes and set up the
+    environment already (Fabric refuses a second launch)."""
+    if os.environ.get("LT_CLI_USED", "0") != "1":
+        fabric.launch()
