@@ -180,3 +180,23 @@ def test_the_readme_loop_runs():
     exec(compile(block, "README.md", "exec"), scope)  # the example as a user copies it
     module = scope["module"]
     assert module.has_uncertainty and int(module.head.n_accumulated) == 32  # 16 pairs, both orders
+
+
+def test_resume_continues_the_step_count_and_the_optimiser(toy_pairs, tmp_path):
+    data = str(write_pairs(tmp_path / "pairs.jsonl", toy_pairs))
+
+    def run(epochs, ckpt_path=None):
+        L.seed_everything(0)
+        module = PreferenceModule(backbone=BackboneSpec(), lora=LoraSpec(r=4, alpha=8), sngp=SNGPConfig(num_features=16))
+        dm = PreferenceDataModule(train=data, val_fraction=0.0, max_length=96, batch_size=4)
+        fabric = L.Fabric(accelerator="cpu", devices=1, loggers=[MetricsRecorder()])
+        loop = LoopSettings(max_epochs=epochs, default_root_dir=str(tmp_path / "run"))
+        return fit_preference_model(fabric, module, dm, loop, ckpt_path=ckpt_path)
+
+    first = run(1)
+    saved = torch.load(first["last_ckpt"], weights_only=False)
+    assert (saved["global_step"], saved["epoch"]) == (3, 1)  # 12 pairs in batches of 4
+    resumed = run(2, ckpt_path=first["last_ckpt"])
+    assert resumed["global_step"] == 6  # the second epoch only, not two more
+    state = torch.load(resumed["last_ckpt"], weights_only=False)["optimizer"]["state"]
+    assert {int(s["step"]) for s in state.values()} == {6}  # AdamW's moments continued from the checkpoint

@@ -27,11 +27,14 @@ def test_dtype_cast_keeps_the_head_on_its_device(head):
         assert head.precision.dtype == torch.float64
 
 
-def test_bf16_module_keeps_a_float32_head():
-    module = PreferenceModule(backbone=BackboneSpec(), lora=LoraSpec(r=2, alpha=4), sngp=SNGPConfig(num_features=8)).to(torch.bfloat16)
+def test_bf16_module_keeps_a_float32_head_and_its_optimiser_warns():
+    module = PreferenceModule(backbone=BackboneSpec(), lora=LoraSpec(r=2, alpha=4), sngp=SNGPConfig(num_features=8))
+    module = module.to(torch.bfloat16)  # what precision: bf16-true does
     assert module.backbone.get_input_embeddings().weight.dtype == torch.bfloat16
     assert {p.dtype for p in module.head.parameters()} == {torch.float32}
     assert module.head.covariance.dtype == torch.float64
+    with pytest.warns(UserWarning, match="bf16-mixed"):  # the LoRA adapters are bf16 now
+        module.configure_optimizers(total_steps=1)
 
 
 def adapter_movement(precision: str, dtype: str, lr: float, steps: int = 20) -> dict[str, float]:
