@@ -19,9 +19,9 @@ class RecordingRouting(UncertaintyRouting):
         self._row: dict = {}
 
     def _route(self, trainer, module, d_pairs, u_pairs):
-        mask = super()._route(trainer, module, d_pairs, u_pairs)
-        self._row = {"step": trainer.global_step, "u": u_pairs.flatten().tolist(), "routed": mask.flatten().tolist()}
-        return mask
+        assign, routed, audit = super()._route(trainer, module, d_pairs, u_pairs)
+        self._row = {"step": trainer.global_step, "u": u_pairs.flatten().tolist(), "routed": routed.flatten().tolist()}
+        return assign, routed, audit
 
     def on_before_rewards(self, trainer, module, ctx):
         super().on_before_rewards(trainer, module, ctx)

@@ -120,13 +120,12 @@ def fit_preference_model(
         save_checkpoint(fabric, last_ckpt, model, module, datamodule, optimizer=optimizer, lr_scheduler=scheduler,
                         epoch=epoch, global_step=step)
 
+    for _ in range(start_epoch):
+        iter(train_loader)  # Fabric's loader numbers epochs by its iterations: a resumed run starts at its epoch
     model.train()
     for epoch in range(start_epoch, epochs):
         if step >= total_steps:
             break
-        sampler = getattr(train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
         n_batches = len(train_loader)
         skip = (step - epoch * math.ceil(n_batches / accumulate)) * accumulate  # batches done before a resume
         for i, batch in enumerate(train_loader):

@@ -57,44 +57,46 @@ def fit_rloo(fabric, module, datamodule, loop: LoopSettings | None = None, callb
                          "or deepspeed (FSDP shards the parameters generation needs)")
     loop = loop or LoopSettings()
     hooks = _split_callbacks(callbacks, loop, fabric)
-    datamodule.connect(module)
+    datamodule.connect(module, fabric.world_size, fabric.global_rank)
     datamodule.setup("fit")
-    loader = fabric.setup_dataloaders(datamodule.train_dataloader())
     model, optimizer = fabric.setup(module, module.configure_optimizers())
     model.mark_forward_method("update_loss")
     module.on_fit_start()  # the reward PM to the module's device
     view = FabricTrainerView(fabric, callbacks)
     hp = module.hparams
-    state: dict[str, Any] = {"state_dict": model, "optimizer": optimizer, "global_step": 0, "epoch": 0,
-                             "batches_in_epoch": 0, "callbacks": {}}
+    data_key = type(datamodule).__qualname__  # where the Trainer keeps a datamodule's state
+    state: dict[str, Any] = {"state_dict": model, "optimizer": optimizer, "global_step": 0, "callbacks": {},
+                             data_key: {}}
     if ckpt_path:
         load_checkpoint(fabric, ckpt_path, state)
         for cb in hooks:
             if cb.state_key in state["callbacks"]:
                 cb.load_state_dict(state["callbacks"][cb.state_key])
+        if state[data_key]:  # the prompts consumed so far: the loader built below starts after them
+            datamodule.load_state_dict(state[data_key])
+    # the datamodule shards the prompts itself (connect) and keeps the epoch and position of its sampler, so the
+    # loader is not handed to Fabric, whose wrapper would reset the sampler's epoch; batches are moved below
+    loader = datamodule.train_dataloader()
     view.global_step = state["global_step"]
     max_steps = loop.max_steps if loop.max_steps >= 0 else float("inf")
     epochs = loop.max_epochs if loop.max_epochs is not None else (
         DEFAULT_MAX_EPOCHS if loop.max_steps < 0 else 10**9)  # with max_steps, epochs until the steps are done
     root = Path(loop.default_root_dir)
     last_ckpt = root / "checkpoints" / "last.ckpt"
-    epoch, done = state["epoch"], state["batches_in_epoch"]
+    epoch = datamodule.epoch
     fabric.print(f"rloo: {'' if max_steps == float('inf') else f'{max_steps} steps, '}world size {fabric.world_size}, "
                  f"reward hooks: {[type(h).__name__ for h in hooks] or 'none (PM rewards only)'}")
 
     def save_last() -> None:
         save_checkpoint(fabric, last_ckpt, model, module, optimizer=optimizer, global_step=view.global_step,
-                        epoch=epoch, batches_in_epoch=done,
-                        callbacks={cb.state_key: cb.state_dict() for cb in hooks})
+                        callbacks={cb.state_key: cb.state_dict() for cb in hooks},
+                        **{data_key: datamodule.state_dict()})
 
     try:
         while epoch < epochs and view.global_step < max_steps:
-            sampler = getattr(loader, "sampler", None)
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
+            datamodule.sampler.set_epoch(epoch)
             for i, batch in enumerate(loader):
-                if i < done:  # resuming inside an epoch: these batches were already used
-                    continue
+                batch = datamodule.on_after_batch_transfer(fabric.to_device(batch), 0)  # counts the prompts used
                 rollout = module.rollout(batch, view.global_step, hooks, view)
                 with rollout.ctx.timer("update"):
                     for update in range(hp.updates_per_batch):
@@ -110,7 +112,6 @@ def fit_rloo(fabric, module, datamodule, loop: LoopSettings | None = None, callb
                         optimizer.zero_grad()
                         view.global_step += 1
                 module.log_step(rollout, loss.detach())
-                done = i + 1
                 step = view.global_step
                 if step % loop.log_every_n_steps == 0 or step >= max_steps:
                     last = module.last_step
@@ -121,7 +122,7 @@ def fit_rloo(fabric, module, datamodule, loop: LoopSettings | None = None, callb
                 if step >= max_steps:
                     break
             else:
-                epoch, done = epoch + 1, 0
+                epoch += 1
         save_last()
     finally:
         for cb in hooks:
