@@ -21,21 +21,18 @@ USAGE = """usage: lit-route fabric pm|rloo --config CONFIG [--trainer.devices N 
 
 
 def _programs() -> dict[str, dict[str, Any]]:
+    from lit_route.callbacks.continue_from import ContinueFrom
     from lit_route.callbacks.finalize import FinalizeCovariance
     from lit_route.data.datamodule import PreferenceDataModule
+    from lit_route.policy.data import PromptDataModule
+    from lit_route.policy.module import RLOOPolicyModule
     from lit_route.preference.module import PreferenceModule
 
-    programs: dict[str, dict[str, Any]] = {
-        "pm": {"model": PreferenceModule, "data": PreferenceDataModule, "extra": {"finalize": FinalizeCovariance}},
+    return {
+        "pm": {"model": PreferenceModule, "data": PreferenceDataModule,
+               "extra": {"finalize": FinalizeCovariance, "continue_from": ContinueFrom}},
+        "rloo": {"model": RLOOPolicyModule, "data": PromptDataModule, "extra": {}},
     }
-    try:
-        from lit_route.policy.data import PromptDataModule
-        from lit_route.policy.module import RLOOPolicyModule
-
-        programs["rloo"] = {"model": RLOOPolicyModule, "data": PromptDataModule, "extra": {}}
-    except ImportError:  # pragma: no cover - the policy stage is always shipped
-        pass
-    return programs
 
 
 def build_parser(program: str):
@@ -118,7 +115,8 @@ def run(program: str, args: list[str]) -> dict[str, Any]:
     if program == "pm":
         from lit_route.fabric.pm import fit_preference_model
 
-        objs = instantiate(parser, cfg, ["model", "data", "finalize"])
+        objs = instantiate(parser, cfg, ["model", "data", "finalize", "continue_from"])
+        objs["continue_from"].setup(None, objs["model"], "fit")  # a trained PM's adapters and head, if given
         if callback_specs:
             fabric.print("trainer.callbacks: ignored by the Fabric PM engine (it saves checkpoints itself)")
         summary = fit_preference_model(fabric, objs["model"], objs["data"], loop, objs["finalize"], cfg.ckpt_path)
