@@ -24,6 +24,7 @@ commands:
   rloo fit --config CONFIG          online RLHF with RLOO and uncertainty-routed rewards (LightningCLI)
   export --ckpt CKPT --output_dir DIR [--merge true]
                                     a PM or policy checkpoint as peft adapters (+ head) in save_pretrained form
+  fabric pm|rloo --config CONFIG    the same configs on the Fabric engine (explicit loops; torchrun, SLURM)
 
 Each command takes --help. Errors are one line; --debug (or LIT_ROUTE_DEBUG=1) shows the traceback.
 """
@@ -242,6 +243,10 @@ def _dispatch(argv: list[str]) -> None:
         from lit_route.artefacts.export import export_cli
 
         export_cli(rest)
+    elif command == "fabric":
+        from lit_route.fabric.cli import main as fabric_main
+
+        fabric_main(rest)
     elif command == "evaluate":
         from lit_route.eval.run import evaluate_cli
 

@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
+from lit_route.models.sharding import call_through, is_fsdp
+
 log = logging.getLogger(__name__)
 
 
@@ -41,16 +43,21 @@ class FinalizeCovariance(L.Callback):
 
     @staticmethod
     @torch.no_grad()
-    def run(module, loader, progress: bool = False) -> None:
-        """Resets, accumulates over ``loader`` and finalises the precision of ``module``'s head."""
+    def run(module, loader, progress: bool = False, pooled=None) -> None:
+        """Resets, accumulates over ``loader`` and finalises the precision of ``module``'s head.
+
+        ``pooled`` computes the features (default ``module.pooled``); under FSDP it must run through the root
+        wrapper, which gathers the root unit's parameters.
+        """
         head = module.head
+        pooled = pooled or module.pooled
         was_training = module.training
         module.eval()
         head.reset_precision()
         for batch in tqdm(loader, desc="finalising covariance", disable=not progress, unit="batch"):
             ids = batch["input_ids"].to(module.device)
             mask = batch["attention_mask"].to(module.device)
-            head.accumulate(module.pooled(ids, mask))
+            head.accumulate(pooled(ids, mask))
         head.finalize()
         module.train(was_training)
 
@@ -59,7 +66,8 @@ class FinalizeCovariance(L.Callback):
             return
         start = time.perf_counter()
         loader = trainer.datamodule.finalize_dataloader(trainer.global_rank, trainer.world_size)
-        self.run(pl_module, loader, progress=self.progress and trainer.is_global_zero)
+        pooled = call_through(trainer.strategy.model, pl_module, "pooled") if is_fsdp(trainer.strategy.model) else None
+        self.run(pl_module, loader, progress=self.progress and trainer.is_global_zero, pooled=pooled)
         self.seconds = time.perf_counter() - start
         head = pl_module.head
         rank_zero_info(

@@ -112,8 +112,8 @@ class PairCollator:
 class PreferenceDataModule(L.LightningDataModule):
     """Preference pairs from any supported format, for ``PreferenceModule``.
 
-    The tokenizer is the model's (taken from the trainer's LightningModule at ``setup``), so that data and
-    model can never disagree on it.
+    The tokenizer is the model's (taken from the trainer's LightningModule at ``setup``, or by
+    :meth:`connect` without a Trainer), so that data and model can never disagree on it.
 
     Args:
         train: Training file(s); ``bundled:<path>`` names data shipped with the package.
@@ -154,6 +154,18 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_set: EncodedPairs | None = None
         self.tokenizer = None
 
+    def connect(self, module) -> None:
+        """Takes the model's tokenizer and checks that data and model agree on ``mode``.
+
+        A Trainer's ``setup`` does this with its module; call it yourself when no Trainer drives the datamodule
+        (the Fabric engine, your own loop).
+        """
+        model_mode = getattr(module, "mode", self.hparams.mode)
+        if model_mode != self.hparams.mode:
+            raise ValueError(f"data.mode={self.hparams.mode!r} but model.mode={model_mode!r}; set both to the same value")
+        if self.tokenizer is None:
+            self.tokenizer = module.tokenizer
+
     def _load(self, paths):
         report = ReadReport()
         pairs = load_pair_dataset(paths, self.hparams.format, self.hparams.skip_invalid, self.hparams.limit_per_file, report)
@@ -166,13 +178,11 @@ class PreferenceDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None or self.val_set is not None:
             return
+        if self.trainer is not None:
+            self.connect(self.trainer.lightning_module)
         if self.tokenizer is None:
-            self.tokenizer = self.trainer.lightning_module.tokenizer
+            raise ValueError("PreferenceDataModule: no tokenizer; call connect(module) before setup() without a Trainer")
         hp = self.hparams
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        model_mode = getattr(module, "mode", hp.mode)
-        if model_mode != hp.mode:
-            raise ValueError(f"data.mode={hp.mode!r} but model.mode={model_mode!r}; set both to the same value")
         encoder = PairEncoder(self.tokenizer, hp.max_length, hp.template, hp.mode)
         train = self._load(hp.train) if hp.train else None
         val = self._load(hp.val) if hp.val else None

@@ -153,13 +153,22 @@ class PromptDataModule(L.LightningDataModule):
         self.items: list[dict] | None = None
         self.n_truncated = 0
         self.sampler: ResumableSampler | None = None
+        self.shard = (1, 0)  # (world size, rank) without a Trainer; see connect()
         self.epoch, self.consumed = 0, 0  # prompts (all ranks) that training steps received in `epoch`
+
+    def connect(self, module, world_size: int = 1, rank: int = 0) -> None:
+        """Takes the policy's tokenizer and this process's shard of the prompts (a Trainer's ``setup`` does
+        this from the Trainer; call it yourself without one, e.g. with ``fabric.world_size, fabric.global_rank``)."""
+        self.tokenizer = module.tokenizer
+        self.shard = (world_size, rank)
 
     def setup(self, stage: str | None = None) -> None:
         if self.items is not None:
             return
+        if self.tokenizer is None and self.trainer is not None:
+            self.connect(self.trainer.lightning_module)
         if self.tokenizer is None:
-            self.tokenizer = self.trainer.lightning_module.tokenizer
+            raise ValueError("PromptDataModule: no tokenizer; call connect(module) before setup() without a Trainer")
         hp = self.hparams
         prompts = read_prompts(hp.prompts, hp.first_turn_only)
         if hp.max_prompt_chars is not None:
@@ -190,7 +199,7 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else self.shard
         self.sampler = ResumableSampler(self.items, num_replicas=world, rank=rank, seed=self.hparams.seed,
                                         skip=self.consumed, skip_epoch=self.epoch)
         return ResumableLoader(self.items, batch_size=self.hparams.batch_size, sampler=self.sampler,

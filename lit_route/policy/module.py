@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -24,6 +25,33 @@ from lit_route.rewards.pairwise import pairwise_rewards
 from lit_route.rewards.rloo import kl_per_sequence, rloo_advantages, whiten
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """One sampled batch, scored and turned into advantages.
+
+    Attributes:
+        prompt_ids: (B·K, P) left-padded prompts, each repeated K times.
+        prompt_mask: (B·K, P).
+        completions: (B·K, T) sampled tokens.
+        completion_mask: (B·K, T) real (non-padding) completion tokens.
+        old_logp: (B·K, T) the sampling policy's token log-probabilities.
+        advantages: (B·K,) RLOO advantages.
+        pm_reward: (B, K) mean pairwise scores (after routing).
+        kl: (B, K) per-sequence KL to the reference.
+        ctx: The step's scores, routing marks, timings and statistics.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completions: torch.Tensor
+    completion_mask: torch.Tensor
+    old_logp: torch.Tensor
+    advantages: torch.Tensor
+    pm_reward: torch.Tensor
+    kl: torch.Tensor
+    ctx: RewardContext
 
 
 class RLOOPolicyModule(L.LightningModule):
@@ -120,14 +148,25 @@ class RLOOPolicyModule(L.LightningModule):
         with self.policy.disable_adapter():
             return self._logprobs(self.policy, *args)
 
-    def training_step(self, batch: dict, batch_idx: int):
+    def rollout(self, batch: dict, step: int, hooks=(), trainer=None) -> Rollout:
+        """Samples K completions per prompt, scores them, lets ``hooks`` edit the scores, forms the advantages.
+
+        No gradients flow here: an engine runs it on the bare module and only :meth:`update_loss` through its
+        distributed wrapper.
+
+        Args:
+            batch: A batch of :class:`~lit_route.policy.data.PromptDataModule`.
+            step: The optimiser step (seeds the sampling).
+            hooks: Reward hooks (``on_pairwise_scores`` / ``on_before_rewards``).
+            trainer: What the hooks receive as ``trainer`` (a Trainer, or the Fabric engine's view of one).
+        """
         k = self.generation.num_samples
         b = batch["prompt_ids"].shape[0]
         ctx = RewardContext(batch["messages"], [], torch.empty(0), torch.empty(0), torch.empty(0), torch.empty(0))
         with ctx.timer("generation"):
             self.policy.eval()
             comps, cmask = sample(self.policy, batch["prompt_ids"], batch["prompt_mask"], self.generation, self.eos_ids,
-                                  self.tokenizer.pad_token_id, self.hparams.sample_seed + self.global_step)
+                                  self.tokenizer.pad_token_id, self.hparams.sample_seed + step)
             self.policy.train()
             texts = self.tokenizer.batch_decode(comps * cmask.long() + self.tokenizer.pad_token_id * (1 - cmask.long()),
                                                 skip_special_tokens=True)
@@ -136,16 +175,15 @@ class RLOOPolicyModule(L.LightningModule):
             s, u = score_groups(self._pm, self._pm_encoder, batch["messages"], ctx.completions, self.hparams.pm_batch_size)
             ctx.scores, ctx.uncertainty, ctx.pm_scores = s, u, s.clone()
             ctx.judged = torch.zeros_like(s, dtype=torch.bool)
-        hooks = self.reward_hooks()
         for hook in hooks:  # start the judge: it runs while the reference log-probs are computed
-            hook.on_pairwise_scores(self.trainer, self, ctx)
+            hook.on_pairwise_scores(trainer, self, ctx)
         prompt_ids = batch["prompt_ids"].repeat_interleave(k, 0)
         prompt_mask = batch["prompt_mask"].repeat_interleave(k, 0)
         with ctx.timer("reference_logprobs"), torch.no_grad():
             ref_logp = self._reference_logprobs(prompt_ids, prompt_mask, comps, cmask)
             old_logp = self._logprobs(self.policy, prompt_ids, prompt_mask, comps, cmask)
         for hook in hooks:
-            hook.on_before_rewards(self.trainer, self, ctx)
+            hook.on_before_rewards(trainer, self, ctx)
         kl = kl_per_sequence(old_logp, ref_logp, cmask, self.hparams.kl_estimator).view(b, k)
         pm_reward = pairwise_rewards(ctx.scores.to(kl.device))
         advantages = rloo_advantages(pm_reward - self.hparams.beta * kl)
@@ -153,17 +191,29 @@ class RLOOPolicyModule(L.LightningModule):
             advantages = whiten(advantages)
         if not torch.isfinite(advantages).all():
             raise FloatingPointError("non-finite advantages: check the PM checkpoint (scores must be finite)")
-        with ctx.timer("update"):
-            loss = self._update(prompt_ids, prompt_mask, comps, cmask, old_logp, advantages.flatten(), batch_idx)
-        self._log_step(ctx, loss, pm_reward, kl, advantages, cmask)
+        return Rollout(prompt_ids, prompt_mask, comps, cmask, old_logp, advantages.flatten(), pm_reward, kl, ctx)
+
+    def update_loss(self, rollout: Rollout, update: int) -> torch.Tensor:
+        """The policy loss of update number ``update`` on ``rollout`` (the forward pass that gradients flow
+        through; from the second update on the same rollout, the PPO-clipped loss)."""
+        r = rollout
+        logp = self._logprobs(self.policy, r.prompt_ids, r.prompt_mask, r.completions, r.completion_mask)
+        return policy_loss(logp, r.old_logp, r.advantages, r.completion_mask,
+                           self.hparams.clip_eps if update > 0 else None)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        hooks = self.reward_hooks()
+        rollout = self.rollout(batch, self.global_step, hooks, self.trainer if hooks else None)
+        with rollout.ctx.timer("update"):
+            loss = self._update(rollout, batch_idx)
+        self.log_step(rollout, loss)
         return loss
 
-    def _update(self, prompt_ids, prompt_mask, comps, cmask, old_logp, advantages, batch_idx) -> torch.Tensor:
+    def _update(self, rollout: Rollout, batch_idx: int) -> torch.Tensor:
         opt = self.optimizers()
         acc = self.hparams.accumulate_batches
         for update in range(self.hparams.updates_per_batch):
-            logp = self._logprobs(self.policy, prompt_ids, prompt_mask, comps, cmask)
-            loss = policy_loss(logp, old_logp, advantages, cmask, self.hparams.clip_eps if update > 0 else None)
+            loss = self.update_loss(rollout, update)
             self.manual_backward(loss / acc)
             if (batch_idx + 1) % acc == 0 or update > 0:
                 if self.hparams.max_grad_norm is not None:
@@ -171,6 +221,11 @@ class RLOOPolicyModule(L.LightningModule):
                 opt.step()
                 opt.zero_grad()
         return loss.detach()
+
+    def log_step(self, rollout: Rollout, loss: torch.Tensor) -> None:
+        """Logs the step's metrics and keeps them in ``last_step``."""
+        r = rollout
+        self._log_step(r.ctx, loss, r.pm_reward, r.kl, r.advantages.view_as(r.pm_reward), r.completion_mask)
 
     def _log_step(self, ctx, loss, pm_reward, kl, advantages, cmask) -> None:
         b, k, _ = ctx.scores.shape

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from lit_route.models.backbone import (
     BackboneSpec,
@@ -17,6 +18,8 @@ from lit_route.models.backbone import (
     load_tokenizer,
 )
 from lit_route.models.pooling import pool_last_token
+from lit_route.models.precision import warn_low_precision_trainables
+from lit_route.models.sharding import clean_name, trainable_names
 from lit_route.preference.losses import antisymmetric_score, bradley_terry_loss, mean_uncertainty
 from lit_route.preference.metrics import PreferenceMetrics
 from lit_route.uncertainty.heads import build_head
@@ -175,29 +178,34 @@ class PreferenceModule(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False)
         self.val_metrics.reset()
 
-    def configure_optimizers(self):
+    def configure_optimizers(self, total_steps: int | None = None):
+        """AdamW (head and adapters as two groups) with warm-up and cosine decay over ``total_steps``.
+
+        Args:
+            total_steps: Optimiser steps of the whole run; default: the Trainer's ``estimated_stepping_batches``.
+                Engines without a Trainer (Fabric) pass it.
+        """
+        if total_steps is None:
+            if self._trainer is None:
+                raise ValueError("configure_optimizers: pass total_steps when no Trainer drives the module")
+            total_steps = int(self._trainer.estimated_stepping_batches)
         head_params = [p for p in self.head.parameters() if p.requires_grad]
         body_params = [p for p in self.backbone.parameters() if p.requires_grad]
+        warn_low_precision_trainables(head_params + body_params)
         groups = [{"params": head_params, "lr": self.optim.head_lr or self.optim.lr}]
         if body_params:
             groups.append({"params": body_params, "lr": self.optim.lr})
         optimizer = torch.optim.AdamW(groups, weight_decay=self.optim.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup, floor = self.optim.warmup_steps, self.optim.min_lr_ratio
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, self.optim.warmup_steps, max(int(total_steps), 1), min_lr_rate=self.optim.min_lr_ratio
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def _kept_keys(self) -> set[str]:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        head = {f"head.{name}" for name in self.head.state_dict()}
+        # names as the unwrapped model spells them (FSDP and activation checkpointing insert prefixes)
+        trainable = set(trainable_names(self))
+        head = {f"head.{clean_name(name)}" for name, _ in (*self.head.named_parameters(), *self.head.named_buffers())}
         return trainable | head
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -44,18 +44,25 @@ class _DtypeShield(nn.Module):
     """Keeps every parameter and buffer in its own dtype under ``.to(dtype)``/``.half()``; devices still move."""
 
     def _apply(self, fn, recurse=True):
-        probe = fn(torch.empty(0))
-        device = probe.device
+        # probe on the module's own device: a dtype-only conversion must leave the device alone
+        current = next((t.device for t in (*self.parameters(), *self.buffers())), torch.device("cpu"))
+        device = fn(torch.empty(0, device=current)).device
         for module in self.modules():
             for store in (module._parameters, module._buffers):
                 for key, tensor in store.items():
                     if tensor is None:
                         continue
-                    moved = tensor.data.to(device)
+                    if tensor.device == device:
+                        continue
+                    # a tensor on the meta device has no data to copy (``to_empty``): allocate it uninitialised
+                    moved = torch.empty_like(tensor.data, device=device) if tensor.is_meta else tensor.data.to(device)
                     if isinstance(tensor, nn.Parameter):
-                        tensor.data = moved
-                        if tensor.grad is not None:
-                            tensor.grad.data = tensor.grad.data.to(device)
+                        if torch._has_compatible_shallow_copy_type(tensor, moved):
+                            tensor.data = moved  # same Parameter object: optimizers keep their reference
+                            if tensor.grad is not None:
+                                tensor.grad.data = tensor.grad.data.to(device)
+                        else:  # to or from the meta device: a new Parameter, as nn.Module._apply does
+                            store[key] = nn.Parameter(moved, requires_grad=tensor.requires_grad)
                     else:
                         store[key] = moved
         return self
