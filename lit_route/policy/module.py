@@ -20,7 +20,14 @@ from lit_route.models.backbone import (
 from lit_route.policy.context import RewardContext
 from lit_route.policy.loss import policy_loss
 from lit_route.policy.pm_scoring import load_reward_pm, score_groups
-from lit_route.policy.sampling import GenerationConfig, sample, token_logprobs
+from lit_route.policy.sampling import (
+    GenerationConfig,
+    completion_logprobs,
+    sample,
+    sequence_inputs,
+    token_logprobs,
+)
+from lit_route.policy.trunk import Trunk
 from lit_route.rewards.pairwise import pairwise_rewards
 from lit_route.rewards.rloo import kl_per_sequence, rloo_advantages, whiten
 
@@ -41,6 +48,8 @@ class Rollout:
         pm_reward: (B, K) mean pairwise scores (after routing).
         kl: (B, K) per-sequence KL to the reference.
         ctx: The step's scores, routing marks, timings and statistics.
+        trunk_hidden: (B·K, L, H) the hidden state entering the lowest adapted layer, when the frozen bottom
+            is run once per batch (see :mod:`lit_route.policy.trunk`); ``None`` otherwise.
     """
 
     prompt_ids: torch.Tensor
@@ -52,6 +61,7 @@ class Rollout:
     pm_reward: torch.Tensor
     kl: torch.Tensor
     ctx: RewardContext
+    trunk_hidden: torch.Tensor | None = None
 
 
 class RLOOPolicyModule(L.LightningModule):
@@ -83,6 +93,8 @@ class RLOOPolicyModule(L.LightningModule):
         pm_batch_size: Pairs per PM forward pass.
         separate_reference: Keep a full frozen reference copy even with LoRA.
         sample_seed: Seed added to the global step for sampling (reproducible runs).
+        split_forward: With LoRA on the top layers only, run the frozen layers below once per batch and only the
+            adapted ones for the old log-probabilities and the update (the same numbers, less compute).
     """
 
     def __init__(
@@ -103,6 +115,7 @@ class RLOOPolicyModule(L.LightningModule):
         pm_batch_size: int = 16,
         separate_reference: bool = False,
         sample_seed: int = 0,
+        split_forward: bool = True,
     ):
         super().__init__()
         if policy is None:
@@ -142,6 +155,24 @@ class RLOOPolicyModule(L.LightningModule):
     def _logprobs(self, model, *args) -> torch.Tensor:
         return token_logprobs(model, *args, temperature=self.generation.temperature)
 
+    def _trunk(self) -> Trunk | None:
+        """The frozen bottom shared by the reference, old and updated policy, if there is one to share."""
+        if not self.hparams.get("split_forward", True) or self.reference is not None:
+            return None
+        if "_trunk_obj" not in self.__dict__:
+            sharded = any("FullyShardedDataParallel" in type(m).__name__ for m in self.policy.modules())
+            trunk = None if sharded else Trunk(self.policy)
+            self.__dict__["_trunk_obj"] = trunk if trunk is not None and trunk.split is not None else None
+        return self.__dict__["_trunk_obj"]
+
+    def _top_logprobs(self, hidden, prompt_ids, prompt_mask, comps, cmask) -> torch.Tensor:
+        inputs = sequence_inputs(prompt_ids, prompt_mask, comps, cmask)
+        trunk = self._trunk()
+        trunk.hidden = hidden
+        logits = trunk.forward_top(inputs["attention_mask"], inputs["position_ids"],
+                                   logits_to_keep=comps.shape[1] + 1).logits
+        return completion_logprobs(logits, comps, cmask, self.generation.temperature)
+
     def _reference_logprobs(self, *args) -> torch.Tensor:
         if self.reference is not None:
             return self._logprobs(self.reference, *args)
@@ -179,9 +210,16 @@ class RLOOPolicyModule(L.LightningModule):
             hook.on_pairwise_scores(trainer, self, ctx)
         prompt_ids = batch["prompt_ids"].repeat_interleave(k, 0)
         prompt_mask = batch["prompt_mask"].repeat_interleave(k, 0)
+        trunk, hidden = self._trunk(), None
         with ctx.timer("reference_logprobs"), torch.no_grad():
-            ref_logp = self._reference_logprobs(prompt_ids, prompt_mask, comps, cmask)
-            old_logp = self._logprobs(self.policy, prompt_ids, prompt_mask, comps, cmask)
+            if trunk is not None:  # one whole pass (the reference) records the frozen bottom's output
+                with trunk.capture():
+                    ref_logp = self._reference_logprobs(prompt_ids, prompt_mask, comps, cmask)
+                hidden = trunk.hidden
+                old_logp = self._top_logprobs(hidden, prompt_ids, prompt_mask, comps, cmask)
+            else:
+                ref_logp = self._reference_logprobs(prompt_ids, prompt_mask, comps, cmask)
+                old_logp = self._logprobs(self.policy, prompt_ids, prompt_mask, comps, cmask)
         for hook in hooks:
             hook.on_before_rewards(trainer, self, ctx)
         kl = kl_per_sequence(old_logp, ref_logp, cmask, self.hparams.kl_estimator).view(b, k)
@@ -191,13 +229,16 @@ class RLOOPolicyModule(L.LightningModule):
             advantages = whiten(advantages)
         if not torch.isfinite(advantages).all():
             raise FloatingPointError("non-finite advantages: check the PM checkpoint (scores must be finite)")
-        return Rollout(prompt_ids, prompt_mask, comps, cmask, old_logp, advantages.flatten(), pm_reward, kl, ctx)
+        return Rollout(prompt_ids, prompt_mask, comps, cmask, old_logp, advantages.flatten(), pm_reward, kl, ctx, hidden)
 
     def update_loss(self, rollout: Rollout, update: int) -> torch.Tensor:
         """The policy loss of update number ``update`` on ``rollout`` (the forward pass that gradients flow
         through; from the second update on the same rollout, the PPO-clipped loss)."""
         r = rollout
-        logp = self._logprobs(self.policy, r.prompt_ids, r.prompt_mask, r.completions, r.completion_mask)
+        if r.trunk_hidden is not None:
+            logp = self._top_logprobs(r.trunk_hidden, r.prompt_ids, r.prompt_mask, r.completions, r.completion_mask)
+        else:
+            logp = self._logprobs(self.policy, r.prompt_ids, r.prompt_mask, r.completions, r.completion_mask)
         return policy_loss(logp, r.old_logp, r.advantages, r.completion_mask,
                            self.hparams.clip_eps if update > 0 else None)
 
