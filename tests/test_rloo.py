@@ -200,3 +200,27 @@ def test_split_forward_gives_the_whole_forward_numbers(tmp_path):
     a, b = lora_state(whole), lora_state(split)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert split.last_step["kl/mean"] == pytest.approx(whole.last_step["kl/mean"], abs=1e-5)
+
+
+@pytest.mark.parametrize("lora", [None, LoraSpec(r=4, alpha=8, top_layers=1)])
+def test_group_scoring_from_the_shared_prefix_equals_whole_sequences(lora, tiny_model_dir):
+    from lit_route.data.encoding import PairEncoder
+    from lit_route.policy.pm_scoring import score_groups
+    from lit_route.preference import PreferenceModule, SNGPConfig
+
+    torch.manual_seed(0)
+    pm = PreferenceModule(backbone=BackboneSpec(model_path=str(tiny_model_dir)), lora=lora,
+                          sngp=SNGPConfig(num_features=64)).eval()
+    pm.head.finalize()
+    if lora is not None:  # adapters that do something
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.1)
+    encoder = PairEncoder(pm.tokenizer, max_length=256)
+    prompts = ["Name a colour.", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]]
+    completions = [["Red.", "Blue, like the sky.", "I like green", "Red."], ["Hello!", "Hi there.", "Hey", "Yo, hi"]]
+    whole = score_groups(pm, encoder, prompts, completions, batch_size=4, share_prefix=False)
+    shared = score_groups(pm, encoder, prompts, completions, batch_size=4, share_prefix=True)
+    # float32: attention over a cached prefix sums in another order than over the whole sequence
+    assert torch.allclose(whole[0], shared[0], atol=1e-4) and torch.allclose(whole[1], shared[1], atol=1e-4)
+    assert torch.equal(shared[0], -shared[0].transpose(1, 2))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from lit_route.data.encoding import PairEncoder, pad_batch
+from lit_route.models.pooling import pool_last_token
 from lit_route.rewards.pairwise import upper_pairs
 
 
@@ -28,28 +31,68 @@ def load_reward_pm(pm_ckpt: str | None, pm_backbone=None):
     return pm, encoder
 
 
+def common_prefix(sequences: list[list[int]]) -> int:
+    """Length of the longest prefix all ``sequences`` share, leaving at least one token of each."""
+    shortest = min(len(s) for s in sequences)
+    first = sequences[0]
+    n = 0
+    while n < shortest - 1 and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return n
+
+
 @torch.no_grad()
-def score_groups(pm, encoder: PairEncoder, prompts: list, completions: list[list[str]], batch_size: int = 16):
+def pooled_with_prefix(backbone, sequences: list[list[int]], pad_id: int, prefix_cache, prefix_len: int) -> torch.Tensor:
+    """Pooled last-token features of ``sequences`` that all start with the same ``prefix_len`` tokens, whose keys
+    and values are ``prefix_cache`` (batch 1): only the rest of each sequence is run."""
+    rest = pad_batch([s[prefix_len:] for s in sequences], pad_id)
+    device = next(backbone.parameters()).device
+    n = len(sequences)
+    cache = copy.deepcopy(prefix_cache)
+    cache.batch_repeat_interleave(n)
+    mask = torch.cat([torch.ones(n, prefix_len, dtype=torch.long), rest["attention_mask"]], dim=1)
+    positions = prefix_len + torch.arange(rest["input_ids"].shape[1]).expand(n, -1)
+    out = backbone(input_ids=rest["input_ids"].to(device), attention_mask=mask.to(device),
+                   position_ids=positions.to(device), cache=cache, use_cache=True)
+    return pool_last_token(out.last_hidden_state, rest["attention_mask"].to(device))
+
+
+@torch.no_grad()
+def score_groups(pm, encoder: PairEncoder, prompts: list, completions: list[list[str]], batch_size: int = 16,
+                 share_prefix: bool = True):
     """S (B, K, K) antisymmetric and U (B, K, K) symmetric from the PM, both orders of a pair in one batch.
 
-    Only the K(K−1)/2 unordered pairs are encoded (each in both orders, as ``score_batch`` expects): the
-    K(K−1) ordered sequences, no more. (A pointwise PM encodes each pair's two responses instead.)
+    Only the K(K−1)/2 unordered pairs are encoded (each in both orders, as ``score_pooled`` expects): the K(K−1)
+    ordered sequences, no more. With ``share_prefix`` the sequences of a group are run from the keys and values of
+    the prefix they share (the template and the prompt, computed once per group), so a prompt is read once rather
+    than K(K−1) times; the numbers are those of whole sequences, up to float rounding.
     """
     b, k = len(completions), len(completions[0])
     ii, jj = upper_pairs(k)
-    jobs = [(bi, int(i), int(j)) for bi in range(b) for i, j in zip(ii.tolist(), jj.tolist(), strict=True)]
-    device = next(pm.parameters()).device
     s = torch.zeros(b, k, k)
     u = torch.zeros(b, k, k)
     pad = pm.tokenizer.pad_token_id
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        encoded = [encoder.encode_orders(prompts[bi], completions[bi][i], completions[bi][j]) for bi, i, j in chunk]
-        first = [e[0].input_ids for e in encoded]
-        second = [e[1].input_ids for e in encoded]
-        batch = {key: t.to(device) for key, t in pad_batch(first + second, pad).items()}
-        d, unc = pm.score_batch(batch)
-        for (bi, i, j), dv, uv in zip(chunk, d.float().cpu().tolist(), unc.float().cpu().tolist(), strict=True):
-            s[bi, i, j], s[bi, j, i] = dv, -dv
-            u[bi, i, j] = u[bi, j, i] = uv
+    device = next(pm.parameters()).device
+    pairs = list(zip(ii.tolist(), jj.tolist(), strict=True))
+    for bi in range(b):
+        encoded = [encoder.encode_orders(prompts[bi], completions[bi][i], completions[bi][j]) for i, j in pairs]
+        sequences = [e[0].input_ids for e in encoded] + [e[1].input_ids for e in encoded]
+        prefix_len = common_prefix(sequences) if share_prefix and getattr(pm, "feature_cache", None) is None else 0
+        cache = None
+        if prefix_len:
+            prefix = torch.tensor([sequences[0][:prefix_len]], device=device)
+            cache = pm.backbone(input_ids=prefix, use_cache=True).cache
+        for start in range(0, len(pairs), batch_size):
+            stop = min(start + batch_size, len(pairs))
+            chunk = sequences[start:stop] + sequences[len(pairs) + start : len(pairs) + stop]
+            if cache is not None:
+                h = pooled_with_prefix(pm.backbone, chunk, pad, cache, prefix_len)
+            else:
+                batch = pad_batch(chunk, pad)
+                h = pm.pooled(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            d, unc = pm.score_pooled(h)
+            for (i, j), dv, uv in zip(pairs[start:stop], d.float().cpu().tolist(), unc.float().cpu().tolist(),
+                                      strict=True):
+                s[bi, i, j], s[bi, j, i] = dv, -dv
+                u[bi, i, j] = u[bi, j, i] = uv
     return s, u

@@ -144,7 +144,11 @@ class PreferenceModule(L.LightningModule):
         ``d`` uses the calibrated logits ``p = g/u`` once the head is finalised (``ū = 1`` before, and always
         for the linear head).
         """
-        h = self.pooled(batch["input_ids"], batch["attention_mask"])
+        return self.score_pooled(self.pooled(batch["input_ids"], batch["attention_mask"]))
+
+    @torch.no_grad()
+    def score_pooled(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features of a both-order batch (2B, H) -> ``(d, ū)`` of shape (B,) (see :meth:`score_batch`)."""
         if self.has_uncertainty:
             p, u = self.head.predict(h)
         else:
