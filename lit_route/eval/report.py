@@ -69,15 +69,8 @@ def plot(results: dict, output_dir: Path) -> list[str]:
                label=f"judge alone ({results['judge_accuracy']:.3f})")
     ax.plot([0], [results["pm_accuracy"]], "ko", ms=5, label=f"PM alone ({results['pm_accuracy']:.3f})")
     ax.set_xlabel("pairs sent to the judge (%)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"{_short_label(results['benchmark'])} (n={results['n_pairs']}) · judge "
-                 f"{results.get('judge_model', results['judge'])}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    curve_path = output_dir / "routing_curve.png"
-    fig.savefig(curve_path, dpi=120)
-    plt.close(fig)
+    curve_path = _finish(fig, ax, f"{_short_label(results['benchmark'])} (n={results['n_pairs']}) · judge "
+                         f"{results.get('judge_model', results['judge'])}", output_dir / "routing_curve.png", plt)
 
     dec = results["by_decile"]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -115,16 +108,20 @@ def _plot_cascade(results: dict, output_dir: Path, plt) -> str:
             label=f"PM → {cheap}, unsure → {strong}")
     ax.plot([0], [results["pm_accuracy"]], "ko", ms=5, label=f"PM alone ({results['pm_accuracy']:.3f})")
     ax.set_xlabel("judge cost (USD, estimated)")
+    return str(_finish(fig, ax, f"{_short_label(results['benchmark'])} (n={results['n_pairs']}): accuracy against "
+                       "judge cost", output_dir / "cost_curve.png", plt, legend_size=7))
+
+
+def _finish(fig, ax, title: str, path: Path, plt, legend_size: int = 8) -> Path:
+    """Accuracy axis, title, grid, legend; saved to ``path`` and closed."""
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{_short_label(results['benchmark'])} (n={results['n_pairs']}): accuracy against judge cost",
-                 fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    path = output_dir / "cost_curve.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return str(path)
+    return path
 
 
 def write_results(results: dict, output_dir: Path) -> dict[str, str]:
