@@ -120,8 +120,31 @@ def test_bradley_terry_weights():
     labels = torch.tensor([1.0, 0.0])
     assert torch.isclose(bradley_terry_loss(logits, labels), torch.log(torch.tensor(2.0)))
     w = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]), torch.tensor([3.0, 1.0]))
-    expected = (3 * torch.nn.functional.softplus(torch.tensor(-2.0)) + torch.log(torch.tensor(2.0))) / 4
+    # weights arrive globally normalised; the loss is their weighted mean, never renormalised per batch
+    expected = (3 * torch.nn.functional.softplus(torch.tensor(-2.0)) + torch.log(torch.tensor(2.0))) / 2
     assert torch.isclose(w, expected)
+
+
+def test_strength_keeps_its_ratio_with_one_pair_per_batch_and_accumulation(byte_tokenizer):
+    from lit_route.data.datamodule import EncodedPairs, PairCollator
+    from lit_route.preference.losses import bradley_terry_loss
+    from lit_route.types import PreferencePair
+
+    pairs = [PreferencePair("q", "good", "bad", strength=1.0), PreferencePair("q", "good", "bad", strength=3.0)]
+    data = EncodedPairs(pairs, PairEncoder(byte_tokenizer, max_length=256, template="plain"), use_strength=True)
+    collate = PairCollator(byte_tokenizer.pad_token_id)
+    # two micro-batches of one pair each, as under accumulate_grad_batches=2; the same logit for both pairs
+    logit = torch.zeros(2, requires_grad=True)
+    grads = []
+    for item in (data[0], data[1]):
+        batch = collate([item])
+        loss = bradley_terry_loss(logit, batch["labels"], batch["weights"]) / 2  # Lightning's accumulation scaling
+        (g,) = torch.autograd.grad(loss, logit)
+        grads.append(g.abs().sum().item())
+    # per-batch normalisation made every single-pair batch weigh 1 (ratio 1:1)
+    assert grads[1] / grads[0] == pytest.approx(3.0)
+    # the global normaliser is the mean strength: weights 0.5 and 1.5
+    assert [it[2] for it in data.items] == [0.5, 1.5]
 
 
 def test_pointwise_mode_trains_and_scores(tiny_model_dir, toy_pairs, tmp_path):

@@ -27,3 +27,25 @@ def test_projection_is_in_the_forward_path():
     expected = x @ layer.effective_weight().t() + layer.bias
     assert torch.allclose(layer.eval()(x), expected)
     assert torch.linalg.matrix_norm(layer.effective_weight().detach(), ord=2) <= 0.5 * 1.001
+
+
+def test_bound_holds_in_every_training_forward_and_exactly_at_eval():
+    # Adam at lr 1e-3 moves W far per step; a single warm-started power iteration let ‖W̃‖₂ reach 1.14·c here
+    torch.manual_seed(0)
+    layer = SpectralNormLinear(64, 64, bound=0.95)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    x = torch.randn(128, 64)
+    target = 5.0 * x @ torch.randn(64, 64)
+    worst = 0.0
+    for _ in range(200):
+        opt.zero_grad()
+        out = layer(x)
+        worst = max(worst, torch.linalg.matrix_norm(layer.effective_weight().detach(), ord=2).item())
+        (out - target).pow(2).mean().backward()
+        opt.step()
+    # power iteration approaches σ from below and converges slowly when the top singular values cluster (an
+    # orthogonal init starts with all of them equal): 2% is the tolerance the training forwards are held to
+    assert worst <= 0.95 * 1.02, worst
+    layer.eval()
+    # at eval σ comes from an exact SVD: only float32 rounding of the SVD and the norm remains (~1e-7 relative)
+    assert torch.linalg.matrix_norm(layer.effective_weight().detach(), ord=2).item() <= 0.95 * (1 + 1e-5)

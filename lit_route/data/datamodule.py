@@ -77,9 +77,12 @@ class EncodedPairs(Dataset):
         with quiet_datasets():
             encoded = pairs.map(fn, batched=True, remove_columns=pairs.column_names)
         strengths = pairs["strength"][:] if use_strength else [None] * len(pairs)
+        strengths = [s if s is not None else 1.0 for s in strengths]
+        # one normaliser for the whole set (mean weight 1), never per batch: the ratio of two pairs' weights is
+        # the ratio of their strengths whatever the batch size or gradient accumulation
+        norm = (sum(strengths) / len(strengths)) if strengths and sum(strengths) > 0 else 1.0
         self.items = [
-            (ab, ba, s if s is not None else 1.0)
-            for ab, ba, s in zip(encoded["ab"][:], encoded["ba"][:], strengths, strict=True)
+            (ab, ba, s / norm) for ab, ba, s in zip(encoded["ab"][:], encoded["ba"][:], strengths, strict=True)
         ]
         self.n_truncated = sum(encoded["truncated"][:])
         self.n_encoded = 2 * len(self.items)

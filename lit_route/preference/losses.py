@@ -12,16 +12,17 @@ def bradley_terry_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torc
     Args:
         logits: (N,) ``g`` = logit of P(first response ≻ second).
         labels: (N,) 1 when the first response is the preferred one, else 0.
-        weights: (N,) optional per-example weights (preference strength); normalised to mean 1.
+        weights: (N,) optional per-example weights (preference strength), already divided by a global normaliser
+            (the training set's mean strength). They are not renormalised per batch: with one pair per batch,
+            that would make every weight 1, and under gradient accumulation it would change their ratios.
 
     Returns:
-        Scalar loss.
+        Scalar loss: ``mean_i(w_i · ℓ_i)``.
     """
     loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
     if weights is None:
         return loss.mean()
-    weights = weights.float()
-    return (loss * weights).sum() / weights.sum().clamp_min(1e-12)
+    return (loss * weights.float()).mean()
 
 
 def antisymmetric_score(p_ab: torch.Tensor, p_ba: torch.Tensor) -> torch.Tensor:

@@ -11,22 +11,30 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def power_iteration(weight: torch.Tensor, u: torch.Tensor, n_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+def power_iteration(
+    weight: torch.Tensor, u: torch.Tensor, n_iter: int, tol: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Refines the leading left/right singular vectors of ``weight`` (no gradient).
 
     Args:
         weight: (O, I).
         u: (O,) current left singular vector estimate.
-        n_iter: Number of iterations.
+        n_iter: Maximum number of iterations (at least one is run).
+        tol: Stop early once the estimate ``σ̂ = ‖W v‖`` changes by less than ``tol · σ̂`` in one iteration.
 
     Returns:
         ``(u, v)`` of shapes (O,) and (I,), unit norm.
     """
     with torch.no_grad():
-        v = F.normalize(weight.t() @ u, dim=0)
+        sigma = None
         for _ in range(max(n_iter, 1)):
             v = F.normalize(weight.t() @ u, dim=0)
-            u = F.normalize(weight @ v, dim=0)
+            wv = weight @ v
+            u = F.normalize(wv, dim=0)
+            new = wv.norm()
+            if sigma is not None and (new - sigma).abs() <= tol * new:
+                break
+            sigma = new
     return u, v
 
 
@@ -37,39 +45,54 @@ def bounded_weight(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bound
 
 
 class SpectralNormLinear(nn.Module):
-    """``y = W̃ x + b`` with ``W̃ = W · min(1, c/σ̂(W))``; σ̂ is tracked by power iteration while training.
+    """``y = W̃ x + b`` with ``W̃ = W · min(1, c/σ̂(W))``.
+
+    While training, σ̂ is tracked by warm-started power iteration run until the estimate settles (an optimiser
+    step can move ``W`` far enough that a single iteration lags the true norm by 10% or more). Power iteration
+    approaches σ from below, so in training forwards the bound holds up to the tolerance; when the layer is
+    switched to eval mode, σ is taken from an exact SVD, so the frozen layer satisfies ``‖W̃‖₂ ≤ c`` up to
+    float rounding.
 
     Args:
         in_features: Input size.
         out_features: Output size.
         bound: The spectral norm bound ``c``.
-        n_power_iterations: Power iterations per training forward pass.
+        n_power_iterations: Most power iterations per training forward pass.
+        tol: Relative change of σ̂ below which the iterations stop.
         bias: Whether to add a bias.
     """
 
-    def __init__(self, in_features: int, out_features: int, bound: float = 0.95, n_power_iterations: int = 1,
-                 bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, bound: float = 0.95, n_power_iterations: int = 100,
+                 tol: float = 1e-6, bias: bool = True):
         super().__init__()
         self.bound = bound
         self.n_power_iterations = n_power_iterations
+        self.tol = tol
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         nn.init.orthogonal_(self.weight)
         self.register_buffer("u", F.normalize(torch.randn(out_features), dim=0))
         self.register_buffer("v", torch.zeros(in_features))
-        self.refresh(50)  # converge once at construction so the bound holds from the first step
+        self.refresh_exact()  # the bound holds from the first step
 
     def train(self, mode: bool = True):
         if not mode and self.training:
-            # the estimate trails the weight by one optimiser step; converge it before the layer is used frozen
-            self.refresh(20)
+            # power iteration approaches σ from below; the frozen layer gets the exact leading singular pair
+            self.refresh_exact()
         return super().train(mode)
 
     def refresh(self, n_iter: int) -> None:
-        """Re-estimates the leading singular vectors with ``n_iter`` power iterations."""
-        u, v = power_iteration(self.weight, self.u, n_iter)
+        """Re-estimates the leading singular vectors with at most ``n_iter`` power iterations."""
+        u, v = power_iteration(self.weight, self.u, n_iter, self.tol)
         self.u.copy_(u)
         self.v.copy_(v)
+
+    @torch.no_grad()
+    def refresh_exact(self) -> None:
+        """Sets ``u, v`` to the exact leading singular pair of ``W`` (one SVD), so that ``σ̂ = σ``."""
+        left, _, right_t = torch.linalg.svd(self.weight.detach().float(), full_matrices=False)
+        self.u.copy_(left[:, 0].to(self.u.dtype))
+        self.v.copy_(right_t[0].to(self.v.dtype))
 
     def effective_weight(self) -> torch.Tensor:
         return bounded_weight(self.weight, self.u, self.v, self.bound)
