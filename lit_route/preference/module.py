@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
@@ -20,9 +21,12 @@ from lit_route.models.backbone import (
 from lit_route.models.pooling import pool_last_token
 from lit_route.models.precision import warn_low_precision_trainables
 from lit_route.models.sharding import clean_name, trainable_names
-from lit_route.preference.losses import antisymmetric_score, bradley_terry_loss, mean_uncertainty
+from lit_route.preference.features import FeatureCache, weights_fingerprint
+from lit_route.preference.losses import antisymmetric_score, bradley_terry_loss
 from lit_route.preference.metrics import PreferenceMetrics
-from lit_route.uncertainty.heads import build_head
+from lit_route.uncertainty.registry import build_head
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,10 +38,13 @@ class SNGPConfig:
         proj_dim: Size of the spectral-normalised projection (default: hidden size; 0 disables it).
         spectral_bound: Spectral norm bound c of the projection.
         normalize_input: LayerNorm before the projection.
-        length_scale: RBF length-scale (default sqrt of the projection size).
+        length_scale: RBF length-scale ℓ; ``None`` (default) sets it before training by the median heuristic
+            (median distance between the projected features of different training pairs).
         ridge: Prior precision s.
         weighting: ``gaussian`` (paper's code) or ``logistic`` (SNGP paper).
-        mean_field_factor: λ in u = sqrt(1 + λσ²); π/8 by default, 10 in the paper's checkpoint.
+        mean_field_factor: λ in u = sqrt(1 + λσ²); π/8 by default. The paper's checkpoint used 10 with σ²
+            scaled by the ridge (``ridge_scaled_variance``); without that scaling, λ·s is the same setting.
+        ridge_scaled_variance: σ² = s·φᵀP⁻¹φ, the convention of edward2 and the paper's code.
         seed: Seed of the random features.
     """
 
@@ -48,6 +55,65 @@ class SNGPConfig:
     length_scale: float | None = None
     ridge: float = 1.0
     weighting: str = "gaussian"
+    mean_field_factor: float = math.pi / 8
+    ridge_scaled_variance: bool = False
+    seed: int = 0
+
+
+@dataclass
+class LaplaceConfig:
+    """Options of the last-layer Laplace head (see :class:`lit_route.uncertainty.LaplaceHead`).
+
+    Args:
+        normalize_input: LayerNorm (no affine) on the pooled feature.
+        prior_precision: A number, ``marglik`` (Laplace evidence) or ``validation`` (probit NLL on the
+            validation pairs).
+        mean_field_factor: λ in u = sqrt(1 + λσ²) (π/8: the probit approximation).
+    """
+
+    normalize_input: bool = True
+    prior_precision: float | str = "marglik"
+    mean_field_factor: float = math.pi / 8
+
+
+@dataclass
+class MCDropoutConfig:
+    """Options of the MC dropout head (see :class:`lit_route.uncertainty.MCDropoutHead`).
+
+    Args:
+        hidden: Hidden width of the MLP.
+        dropout: Drop probability.
+        passes: Dropout masks sampled at prediction time.
+        normalize_input: LayerNorm (no affine) on the pooled feature.
+        mean_field_factor: λ in u = sqrt(1 + λσ²).
+        seed: Seed of the prediction-time masks.
+    """
+
+    hidden: int = 256
+    dropout: float = 0.2
+    passes: int = 32
+    normalize_input: bool = True
+    mean_field_factor: float = math.pi / 8
+    seed: int = 0
+
+
+@dataclass
+class EnsembleConfig:
+    """Options of the deep ensemble of heads (see :class:`lit_route.uncertainty.EnsembleHead`).
+
+    Args:
+        members: Number of members M.
+        hidden: Hidden width of each member (0: linear members).
+        bootstrap: Online bagging (Poisson(1) weight per member and pair).
+        normalize_input: LayerNorm (no affine) on the pooled feature.
+        mean_field_factor: λ in u = sqrt(1 + λσ²).
+        seed: Seed of the members' initialisation.
+    """
+
+    members: int = 5
+    hidden: int = 256
+    bootstrap: bool = True
+    normalize_input: bool = True
     mean_field_factor: float = math.pi / 8
     seed: int = 0
 
@@ -83,13 +149,20 @@ class PreferenceModule(L.LightningModule):
     Args:
         backbone: Where the base model comes from (required: ``builtin:tiny-llama`` is a tiny random model).
         lora: LoRA adapters; ``None`` trains (or, with ``freeze_backbone``, freezes) the whole backbone.
-        head: ``sngp`` or ``linear``.
+        head: The uncertainty method: ``sngp``, ``laplace`` (last-layer Laplace), ``mc_dropout``, ``ensemble``
+            (deep ensemble of heads), ``margin`` (the linear head, ū from |d|) or ``linear`` (no uncertainty).
         sngp: SNGP head options.
         optim: Optimiser options.
         freeze_backbone: Without LoRA, train the head only.
         mode: ``pairwise`` (the method: one sequence holds x and both responses) or ``pointwise`` (the classic
             Bradley–Terry reward model: one sequence per response, ``P(a ≻ b) = σ(r_a − r_b)``), kept as the
             baseline and for comparisons with other reward-model trainers.
+        laplace: Laplace head options.
+        mc_dropout: MC dropout head options.
+        ensemble: Ensemble head options.
+        feature_cache: Folder of the pooled-feature cache, used when nothing below the head trains
+            (``freeze_backbone`` without LoRA): the backbone then runs once per distinct sequence, ever. Not
+            saved in checkpoints (a loaded model scores without it unless given one).
     """
 
     def __init__(
@@ -101,13 +174,19 @@ class PreferenceModule(L.LightningModule):
         optim: OptimConfig | None = None,
         freeze_backbone: bool = False,
         mode: str = "pairwise",
+        laplace: LaplaceConfig | None = None,
+        mc_dropout: MCDropoutConfig | None = None,
+        ensemble: EnsembleConfig | None = None,
+        feature_cache: str | None = None,
     ):
         super().__init__()
         if backbone is None:
             raise ValueError("backbone: no base model given; set model.backbone.model_path "
                              "(builtin:tiny-llama is a tiny random model for tests)")
         sngp, optim = sngp or SNGPConfig(), optim or OptimConfig()
-        self.save_hyperparameters()
+        laplace, mc_dropout = laplace or LaplaceConfig(), mc_dropout or MCDropoutConfig()
+        ensemble = ensemble or EnsembleConfig()
+        self.save_hyperparameters(ignore=["feature_cache"])
         if mode not in ("pairwise", "pointwise"):
             raise ValueError(f"mode: expected 'pairwise' or 'pointwise', got {mode!r}")
         self.backbone_spec, self.optim, self.mode = backbone, optim, mode
@@ -117,17 +196,52 @@ class PreferenceModule(L.LightningModule):
         self.backbone = apply_lora(base, lora, freeze_backbone)
         self.backbone.train()  # from_pretrained returns eval mode; Lightning expects train mode at fit start
         self.head_kind = head
-        self.head = build_head(head, hidden, **(asdict(sngp) if head == "sngp" else {}))
+        options = {"sngp": sngp, "laplace": laplace, "mc_dropout": mc_dropout, "ensemble": ensemble}.get(head)
+        self.head = build_head(head, hidden, **(asdict(options) if options is not None else {}))
         self.val_metrics = PreferenceMetrics()
         # Checkpoints hold a subset of the state dict (no frozen base weights).
         self.strict_loading = False
+        self.feature_cache = FeatureCache(feature_cache) if feature_cache else None
 
     # --- forward ------------------------------------------------------------------------------------------
-    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(N, L) token ids -> (N, H) hidden state of the last real token after the final norm."""
+    @property
+    def backbone_frozen(self) -> bool:
+        """Nothing below the head trains: the pooled feature is a fixed function of the tokens."""
+        return not any(p.requires_grad for p in self.backbone.parameters())
+
+    def _backbone_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # no KV cache: nothing is generated, and building one costs a copy of every layer's keys and values
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return pool_last_token(out.last_hidden_state, attention_mask)
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N, L) token ids -> (N, H) hidden state of the last real token after the final norm.
+
+        With a feature cache and a frozen backbone, features already computed for these exact token ids are
+        read from the cache instead.
+        """
+        if self.feature_cache is None or not self.backbone_frozen:
+            return self._backbone_pooled(input_ids, attention_mask)
+        if self.feature_cache.model_key is None:
+            self.feature_cache.bind(self._feature_key(), describe(self.backbone_spec))
+        was_training = self.backbone.training
+        self.backbone.eval()  # a frozen feature extractor is deterministic: no dropout in cached features
+        try:
+            return self.feature_cache.get_or_compute(input_ids, attention_mask, self._backbone_pooled)
+        finally:
+            self.backbone.train(was_training)
+
+    def _feature_key(self) -> str:
+        import hashlib
+        import json
+
+        desc = {**describe(self.backbone_spec), "dtype": self.backbone_spec.dtype, "pooling": "last_token",
+                "weights": weights_fingerprint(self.backbone)}
+        return hashlib.blake2b(json.dumps(desc, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+
+    def flush_feature_cache(self) -> None:
+        if self.feature_cache is not None:
+            self.feature_cache.flush()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, L) -> (N,) logits ``g``."""
@@ -135,14 +249,14 @@ class PreferenceModule(L.LightningModule):
 
     @property
     def has_uncertainty(self) -> bool:
-        return self.head.has_uncertainty and bool(self.head.finalized)
+        return self.head.has_uncertainty and self.head.ready
 
     @torch.no_grad()
     def score_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Both-order batch (2B rows) -> ``(d, ū)`` of shape (B,).
 
-        ``d`` uses the calibrated logits ``p = g/u`` once the head is finalised (``ū = 1`` before, and always
-        for the linear head).
+        ``d`` uses the calibrated logits ``p = g/u`` once the head is ready (after the covariance pass for
+        SNGP and Laplace; ``ū = 1`` before, and always for the linear head).
         """
         return self.score_pooled(self.pooled(batch["input_ids"], batch["attention_mask"]))
 
@@ -156,28 +270,72 @@ class PreferenceModule(L.LightningModule):
             u = torch.ones_like(p)
         b = p.shape[0] // 2
         if self.mode == "pointwise":  # rows: (x, a) then (x, b); the logit of P(a ≻ b) is p_a − p_b
-            return p[:b] - p[b:], mean_uncertainty(u[:b], u[b:])
-        return antisymmetric_score(p[:b], p[b:]), mean_uncertainty(u[:b], u[b:])
+            d = p[:b] - p[b:]
+        else:
+            d = antisymmetric_score(p[:b], p[b:])
+        if not self.has_uncertainty:
+            return d, torch.ones_like(d)
+        return d, self.head.pair_uncertainty(d, u[:b], u[b:])
 
     # --- Lightning hooks ----------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        b = logits.shape[0] // 2
-        if self.mode == "pointwise":  # rows: chosen then rejected; BT on reward differences
-            weights = batch.get("weights")
-            diff = logits[:b] - logits[b:]
-            loss = bradley_terry_loss(diff, torch.ones_like(diff), None if weights is None else weights[:b])
-        else:
-            loss = bradley_terry_loss(logits, batch["labels"], batch.get("weights"))
+        members = self.head.member_logits(self.pooled(batch["input_ids"], batch["attention_mask"]))  # (2B, M)
+        b = members.shape[0] // 2
+        weights = batch.get("weights")
+        boot = self.head.bootstrap_weights(b)  # (B, M): each member's weight of each pair, or None
+        losses = []
+        for m in range(members.shape[1]):
+            w = weights[:b] if weights is not None else None
+            if boot is not None:
+                w = boot[:, m] if w is None else w * boot[:, m]
+            if self.mode == "pointwise":  # rows: chosen then rejected; BT on reward differences
+                diff = members[:b, m] - members[b:, m]
+                losses.append(bradley_terry_loss(diff, torch.ones_like(diff), w))
+            else:  # both orders of a pair carry the pair's weight
+                losses.append(bradley_terry_loss(members[:, m], batch["labels"], None if w is None else torch.cat([w, w])))
+        loss = torch.stack(losses).mean()
+        logits = members.mean(1)
         acc = (logits[:b] > logits[b:]).float().mean()
         self.log_dict({"train/loss": loss, "train/accuracy": acc}, prog_bar=True, batch_size=b)
         return loss
+
+    def on_train_start(self) -> None:
+        if getattr(self.head, "needs_length_scale", False):
+            self._set_length_scale()
+
+    @torch.no_grad()
+    def _set_length_scale(self, max_pairs: int = 64) -> None:
+        """The SNGP median heuristic on up to ``max_pairs`` training pairs, with each pair's two rows known, so
+        that a pair's distance to its own twin is never counted (with one pair per batch it was the only one)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "finalize_dataloader"):
+            loader = dm.finalize_dataloader(self.trainer.global_rank, self.trainer.world_size)
+        else:
+            loader = self.trainer.train_dataloader
+        firsts, seconds, n = [], [], 0
+        for batch in loader:
+            h = self.pooled(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+            b = h.shape[0] // 2
+            firsts.append(h[:b])
+            seconds.append(h[b:])
+            n += b
+            if n >= max_pairs:
+                break
+        if not n:
+            return
+        z = self.head.project(torch.cat(firsts + seconds))
+        self.head.set_length_scale(z, twin_offset=n)
+        log.info("SNGP length-scale %.4g (median heuristic over %d pairs)", float(self.head.features.length_scale), n)
+
+    def on_train_epoch_end(self) -> None:
+        self.flush_feature_cache()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         d, u = self.score_batch(batch)
         self.val_metrics.update(d, u)
 
     def on_validation_epoch_end(self) -> None:
+        self.flush_feature_cache()
         metrics = self.val_metrics.compute(with_uncertainty=self.has_uncertainty)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False)
         self.val_metrics.reset()
@@ -233,4 +391,4 @@ class PreferenceModule(L.LightningModule):
             raise KeyError(f"checkpoint lacks {len(missing)} trained tensors, e.g. {sorted(missing)[:3]}")
 
 
-torch.serialization.add_safe_globals([SNGPConfig, OptimConfig])
+torch.serialization.add_safe_globals([SNGPConfig, OptimConfig, LaplaceConfig, MCDropoutConfig, EnsembleConfig])

@@ -1,0 +1,159 @@
+"""An on-disk cache of a frozen backbone's pooled features, so heads train for many epochs at the cost of one.
+
+When nothing below the head trains (``freeze_backbone`` without LoRA), the pooled feature of a sequence is a
+fixed function of its token ids. :class:`FeatureCache` stores it once, keyed by
+
+- the model: a fingerprint of the frozen weights, their dtype, the pooling and the model's description
+  (path, GGUF file, revision, package version), so features of another model are never served;
+- the sequence: a hash of its exact token ids, which covers the data, the pair template, the order of the two
+  responses and truncation, so any change of encoding or data is a miss, never a stale hit.
+
+Features are appended to the cache folder in shard files as they are computed (a killed run keeps what it
+computed), and every later epoch, head, ensemble member, validation pass, covariance pass and ``score_pairs``
+call that meets the same sequences reads them instead of running the backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def sequence_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[bytes]:
+    """One 16-byte key per row: a BLAKE2b hash of the row's real (unmasked) token ids. (N, L) -> N keys."""
+    ids = input_ids.detach().cpu().long()
+    mask = attention_mask.detach().cpu().bool()
+    return [hashlib.blake2b(ids[i][mask[i]].numpy().tobytes(), digest_size=16).digest() for i in range(ids.shape[0])]
+
+
+def weights_fingerprint(module: torch.nn.Module, max_elements: int = 1 << 20) -> str:
+    """A hash of every parameter and buffer (name, shape, dtype and values; tensors longer than
+    ``max_elements`` are hashed on an even sample of that many values, enough to see any retraining)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(list(module.state_dict().items())):
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() > max_elements:
+            flat = flat[:: flat.numel() // max_elements + 1]
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(flat.cpu().float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """Pooled features of a frozen backbone, on disk and in memory, keyed by model and token ids.
+
+    Args:
+        directory: Cache folder (one subfolder per model key).
+        flush_every: Write a shard once this many new features are pending.
+    """
+
+    def __init__(self, directory: str | os.PathLike, flush_every: int = 2048):
+        self.directory = Path(directory)
+        self.flush_every = flush_every
+        self.model_key: str | None = None
+        self._index: dict[bytes, int] = {}
+        self._rows: list[torch.Tensor] = []
+        self._pending: list[tuple[bytes, torch.Tensor]] = []
+        self.hits = 0
+        self.misses = 0
+
+    # --- binding to a model ------------------------------------------------------------------------------
+    def bind(self, model_key: str, description: dict | None = None) -> None:
+        """Selects (and loads) the features of one model; a no-op when already bound to it."""
+        if model_key == self.model_key:
+            return
+        self.flush()
+        self.model_key = model_key
+        self._index, self._rows, self._pending = {}, [], []
+        folder = self.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = folder / "model.json"
+        if description is not None and not meta.exists():
+            meta.write_text(json.dumps({"format": FORMAT_VERSION, **description}, indent=2, default=str))
+        for shard in sorted(folder.glob("shard-*.pt")):
+            try:
+                data = torch.load(shard, map_location="cpu", weights_only=True)
+            except Exception as err:  # a shard cut short by a killed run: skip it, its rows are recomputed
+                log.warning("feature cache: ignoring unreadable shard %s (%s)", shard, err)
+                continue
+            self._add_rows([bytes(k) for k in data["keys"].numpy()], data["features"])
+        if self._index:
+            log.info("feature cache: %d features of model %s loaded from %s", len(self._index), model_key[:12], folder)
+
+    @property
+    def folder(self) -> Path:
+        if self.model_key is None:
+            raise RuntimeError("feature cache is not bound to a model")
+        return self.directory / self.model_key
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    # --- lookups -------------------------------------------------------------------------------------------
+    def _add_rows(self, keys: list[bytes], features: torch.Tensor) -> None:
+        features = features.detach().float().cpu()
+        for key, row in zip(keys, features, strict=True):
+            if key not in self._index:
+                self._index[key] = len(self._rows)
+                self._rows.append(row)
+
+    def get_or_compute(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Pooled features (N, H) of a batch: cached rows are read, the others computed by ``compute`` on the
+        missing rows only (trimmed to their own width) and stored.
+
+        Args:
+            input_ids: (N, L), right- or left-padded.
+            attention_mask: (N, L).
+            compute: ``(ids, mask) -> (n, H)``: the frozen backbone and pooling.
+
+        Returns:
+            (N, H) float32 on the device of ``input_ids``.
+        """
+        keys = sequence_keys(input_ids, attention_mask)
+        missing = [i for i, k in enumerate(keys) if k not in self._index]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            idx = torch.tensor(missing, device=input_ids.device)
+            ids, mask = input_ids[idx], attention_mask[idx]
+            used = mask.bool().any(0).nonzero()
+            lo, hi = int(used.min()), int(used.max()) + 1  # drop columns that are padding in every missing row
+            with torch.no_grad():
+                computed = compute(ids[:, lo:hi], mask[:, lo:hi]).detach().float().cpu()
+            new_keys = [keys[i] for i in missing]
+            self._add_rows(new_keys, computed)
+            self._pending.extend(zip(new_keys, computed, strict=True))
+            if len(self._pending) >= self.flush_every:
+                self.flush()
+        return torch.stack([self._rows[self._index[k]] for k in keys]).to(input_ids.device)
+
+    def flush(self) -> None:
+        """Writes the pending features as one new shard (atomic rename: a reader never sees half a file)."""
+        if not self._pending or self.model_key is None:
+            return
+        keys = torch.tensor([list(k) for k, _ in self._pending], dtype=torch.uint8)
+        features = torch.stack([f for _, f in self._pending])
+        name = f"shard-{uuid.uuid4().hex}.pt"
+        tmp = self.folder / f".{name}.tmp"
+        torch.save({"keys": keys, "features": features}, tmp)
+        tmp.replace(self.folder / name)
+        self._pending = []
+
+    def stats(self) -> dict[str, int]:
+        return {"cached": len(self._index), "hits": self.hits, "misses": self.misses}
