@@ -58,7 +58,7 @@ class FeatureCache:
         flush_every: Write a shard once this many new features are pending.
     """
 
-    def __init__(self, directory: str | os.PathLike, flush_every: int = 2048):
+    def __init__(self, directory: str | os.PathLike, flush_every: int = 256):
         self.directory = Path(directory)
         self.flush_every = flush_every
         self.model_key: str | None = None

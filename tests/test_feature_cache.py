@@ -1,0 +1,92 @@
+"""The pooled-feature cache: right features, backbone skipped on hits, keys that change with model and encoding."""
+
+import json
+
+import pytest
+import torch
+
+from lit_route.data.encoding import PairEncoder, pad_batch
+from lit_route.models.backbone import BackboneSpec, LoraSpec
+from lit_route.preference.features import FeatureCache, sequence_keys
+from lit_route.preference.module import PreferenceModule
+
+
+def frozen_module(model_dir, cache, lora=None):
+    return PreferenceModule(backbone=BackboneSpec(model_path=str(model_dir)), head="linear",
+                            freeze_backbone=lora is None, lora=lora, feature_cache=str(cache))
+
+
+def batch_of(module, pairs, max_length=256):
+    enc = PairEncoder(module.tokenizer, max_length=max_length)
+    seqs = [enc.encode_both(p) for p in pairs]
+    return pad_batch([a.input_ids for a, _ in seqs] + [b.input_ids for _, b in seqs], module.tokenizer.pad_token_id)
+
+
+def count_backbone_calls(module):
+    calls = []
+    module.backbone.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def test_cached_features_equal_the_backbone_and_skip_it(tiny_model_dir, toy_pairs, tmp_path):
+    module = frozen_module(tiny_model_dir, tmp_path / "cache")
+    batch = batch_of(module, toy_pairs[:5])
+    reference = module._backbone_pooled(batch["input_ids"], batch["attention_mask"])
+    calls = count_backbone_calls(module)
+    first = module.pooled(batch["input_ids"], batch["attention_mask"])
+    # misses run on the missing rows trimmed to their own width: float32 rounding of other matmul shapes only
+    assert torch.allclose(first, reference, atol=1e-5)
+    assert len(calls) == 1
+    second = module.pooled(batch["input_ids"], batch["attention_mask"])
+    assert len(calls) == 1 and torch.equal(first, second)
+    assert module.feature_cache.stats() == {"cached": 10, "hits": 10, "misses": 10}
+    # a subset in another batch layout is served from the cache, row by row
+    sub = batch_of(module, toy_pairs[2:4])
+    assert torch.equal(module.pooled(sub["input_ids"], sub["attention_mask"])[0], first[2])
+    module.flush_feature_cache()
+    # a new process (a new module on the same folder) reads the shards and never runs the backbone
+    again = frozen_module(tiny_model_dir, tmp_path / "cache")
+    calls2 = count_backbone_calls(again)
+    assert torch.equal(again.pooled(batch["input_ids"], batch["attention_mask"]), first)
+    assert not calls2
+
+
+def test_keys_change_with_encoding_and_with_the_weights(tiny_model_dir, toy_pairs, tmp_path):
+    module = frozen_module(tiny_model_dir, tmp_path / "cache")
+    long = batch_of(module, toy_pairs[:3], max_length=256)
+    short = batch_of(module, toy_pairs[:3], max_length=40)  # truncated: other token ids, other keys
+    assert not set(sequence_keys(long["input_ids"], long["attention_mask"])) & set(
+        sequence_keys(short["input_ids"], short["attention_mask"]))
+    module.pooled(long["input_ids"], long["attention_mask"])
+    module.flush_feature_cache()
+    changed = frozen_module(tiny_model_dir, tmp_path / "cache")
+    with torch.no_grad():
+        changed.backbone.norm.weight.add_(0.5)  # other weights: the cache must not serve the old features
+    calls = count_backbone_calls(changed)
+    changed.pooled(long["input_ids"], long["attention_mask"])
+    assert calls and changed.feature_cache.model_key != module.feature_cache.model_key
+    meta = json.loads((module.feature_cache.folder / "model.json").read_text())
+    assert meta["model_path"] == str(tiny_model_dir)
+
+
+def test_trainable_backbone_bypasses_the_cache(tiny_model_dir, toy_pairs, tmp_path):
+    module = frozen_module(tiny_model_dir, tmp_path / "cache", lora=LoraSpec(r=2, alpha=4, top_layers=1))
+    batch = batch_of(module, toy_pairs[:2])
+    calls = count_backbone_calls(module)
+    module.pooled(batch["input_ids"], batch["attention_mask"])
+    module.pooled(batch["input_ids"], batch["attention_mask"])
+    assert len(calls) == 2 and module.feature_cache.stats()["misses"] == 0
+
+
+def test_a_shard_cut_short_is_skipped(tmp_path, caplog):
+    cache = FeatureCache(tmp_path)
+    cache.bind("model")
+    ids, mask = torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long)
+    cache.get_or_compute(ids, mask, lambda i, m: torch.ones(1, 4))
+    cache.flush()
+    (cache.folder / "shard-zz.pt").write_bytes(b"PK\x03\x04 cut")  # a kill during a write outside the rename
+    fresh = FeatureCache(tmp_path)
+    fresh.bind("model")
+    assert len(fresh) == 1 and "unreadable shard" in caplog.text
+    with pytest.raises(RuntimeError, match="not bound"):
+        _ = FeatureCache(tmp_path).folder
