@@ -1,9 +1,10 @@
 """The main job, offline, on a real small model (``make demo`` / ``python -m lit_route.demo``).
 
-1. trains an SNGP preference model on SmolLM2-135M-Instruct (LoRA) with bundled real preference data;
-2. finalises the GP covariance (one pass over the training pairs);
+1. trains an uncertainty-aware preference model on frozen SmolLM2-135M-Instruct features with bundled real
+   preference data: the backbone reads each pair once (feature cache), the head trains for many epochs;
+2. finalises the posterior (one pass over the cached training features);
 3. evaluates uncertainty routing on the bundled LLMBar sets with recorded GPT-4 verdicts, and again with a
-   weaker recorded judge (LLaMA2), reusing the PM scores;
+   weaker recorded judge (LLaMA2), reusing the PM scores, and prints the routing table it measured;
 4. runs a short RLOO with the routing callback: SmolLM2 policy (LoRA), the PM from step 1 as the reward,
    SmolLM2 as a local judge;
 5. prints a summary and where every artefact was written.
@@ -28,40 +29,58 @@ LLMBAR_EVAL = [
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="output folder")
-    parser.add_argument("--pm-config", default="configs/pm/smollm2_sngp.yaml")
+    parser.add_argument("--pm-config", default="configs/pm/smollm2_frozen_uq.yaml")
     parser.add_argument("--rloo-config", default="configs/rloo/smollm2_local.yaml")
     parser.add_argument("--rloo-steps", type=int, default=8)
     parser.add_argument("--limit-per-file", type=int, default=None, help="evaluate at most N pairs per LLMBar file")
     args = parser.parse_args(argv)
 
     from lit_route.cli import _setup_logging, pm_cli, rloo_cli
+    from lit_route.data.encoding import PairEncoder
+    from lit_route.data.readers import load_pairs
     from lit_route.eval.run import evaluate
     from lit_route.judges.replay import ReplayJudge
+    from lit_route.preference.scoring import score_pairs
 
     _setup_logging()
     out = Path(args.out)
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
-    print("\n== 1-2. SNGP preference model on SmolLM2-135M-Instruct (LoRA), then the covariance pass ==", flush=True)
+    print("\n== 1-2. Uncertainty-aware PM on frozen SmolLM2-135M-Instruct features, then the covariance pass ==",
+          flush=True)
     t = time.perf_counter()
     cli = pm_cli(["fit", "--config", args.pm_config, "--trainer.default_root_dir", str(out / "pm")])
     timings["pm_fit_and_finalize_s"] = time.perf_counter() - t
     finalize = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "FinalizeCovariance")
     ckpt = finalize.ckpt_path
     val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+    module, dm = cli.model, cli.datamodule
+    cache_stats = module.feature_cache.stats() if module.feature_cache is not None else {}
 
     print("\n== 3. Routing on LLMBar (419 pairs) with GPT-4's recorded verdicts ==", flush=True)
     t = time.perf_counter()
-    gpt4 = evaluate(LLMBAR_EVAL, ReplayJudge(judge="GPT-4"), pm_ckpt=ckpt, output_dir=str(out / "eval_gpt4"),
+    # scored by the trained module itself, so LLMBar features land in (or come from) the same feature cache
+    pairs = load_pairs(LLMBAR_EVAL, limit=args.limit_per_file)
+    encoder = PairEncoder(module.tokenizer, dm.hparams.max_length, dm.hparams.template, module.mode)
+    d, u = score_pairs(module, pairs, encoder, batch_size=8)
+    module.flush_feature_cache()
+    scores = out / "llmbar_scores.jsonl"
+    with open(scores, "w") as fh:
+        for p, s, v in zip(pairs, d.tolist(), u.tolist(), strict=True):
+            fh.write(json.dumps({"id": p.id, "subset": p.subset, "score": s, "uncertainty": v, "correct": s > 0}) + "\n")
+    gpt4 = evaluate(LLMBAR_EVAL, ReplayJudge(judge="GPT-4"), scores=str(scores), output_dir=str(out / "eval_gpt4"),
                     cache=None, limit_per_file=args.limit_per_file)
-    timings["evaluate_gpt4_s"] = time.perf_counter() - t
+    timings["score_and_evaluate_gpt4_s"] = time.perf_counter() - t
 
     print("\n== 3b. The same PM scores with a weaker recorded judge (LLaMA2) ==", flush=True)
     t = time.perf_counter()
-    llama2 = evaluate(LLMBAR_EVAL, ReplayJudge(judge="LLaMA2"), scores=str(out / "eval_gpt4" / "scores.jsonl"),
+    llama2 = evaluate(LLMBAR_EVAL, ReplayJudge(judge="LLaMA2"), scores=str(scores),
                       output_dir=str(out / "eval_llama2"), cache=None, limit_per_file=args.limit_per_file)
     timings["evaluate_llama2_s"] = time.perf_counter() - t
+    table = routing_table({"GPT-4": gpt4, "LLaMA2": llama2})
+    print("\n" + table, flush=True)
+    (out / "routing_table.md").write_text(table)
 
     print("\n== 4. RLOO with uncertainty routing to a local judge ==", flush=True)
     t = time.perf_counter()
@@ -77,6 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     summary = {
         "pm_checkpoint": ckpt,
+        "pm_head": module.head_kind,
+        "pm_training_pairs": len(dm.train_set),
+        "pm_feature_cache": cache_stats,
         "pm_validation": val,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "llmbar": {
@@ -103,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         "artefacts": {
             "pm_checkpoint": ckpt,
             "pm_logs": str(out / "pm"),
+            "routing_table": str(out / "routing_table.md"),
             "gpt4_results": str(out / "eval_gpt4" / "results.json"),
             "gpt4_plot": str(out / "eval_gpt4" / "routing_curve.png"),
             "llama2_results": str(out / "eval_llama2" / "results.json"),
@@ -115,6 +138,22 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(summary, indent=2))
     print(f"\nsummary: {out / 'summary.json'}   total {timings['total_s'] / 60:.1f} min")
     return summary
+
+
+def routing_table(results: dict[str, dict], fractions=(0.0, 0.05, 0.1, 0.25, 0.5)) -> str:
+    """Markdown: accuracy at each judged share for uncertainty / random / margin / oracle routing, per judge."""
+    lines = ["| judge | judged | uncertainty | random | margin | oracle |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        for i, f in enumerate(fractions):
+            at = {k: r["curves"][k][r["fractions"].index(f)] for k in ("uncertainty", "random", "margin", "oracle")}
+            label = f"{name} (alone: {r['judge_accuracy']:.3f})" if i == 0 else ""
+            lines.append(f"| {label} | {int(f * 100)}% | " + " | ".join(f"{at[k]:.3f}" for k in at) + " |")
+    first = next(iter(results.values()))
+    metrics = first["metrics"]
+    lines.append("")
+    lines.append(f"PM alone: accuracy {first['pm_accuracy']:.3f}, ECE {metrics['ece']:.3f}, "
+                 f"AUROC(ū → error) {metrics['auroc_uncertainty']:.3f} on {first['n_pairs']} pairs.")
+    return "\n".join(lines) + "\n"
 
 
 def _rloo_history(path: Path) -> list[dict[str, float]]:

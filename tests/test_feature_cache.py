@@ -69,8 +69,9 @@ def test_keys_change_with_encoding_and_with_the_weights(tiny_model_dir, toy_pair
     assert meta["model_path"] == str(tiny_model_dir)
 
 
-def test_trainable_backbone_bypasses_the_cache(tiny_model_dir, toy_pairs, tmp_path):
-    module = frozen_module(tiny_model_dir, tmp_path / "cache", lora=LoraSpec(r=2, alpha=4, top_layers=1))
+def test_trainable_bottom_layer_bypasses_the_cache(tiny_model_dir, toy_pairs, tmp_path):
+    # LoRA on every layer: no frozen part below the trainable one, nothing to cache
+    module = frozen_module(tiny_model_dir, tmp_path / "cache", lora=LoraSpec(r=2, alpha=4))
     batch = batch_of(module, toy_pairs[:2])
     calls = count_backbone_calls(module)
     module.pooled(batch["input_ids"], batch["attention_mask"])
@@ -90,3 +91,27 @@ def test_a_shard_cut_short_is_skipped(tmp_path, caplog):
     assert len(fresh) == 1 and "unreadable shard" in caplog.text
     with pytest.raises(RuntimeError, match="not bound"):
         _ = FeatureCache(tmp_path).folder
+
+
+def test_lora_top_layers_read_cached_layer_inputs_and_match_the_full_forward(tiny_model_dir, toy_pairs, tmp_path):
+    from lit_route.preference.top_layers import trainable_start_layer
+
+    module = frozen_module(tiny_model_dir, tmp_path / "cache", lora=LoraSpec(r=2, alpha=4, top_layers=1))
+    with torch.no_grad():  # adapters start at zero (B = 0); move them so the top layer's output depends on them
+        for name, p in module.backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    n_layers = module.backbone.config.num_hidden_layers
+    assert trainable_start_layer(module.backbone) == n_layers - 1
+    batch = batch_of(module, toy_pairs[:4])
+    reference = module._backbone_pooled(batch["input_ids"], batch["attention_mask"])
+    cached = module.pooled(batch["input_ids"], batch["attention_mask"])
+    again = module.pooled(batch["input_ids"], batch["attention_mask"])
+    # the same layers on the same inputs; float32 rounding of other matmul shapes only
+    assert torch.allclose(cached, reference, atol=1e-5) and torch.allclose(again, reference, atol=1e-5)
+    assert module.feature_cache.stats()["hits"] == 8
+    # gradients reach the adapters through the cached inputs
+    again.sum().backward()
+    grads = [p.grad for n, p in module.backbone.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert "layer" in (module.feature_cache.folder / "model.json").read_text()

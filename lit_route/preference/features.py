@@ -1,10 +1,12 @@
-"""An on-disk cache of a frozen backbone's pooled features, so heads train for many epochs at the cost of one.
+"""An on-disk cache of what a frozen backbone computes, so heads train for many epochs at the cost of one.
 
 When nothing below the head trains (``freeze_backbone`` without LoRA), the pooled feature of a sequence is a
-fixed function of its token ids. :class:`FeatureCache` stores it once, keyed by
+fixed function of its token ids; with LoRA on the top layers only, so are the hidden states entering the lowest
+adapted layer (see :mod:`lit_route.preference.top_layers`). :class:`FeatureCache` stores either once, keyed by
 
-- the model: a fingerprint of the frozen weights, their dtype, the pooling and the model's description
-  (path, GGUF file, revision, package version), so features of another model are never served;
+- the model: a fingerprint of the frozen weights, their dtype, what is cached (pooled features, or the
+  inputs of layer k) and the model's description (path, GGUF file, revision, package version), so features of
+  another model are never served;
 - the sequence: a hash of its exact token ids, which covers the data, the pair template, the order of the two
   responses and truncation, so any change of encoding or data is a miss, never a stale hit.
 
@@ -38,10 +40,13 @@ def sequence_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list
 
 
 def weights_fingerprint(module: torch.nn.Module, max_elements: int = 1 << 20) -> str:
-    """A hash of every parameter and buffer (name, shape, dtype and values; tensors longer than
-    ``max_elements`` are hashed on an even sample of that many values, enough to see any retraining)."""
+    """A hash of every frozen parameter and every buffer (name, shape, dtype and values; tensors longer than
+    ``max_elements`` are hashed on an even sample of that many values, enough to see any retraining).
+    Trainable parameters (adapters) are left out: they change every step and are never below the cached part."""
     digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(list(module.state_dict().items())):
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    state = {k: v for k, v in module.state_dict(keep_vars=True).items() if k not in trainable}
+    for name, tensor in sorted(state.items()):
         flat = tensor.detach().reshape(-1)
         if flat.numel() > max_elements:
             flat = flat[:: flat.numel() // max_elements + 1]
@@ -51,7 +56,9 @@ def weights_fingerprint(module: torch.nn.Module, max_elements: int = 1 << 20) ->
 
 
 class FeatureCache:
-    """Pooled features of a frozen backbone, on disk and in memory, keyed by model and token ids.
+    """Per-sequence tensors of a frozen backbone (pooled features (H,), or hidden states (L, H)), on disk and in
+    memory, keyed by model and token ids. Everything is kept in memory once read: hidden states of a few
+    thousand sequences of a few hundred tokens take a few GB (pooled features: a few MB).
 
     Args:
         directory: Cache folder (one subfolder per model key).
@@ -87,7 +94,9 @@ class FeatureCache:
             except Exception as err:  # a shard cut short by a killed run: skip it, its rows are recomputed
                 log.warning("feature cache: ignoring unreadable shard %s (%s)", shard, err)
                 continue
-            self._add_rows([bytes(k) for k in data["keys"].numpy()], data["features"])
+            # pooled-only shards hold one (n, H) table; general ones a flat (Σl, H) table and the row lengths
+            rows = data["features"] if "features" in data else torch.split(data["flat"], data["lengths"].tolist())
+            self._add_rows([bytes(k) for k in data["keys"].numpy()], rows)
         if self._index:
             log.info("feature cache: %d features of model %s loaded from %s", len(self._index), model_key[:12], folder)
 
@@ -101,12 +110,31 @@ class FeatureCache:
         return len(self._index)
 
     # --- lookups -------------------------------------------------------------------------------------------
-    def _add_rows(self, keys: list[bytes], features: torch.Tensor) -> None:
-        features = features.detach().float().cpu()
-        for key, row in zip(keys, features, strict=True):
+    def _add_rows(self, keys: list[bytes], rows) -> None:
+        """Stores each row as a 2-D (l, H) tensor (a pooled feature is l = 1)."""
+        for key, row in zip(keys, rows, strict=True):
             if key not in self._index:
                 self._index[key] = len(self._rows)
-                self._rows.append(row)
+                self._rows.append(row.detach().float().cpu().reshape(-1, row.shape[-1]))
+
+    def _lookup(self, input_ids, attention_mask, compute) -> list[torch.Tensor]:
+        keys = sequence_keys(input_ids, attention_mask)
+        missing = [i for i, k in enumerate(keys) if k not in self._index]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            idx = torch.tensor(missing, device=input_ids.device)
+            ids, mask = input_ids[idx], attention_mask[idx]
+            used = mask.bool().any(0).nonzero()
+            lo, hi = int(used.min()), int(used.max()) + 1  # drop columns that are padding in every missing row
+            with torch.no_grad():
+                computed = compute(ids[:, lo:hi], mask[:, lo:hi])
+            new_keys = [keys[i] for i in missing]
+            self._add_rows(new_keys, computed)
+            self._pending.extend((k, self._rows[self._index[k]]) for k in new_keys)
+            if len(self._pending) >= self.flush_every:
+                self.flush()
+        return [self._rows[self._index[k]] for k in keys]
 
     def get_or_compute(
         self,
@@ -125,33 +153,43 @@ class FeatureCache:
         Returns:
             (N, H) float32 on the device of ``input_ids``.
         """
-        keys = sequence_keys(input_ids, attention_mask)
-        missing = [i for i, k in enumerate(keys) if k not in self._index]
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        if missing:
-            idx = torch.tensor(missing, device=input_ids.device)
-            ids, mask = input_ids[idx], attention_mask[idx]
-            used = mask.bool().any(0).nonzero()
-            lo, hi = int(used.min()), int(used.max()) + 1  # drop columns that are padding in every missing row
-            with torch.no_grad():
-                computed = compute(ids[:, lo:hi], mask[:, lo:hi]).detach().float().cpu()
-            new_keys = [keys[i] for i in missing]
-            self._add_rows(new_keys, computed)
-            self._pending.extend(zip(new_keys, computed, strict=True))
-            if len(self._pending) >= self.flush_every:
-                self.flush()
-        return torch.stack([self._rows[self._index[k]] for k in keys]).to(input_ids.device)
+        return torch.cat(self._lookup(input_ids, attention_mask, compute)).to(input_ids.device)
+
+    def get_or_compute_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Hidden states (N, L, H) of a right-padded batch, zero at padding; only real tokens are stored.
+
+        Args:
+            input_ids: (N, L), right-padded.
+            attention_mask: (N, L).
+            compute: ``(ids, mask) -> (n, l, H)``: the frozen bottom layers.
+        """
+        lengths = attention_mask.long().sum(1).tolist()
+
+        def real_tokens(ids, mask):
+            hidden = compute(ids, mask)
+            return [hidden[i, : int(n)] for i, n in enumerate(mask.long().sum(1).tolist())]
+
+        rows = self._lookup(input_ids, attention_mask, real_tokens)
+        out = torch.zeros(len(rows), input_ids.shape[1], rows[0].shape[-1])
+        for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+            out[i, :n] = row
+        return out.to(input_ids.device)
 
     def flush(self) -> None:
         """Writes the pending features as one new shard (atomic rename: a reader never sees half a file)."""
         if not self._pending or self.model_key is None:
             return
         keys = torch.tensor([list(k) for k, _ in self._pending], dtype=torch.uint8)
-        features = torch.stack([f for _, f in self._pending])
+        lengths = torch.tensor([row.shape[0] for _, row in self._pending])
+        flat = torch.cat([row for _, row in self._pending])
         name = f"shard-{uuid.uuid4().hex}.pt"
         tmp = self.folder / f".{name}.tmp"
-        torch.save({"keys": keys, "features": features}, tmp)
+        torch.save({"keys": keys, "lengths": lengths, "flat": flat}, tmp)
         tmp.replace(self.folder / name)
         self._pending = []
 

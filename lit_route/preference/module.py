@@ -23,6 +23,7 @@ from lit_route.models.precision import warn_low_precision_trainables
 from lit_route.models.sharding import clean_name, trainable_names
 from lit_route.preference.features import FeatureCache, weights_fingerprint
 from lit_route.preference.losses import antisymmetric_score, bradley_terry_loss
+from lit_route.preference.top_layers import bottom_hidden, right_padded, run_top, trainable_start_layer
 from lit_route.preference.metrics import PreferenceMetrics
 from lit_route.uncertainty.registry import build_head
 
@@ -160,9 +161,11 @@ class PreferenceModule(L.LightningModule):
         laplace: Laplace head options.
         mc_dropout: MC dropout head options.
         ensemble: Ensemble head options.
-        feature_cache: Folder of the pooled-feature cache, used when nothing below the head trains
-            (``freeze_backbone`` without LoRA): the backbone then runs once per distinct sequence, ever. Not
-            saved in checkpoints (a loaded model scores without it unless given one).
+        feature_cache: Folder of the feature cache. When nothing below the head trains (``freeze_backbone``
+            without LoRA), pooled features are cached: the backbone runs once per distinct sequence, ever. With
+            LoRA on the top layers only (``lora.top_layers``), the hidden states entering the lowest adapted
+            layer are cached (kept in memory: a few GB for a few thousand pairs), and each step runs only the
+            adapted layers. Not saved in checkpoints (a loaded model scores without it unless given one).
     """
 
     def __init__(
@@ -217,27 +220,48 @@ class PreferenceModule(L.LightningModule):
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, L) token ids -> (N, H) hidden state of the last real token after the final norm.
 
-        With a feature cache and a frozen backbone, features already computed for these exact token ids are
-        read from the cache instead.
+        With a feature cache, what the frozen part of the backbone computes is read from the cache when these
+        exact token ids were seen before: the pooled feature when nothing below the head trains, or the hidden
+        states entering the lowest trainable layer (LoRA on the top layers), from which only the trainable
+        layers run.
         """
-        if self.feature_cache is None or not self.backbone_frozen:
+        if self.feature_cache is None:
             return self._backbone_pooled(input_ids, attention_mask)
-        if self.feature_cache.model_key is None:
-            self.feature_cache.bind(self._feature_key(), describe(self.backbone_spec))
+        if self.backbone_frozen:
+            self._bind_cache("pooled")
+            was_training = self.backbone.training
+            self.backbone.eval()  # a frozen feature extractor is deterministic: no dropout in cached features
+            try:
+                return self.feature_cache.get_or_compute(input_ids, attention_mask, self._backbone_pooled)
+            finally:
+                self.backbone.train(was_training)
+        start = trainable_start_layer(self.backbone)
+        if start is None or not right_padded(attention_mask):
+            return self._backbone_pooled(input_ids, attention_mask)
+        self._bind_cache(f"inputs_of_layer_{start}")
         was_training = self.backbone.training
-        self.backbone.eval()  # a frozen feature extractor is deterministic: no dropout in cached features
+        self.backbone.eval()
         try:
-            return self.feature_cache.get_or_compute(input_ids, attention_mask, self._backbone_pooled)
+            hidden = self.feature_cache.get_or_compute_hidden(
+                input_ids, attention_mask, lambda i, m: bottom_hidden(self.backbone, start, i, m))
         finally:
             self.backbone.train(was_training)
+        hidden = hidden.to(next(self.backbone.parameters()).dtype)
+        return pool_last_token(run_top(self.backbone, start, hidden, attention_mask), attention_mask)
 
-    def _feature_key(self) -> str:
+    def _bind_cache(self, kind: str) -> None:
         import hashlib
         import json
 
+        if getattr(self, "_cache_kind", None) == kind and self.feature_cache.model_key is not None:
+            return
         desc = {**describe(self.backbone_spec), "dtype": self.backbone_spec.dtype, "pooling": "last_token",
                 "weights": weights_fingerprint(self.backbone)}
-        return hashlib.blake2b(json.dumps(desc, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+        if kind != "pooled":
+            desc["cached"] = kind
+        key = hashlib.blake2b(json.dumps(desc, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+        self.feature_cache.bind(key, desc)
+        self._cache_kind = kind
 
     def flush_feature_cache(self) -> None:
         if self.feature_cache is not None:
