@@ -222,7 +222,7 @@ def markdown(results: dict, judges: list[str]) -> str:
         any_method = next(iter(results["methods"].values()))["judges"][judge]
         lines += [f"**{judge}** (judge alone: {any_method['judge_accuracy']:.3f}; random routing at 5/10/25/50%: "
                   + " / ".join(f"{v:.3f}" for v in any_method["random_at"].values())
-                  + f"; oracle: " + " / ".join(f"{v:.3f}" for v in any_method["oracle_at"].values()) + ")", "",
+                  + "; oracle: " + " / ".join(f"{v:.3f}" for v in any_method["oracle_at"].values()) + ")", "",
                   "| method | PM acc | ECE | AUROC(ū→err) | 5% | 10% | 25% | 50% | recovered [0,50%] | calls to "
                   f"{any_method['target_accuracy']:.3f} (random: {any_method['random_calls_to_target']}) | > random 5–50% "
                   "| extra ms/pair vs linear | fit s |",

@@ -23,8 +23,8 @@ from lit_route.models.precision import warn_low_precision_trainables
 from lit_route.models.sharding import clean_name, trainable_names
 from lit_route.preference.features import FeatureCache, weights_fingerprint
 from lit_route.preference.losses import antisymmetric_score, bradley_terry_loss
-from lit_route.preference.top_layers import bottom_hidden, right_padded, run_top, trainable_start_layer
 from lit_route.preference.metrics import PreferenceMetrics
+from lit_route.preference.top_layers import bottom_hidden, right_padded, run_top, trainable_start_layer
 from lit_route.uncertainty.registry import build_head
 
 log = logging.getLogger(__name__)
@@ -293,10 +293,8 @@ class PreferenceModule(L.LightningModule):
             p = self.head(h)
             u = torch.ones_like(p)
         b = p.shape[0] // 2
-        if self.mode == "pointwise":  # rows: (x, a) then (x, b); the logit of P(a ≻ b) is p_a − p_b
-            d = p[:b] - p[b:]
-        else:
-            d = antisymmetric_score(p[:b], p[b:])
+        # pointwise rows: (x, a) then (x, b); the logit of P(a ≻ b) is p_a − p_b
+        d = p[:b] - p[b:] if self.mode == "pointwise" else antisymmetric_score(p[:b], p[b:])
         if not self.has_uncertainty:
             return d, torch.ones_like(d)
         return d, self.head.pair_uncertainty(d, u[:b], u[b:])
