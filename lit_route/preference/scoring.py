@@ -55,4 +55,6 @@ def score_pairs(
         d[idx] = bd.float().cpu()
         u[idx] = bu.float().cpu()
     module.train(was_training)
+    if hasattr(module, "flush_feature_cache"):  # features computed here are kept for the next run
+        module.flush_feature_cache()
     return d, u
