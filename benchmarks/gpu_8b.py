@@ -42,7 +42,7 @@ def main() -> None:
 
     from lit_route.models.pooling import pool_last_token
     from lit_route.preference.losses import bradley_terry_loss
-    from lit_route.uncertainty.heads import SNGPHead
+    from lit_route.uncertainty import SNGPHead
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
