@@ -35,7 +35,8 @@ from lit_route.data.datamodule import PreferenceDataModule
 from lit_route.data.encoding import PairEncoder
 from lit_route.data.readers import load_pairs
 from lit_route.eval.curves import curve_for_order, oracle_order, random_expected_curve, uncertainty_order
-from lit_route.judges.pairwise import judge_pairs, run_sync
+from lit_route.judges.loop import run_sync
+from lit_route.judges.pairwise import judge_pairs
 from lit_route.judges.replay import ReplayJudge
 from lit_route.models.backbone import BackboneSpec
 from lit_route.preference.metrics import PreferenceMetrics
