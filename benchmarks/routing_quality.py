@@ -246,6 +246,10 @@ def markdown(results: dict, judges: list[str]) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, m in results["methods"].items():
             r = m["judges"][judge]
+            if name == "linear":  # no ū: nothing to route by; its row gives the PM's accuracy, ECE and cost
+                lines.append(f"| linear (no ū) | {m['accuracy']:.3f} | {m['ece']:.3f} | — | — | — | — | — | — | — | — | "
+                             f"0 | {m['fit_seconds']:.0f} |")
+                continue
             lines.append(
                 f"| {name} | {m['accuracy']:.3f} | {m['ece']:.3f} | {m['auroc_uncertainty']:.3f} | "
                 + " | ".join(f"{v:.3f}" for v in r["at"].values())
