@@ -38,7 +38,8 @@ class EpochTimer(L.Callback):
 
 def run(train: str, lora: LoraSpec | None, cache: str | None, epochs: int, max_length: int) -> dict:
     L.seed_everything(0)
-    module = PreferenceModule(backbone=SMOLLM2, head="sngp", lora=lora, freeze_backbone=lora is None,
+    # a Laplace head: no pre-training pass (SNGP's length-scale heuristic would fill the cache before epoch 1)
+    module = PreferenceModule(backbone=SMOLLM2, head="laplace", lora=lora, freeze_backbone=lora is None,
                               feature_cache=cache, optim=OptimConfig(lr=1e-3))
     dm = PreferenceDataModule(train=train, val_fraction=0.0, max_length=max_length, batch_size=8)
     timer = EpochTimer()
