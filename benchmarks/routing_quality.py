@@ -33,7 +33,7 @@ import torch
 from lit_route.callbacks.finalize import FinalizeCovariance
 from lit_route.data.datamodule import PreferenceDataModule
 from lit_route.data.encoding import PairEncoder
-from lit_route.data.readers import load_pairs
+from lit_route.data.readers import load_pairs, pairs_from_dataset
 from lit_route.eval.curves import curve_for_order, oracle_order, random_expected_curve, uncertainty_order
 from lit_route.judges.loop import run_sync
 from lit_route.judges.pairwise import judge_pairs
@@ -202,7 +202,8 @@ def main() -> None:
               f"recovered {g4['recovered_share']:.3f} fit {fit_s:.0f}s", flush=True)
         if method != "linear":
             # benefit-aware variant: P(PM wrong | |d|, log ū), fitted on the held-out training split only
-            d_val, u_val = score_pairs(module, dm.val_set.pairs, encoder, batch_size=32, progress=False)
+            val_pairs = pairs_from_dataset(dm.val_set.pairs)
+            d_val, u_val = score_pairs(module, val_pairs, encoder, batch_size=32, progress=False)
             params = fit_error_model(d_val, u_val, (d_val <= 0).float())
             u_del = 1.0 + error_probability(params, d, u).float()
             metrics = PreferenceMetrics()
@@ -211,7 +212,7 @@ def main() -> None:
                 **{k: v for k, v in entry.items() if k not in ("judges", "auroc_uncertainty", "spearman_uncertainty")},
                 **{k: v for k, v in metrics.compute(with_uncertainty=True).items() if k != "ece"},
                 "judges": {name: routing_numbers(d, u_del, credit) for name, credit in judges.items()},
-                "error_model": params.tolist(), "held_out_pairs": len(dm.val_set.pairs)}
+                "error_model": params.tolist(), "held_out_pairs": len(val_pairs)}
         (out / "routing_quality.json").write_text(json.dumps(results, indent=2))
     linear_s = results["methods"].get("linear", {}).get("head_ms_per_pair")
     for entry in results["methods"].values():

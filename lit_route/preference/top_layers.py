@@ -17,6 +17,9 @@ import torch
 from torch import nn
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# decoders whose forward feeds ``inputs_embeds`` to the first layer unchanged (no embedding scale, no added
+# position embeddings), so that hidden states can be fed back in through it
+SPLITTABLE = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def decoder(backbone: nn.Module) -> nn.Module:
@@ -31,7 +34,10 @@ def decoder(backbone: nn.Module) -> nn.Module:
 
 def trainable_start_layer(backbone: nn.Module) -> int | None:
     """The lowest decoder layer holding a trainable parameter, when every trainable parameter sits in a
-    decoder layer (or the final norm) and some layer below it is frozen; else ``None`` (nothing to cache)."""
+    decoder layer (or the final norm) and some layer below it is frozen, for a decoder in ``SPLITTABLE``;
+    else ``None`` (nothing to cache)."""
+    if getattr(getattr(backbone, "config", None), "model_type", None) not in SPLITTABLE:
+        return None
     lowest = None
     for name, param in backbone.named_parameters():
         if not param.requires_grad:
