@@ -65,7 +65,8 @@ class RankAUROC(Metric):
         self.labels.append(labels.detach().long().flatten())
 
     def compute(self) -> torch.Tensor:
-        if not self.scores:
+        # a list of batches on one process; one concatenated tensor after a distributed sync
+        if isinstance(self.scores, list) and not self.scores:
             return torch.tensor(0.5, dtype=torch.float64)
         return torch.tensor(auroc(dim_zero_cat(self.scores), dim_zero_cat(self.labels)), dtype=torch.float64)
 

@@ -170,6 +170,8 @@ class PreferenceModule(L.LightningModule):
                 "weights": weights_fingerprint(self.backbone)}
         if kind != "pooled":
             desc["cached"] = kind
+        # unset fields do not enter the key: a field added to the description later, unset, keeps caches valid
+        desc = {k: v for k, v in desc.items() if v is not None}
         key = hashlib.blake2b(json.dumps(desc, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
         self.feature_cache.bind(key, desc)
         self._cache_kind = kind
@@ -212,7 +214,10 @@ class PreferenceModule(L.LightningModule):
 
     # --- Lightning hooks ----------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        members = self.head.member_logits(self.pooled(batch["input_ids"], batch["attention_mask"]))  # (2B, M)
+        h = self.pooled(batch["input_ids"], batch["attention_mask"])
+        if getattr(self.head, "needs_length_scale", False):
+            self._set_length_scale(h.detach())
+        members = self.head.member_logits(h)  # (2B, M)
         b = members.shape[0] // 2
         weights = batch.get("weights")
         boot = self.head.bootstrap_weights(b)  # (B, M): each member's weight of each pair, or None
@@ -232,33 +237,32 @@ class PreferenceModule(L.LightningModule):
         self.log_dict({"train/loss": loss, "train/accuracy": acc}, prog_bar=True, batch_size=b)
         return loss
 
-    def on_train_start(self) -> None:
-        if getattr(self.head, "needs_length_scale", False):
-            self._set_length_scale()
-
     @torch.no_grad()
-    def _set_length_scale(self, max_pairs: int = 64) -> None:
-        """The SNGP median heuristic on up to ``max_pairs`` training pairs, with each pair's two rows known, so
-        that a pair's distance to its own twin is never counted (with one pair per batch it was the only one)."""
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "finalize_dataloader"):
-            loader = dm.finalize_dataloader(self.trainer.global_rank, self.trainer.world_size)
-        else:
-            loader = self.trainer.train_dataloader
-        firsts, seconds, n = [], [], 0
-        for batch in loader:
-            h = self.pooled(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
-            b = h.shape[0] // 2
-            firsts.append(h[:b])
-            seconds.append(h[b:])
-            n += b
-            if n >= max_pairs:
-                break
-        if not n:
-            return
+    def _set_length_scale(self, h: torch.Tensor, max_pairs: int = 64) -> None:
+        """The SNGP median heuristic before the first update, with each pair's two rows known (rows ``i`` and
+        ``i + B``), so that a pair's distance to its own twin is never counted.
+
+        The first batch decides when it holds two pairs or more (any engine that calls ``training_step`` gets
+        the same length-scale). With one pair per batch there is no distance between different pairs in it:
+        up to ``max_pairs`` pairs of the training data (the datamodule's unshuffled covariance loader) are
+        read instead.
+        """
+        b = h.shape[0] // 2
+        firsts, seconds = [h[:b]], [h[b:]]
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if b < 2 and dm is not None and hasattr(dm, "finalize_dataloader"):
+            firsts, seconds, b = [], [], 0
+            for batch in dm.finalize_dataloader(self.trainer.global_rank, self.trainer.world_size):
+                feats = self.pooled(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+                half = feats.shape[0] // 2
+                firsts.append(feats[:half])
+                seconds.append(feats[half:])
+                b += half
+                if b >= max_pairs:
+                    break
         z = self.head.project(torch.cat(firsts + seconds))
-        self.head.set_length_scale(z, twin_offset=n)
-        log.info("SNGP length-scale %.4g (median heuristic over %d pairs)", float(self.head.features.length_scale), n)
+        self.head.set_length_scale(z, twin_offset=b)
+        log.info("SNGP length-scale %.4g (median heuristic over %d pairs)", float(self.head.features.length_scale), b)
 
     def on_train_epoch_end(self) -> None:
         self.flush_feature_cache()

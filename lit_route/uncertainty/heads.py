@@ -128,3 +128,17 @@ class MarginHead(LinearHead):
 
     def pair_uncertainty(self, d: torch.Tensor, u_ab: torch.Tensor, u_ba: torch.Tensor) -> torch.Tensor:
         return 1.0 + torch.exp(-d.abs())
+
+
+def __getattr__(name: str):
+    # the SNGP head and the registry live in their own files; importing them from here keeps working
+    # (lazily: both build on this module)
+    if name == "SNGPHead":
+        from lit_route.uncertainty.sngp import SNGPHead
+
+        return SNGPHead
+    if name in ("HEADS", "build_head"):
+        from lit_route.uncertainty import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -50,8 +50,8 @@ class SpectralNormLinear(nn.Module):
     While training, σ̂ is tracked by warm-started power iteration run until the estimate settles (an optimiser
     step can move ``W`` far enough that a single iteration lags the true norm by 10% or more). Power iteration
     approaches σ from below, so in training forwards the bound holds up to the tolerance; when the layer is
-    switched to eval mode, σ is taken from an exact SVD, so the frozen layer satisfies ``‖W̃‖₂ ≤ c`` up to
-    float rounding.
+    switched to eval mode, σ is taken from an exact SVD (kept in the ``sigma`` buffer), so the frozen layer
+    satisfies ``‖W̃‖₂ ≤ c`` up to float rounding.
 
     Args:
         in_features: Input size.
@@ -73,11 +73,13 @@ class SpectralNormLinear(nn.Module):
         nn.init.orthogonal_(self.weight)
         self.register_buffer("u", F.normalize(torch.randn(out_features), dim=0))
         self.register_buffer("v", torch.zeros(in_features))
-        self.refresh_exact()  # the bound holds from the first step
+        self.register_buffer("sigma", torch.zeros(()))
+        self.refresh(50)  # converge once at construction so the bound holds from the first step
+        self.refresh_exact()
 
     def train(self, mode: bool = True):
         if not mode and self.training:
-            # power iteration approaches σ from below; the frozen layer gets the exact leading singular pair
+            # power iteration approaches σ from below; the frozen layer is bounded by the exact σ
             self.refresh_exact()
         return super().train(mode)
 
@@ -89,13 +91,15 @@ class SpectralNormLinear(nn.Module):
 
     @torch.no_grad()
     def refresh_exact(self) -> None:
-        """Sets ``u, v`` to the exact leading singular pair of ``W`` (one SVD), so that ``σ̂ = σ``."""
-        left, _, right_t = torch.linalg.svd(self.weight.detach().float(), full_matrices=False)
-        self.u.copy_(left[:, 0].to(self.u.dtype))
-        self.v.copy_(right_t[0].to(self.v.dtype))
+        """Stores the exact σ(W) (one SVD) that bounds the layer in eval mode. Only σ is taken from the SVD: its
+        singular vectors are not unique when the top singular values coincide (an orthogonal init starts that
+        way), and the power-iteration vectors stay as they are."""
+        self.sigma.fill_(float(torch.linalg.matrix_norm(self.weight.detach().float(), ord=2)))
 
     def effective_weight(self) -> torch.Tensor:
-        return bounded_weight(self.weight, self.u, self.v, self.bound)
+        if self.training or not float(self.sigma) > 0:
+            return bounded_weight(self.weight, self.u, self.v, self.bound)
+        return self.weight / torch.clamp(self.sigma / self.bound, min=1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
