@@ -94,7 +94,7 @@ def test_a_shard_cut_short_is_skipped(tmp_path, caplog):
 
 
 def test_lora_top_layers_read_cached_layer_inputs_and_match_the_full_forward(tiny_model_dir, toy_pairs, tmp_path):
-    from lit_route.preference.top_layers import trainable_start_layer
+    from lit_route.models.split import trainable_start_layer
 
     module = frozen_module(tiny_model_dir, tmp_path / "cache", lora=LoraSpec(r=2, alpha=4, top_layers=1))
     with torch.no_grad():  # adapters start at zero (B = 0); move them so the top layer's output depends on them

@@ -195,7 +195,7 @@ def test_split_forward_gives_the_whole_forward_numbers(tmp_path):
         return module
 
     whole, split = run(False), run(True)
-    assert whole._trunk() is None and split._trunk() is not None and split._trunk().split == 1
+    assert whole._trunk() is None and split._trunk() is not None and split._trunk().start == 1
     # float32: the top layers see the same inputs; sums run in other orders when the sequence is cut in two
     a, b = lora_state(whole), lora_state(split)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -17,6 +17,7 @@ from lit_route.models.backbone import (
     load_backbone,
     load_tokenizer,
 )
+from lit_route.models.split import Trunk
 from lit_route.policy.context import RewardContext
 from lit_route.policy.loss import policy_loss
 from lit_route.policy.pm_scoring import load_reward_pm, score_groups
@@ -27,7 +28,6 @@ from lit_route.policy.sampling import (
     sequence_inputs,
     token_logprobs,
 )
-from lit_route.policy.trunk import Trunk
 from lit_route.rewards.pairwise import pairwise_rewards
 from lit_route.rewards.rloo import kl_per_sequence, rloo_advantages, whiten
 
@@ -49,7 +49,7 @@ class Rollout:
         kl: (B, K) per-sequence KL to the reference.
         ctx: The step's scores, routing marks, timings and statistics.
         trunk_hidden: (B·K, L, H) the hidden state entering the lowest adapted layer, when the frozen bottom
-            is run once per batch (see :mod:`lit_route.policy.trunk`); ``None`` otherwise.
+            is run once per batch (see :mod:`lit_route.models.split`); ``None`` otherwise.
     """
 
     prompt_ids: torch.Tensor
@@ -162,15 +162,13 @@ class RLOOPolicyModule(L.LightningModule):
         if "_trunk_obj" not in self.__dict__:
             sharded = any("FullyShardedDataParallel" in type(m).__name__ for m in self.policy.modules())
             trunk = None if sharded else Trunk(self.policy)
-            self.__dict__["_trunk_obj"] = trunk if trunk is not None and trunk.split is not None else None
+            self.__dict__["_trunk_obj"] = trunk if trunk is not None and trunk.start is not None else None
         return self.__dict__["_trunk_obj"]
 
     def _top_logprobs(self, hidden, prompt_ids, prompt_mask, comps, cmask) -> torch.Tensor:
         inputs = sequence_inputs(prompt_ids, prompt_mask, comps, cmask)
-        trunk = self._trunk()
-        trunk.hidden = hidden
-        logits = trunk.forward_top(inputs["attention_mask"], inputs["position_ids"],
-                                   logits_to_keep=comps.shape[1] + 1).logits
+        logits = self._trunk().forward_top(hidden, inputs["attention_mask"], inputs["position_ids"],
+                                           logits_to_keep=comps.shape[1] + 1).logits
         return completion_logprobs(logits, comps, cmask, self.generation.temperature)
 
     def _reference_logprobs(self, *args) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 When nothing below the head trains (``freeze_backbone`` without LoRA), the pooled feature of a sequence is a
 fixed function of its token ids; with LoRA on the top layers only, so are the hidden states entering the lowest
-adapted layer (see :mod:`lit_route.preference.top_layers`). :class:`FeatureCache` stores either once, keyed by
+adapted layer (see :mod:`lit_route.models.split`). :class:`FeatureCache` stores either once, keyed by
 
 - the model: a fingerprint of the frozen weights, their dtype, what is cached (pooled features, or the
   inputs of layer k) and the model's description (path, GGUF file, revision, package version), so features of

@@ -20,11 +20,11 @@ from lit_route.models.backbone import (
 from lit_route.models.pooling import pool_last_token
 from lit_route.models.precision import warn_low_precision_trainables
 from lit_route.models.sharding import clean_name, trainable_names
+from lit_route.models.split import bottom_hidden, right_padded, run_top, trainable_start_layer
 from lit_route.preference.features import FeatureCache, weights_fingerprint
 from lit_route.preference.head_configs import EnsembleConfig, LaplaceConfig, MCDropoutConfig, SNGPConfig
 from lit_route.preference.losses import antisymmetric_score, bradley_terry_loss
 from lit_route.preference.metrics import PreferenceMetrics
-from lit_route.preference.top_layers import bottom_hidden, right_padded, run_top, trainable_start_layer
 from lit_route.uncertainty.registry import build_head
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,11 @@
-"""Running a decoder in two parts: the frozen bottom layers once (their output cached), the trainable top ones
-every step.
+"""Running a decoder in two parts: the frozen bottom layers once, the trainable top ones for every pass.
 
 With LoRA on the top ``k`` layers (``lora.top_layers``), everything below layer ``L − k`` is frozen, so the
-hidden states entering layer ``L − k`` are a fixed function of the tokens. :func:`bottom_hidden` computes them
-(the forward stops there), :func:`run_top` continues from them through the trainable layers and the final
-norm, exactly as the full forward would (same causal mask, positions and rotary embeddings: the layers are
-run by the model's own ``forward`` over ``inputs_embeds``, with its layer list cut to the top part).
+hidden states entering layer ``L − k`` are a fixed function of the tokens. The preference model caches them on
+disk across epochs (:func:`bottom_hidden`, :func:`run_top`); an RLOO step records them in its one whole pass (the
+reference log-probabilities, :class:`Trunk`) and runs only the top layers for the old log-probabilities and the
+update. The top part is run by the model's own ``forward`` over ``inputs_embeds`` with its layer list cut to the
+top layers, so masks, positions and rotary embeddings are exactly those of a whole pass.
 """
 
 from __future__ import annotations
@@ -98,3 +98,35 @@ def right_padded(attention_mask: torch.Tensor) -> bool:
     lengths = attention_mask.long().sum(1, keepdim=True)
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return bool(torch.equal(attention_mask.long(), (positions < lengths).long()))
+
+
+class Trunk:
+    """The frozen bottom of a causal LM, shared by several passes over the same sequences.
+
+    ``start`` is the lowest layer holding trainable parameters (``None``: nothing to share, run whole). Under
+    :meth:`capture` a whole pass records the hidden state entering that layer; :meth:`forward_top` runs the model
+    from it through the top layers (and the output layer) only.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.start = trainable_start_layer(model)
+        self.hidden: torch.Tensor | None = None
+
+    @contextmanager
+    def capture(self):
+        """Records the hidden state entering layer ``start`` during one whole forward pass."""
+        def hook(module, args, kwargs):
+            self.hidden = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        handle = decoder(self.model).layers[self.start].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+    def forward_top(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, **kwargs):
+        """The model's output from ``hidden`` (entering layer ``start``) through the top layers only."""
+        with _top_only(decoder(self.model), self.start):
+            return self.model(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False, **kwargs)
