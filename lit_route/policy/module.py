@@ -93,6 +93,8 @@ class RLOOPolicyModule(L.LightningModule):
         pm_batch_size: Pairs per PM forward pass.
         separate_reference: Keep a full frozen reference copy even with LoRA.
         sample_seed: Seed added to the global step for sampling (reproducible runs).
+        pm_share_prefix: Score each group's pairs from the keys and values of the prompt prefix they share (the
+            prompt is read once per group instead of once per ordered pair; the same numbers up to rounding).
         split_forward: With LoRA on the top layers only, run the frozen layers below once per batch and only the
             adapted ones for the old log-probabilities and the update (the same numbers, less compute).
     """
@@ -115,6 +117,7 @@ class RLOOPolicyModule(L.LightningModule):
         pm_batch_size: int = 16,
         separate_reference: bool = False,
         sample_seed: int = 0,
+        pm_share_prefix: bool = True,
         split_forward: bool = True,
     ):
         super().__init__()
@@ -201,7 +204,8 @@ class RLOOPolicyModule(L.LightningModule):
                                                 skip_special_tokens=True)
             ctx.completions = [texts[i * k : (i + 1) * k] for i in range(b)]
         with ctx.timer("pm_scoring"):
-            s, u = score_groups(self._pm, self._pm_encoder, batch["messages"], ctx.completions, self.hparams.pm_batch_size)
+            s, u = score_groups(self._pm, self._pm_encoder, batch["messages"], ctx.completions, self.hparams.pm_batch_size,
+                                share_prefix=self.hparams.get("pm_share_prefix", True))
             ctx.scores, ctx.uncertainty, ctx.pm_scores = s, u, s.clone()
             ctx.judged = torch.zeros_like(s, dtype=torch.bool)
         for hook in hooks:  # start the judge: it runs while the reference log-probs are computed
