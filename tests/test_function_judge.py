@@ -68,7 +68,8 @@ def test_sync_verifier_by_import_path_gives_verdicts_and_stats():
     assert [v.preference for v in verdicts] == [Preference.A, Preference.B, Preference.TIE]
     assert all(v.ok and v.failure is None and v.latency_s >= 0 for v in verdicts)
     summary = judge.stats.summary()
-    assert summary["calls"] == 3 and summary["failure_count"] == 0 and len(judge.stats.latencies) == 3
+    assert summary["verdicts"] == summary["requests"] == summary["billed"] == 3 and summary["failed"] == 0
+    assert len(judge.stats.latencies) == 3
     assert judge.model == "lit_route.tasks.verify:judge_pair" and judge.name == "function"
 
 
@@ -86,7 +87,7 @@ def test_async_callable_verdicts_are_normalised(user_module):
     verdicts = run_sync(judge.judge([JudgeRequest("p", "xx", "x"), JudgeRequest("p", "x", "xx"),
                                      JudgeRequest("p", "x", "y")]))
     assert [v.preference for v in verdicts] == [Preference.B, Preference.A, Preference.TIE]
-    assert judge.stats.calls == 3
+    assert judge.stats.verdicts == judge.stats.billed == 3
 
 
 def test_raising_callable_is_a_counted_failure_never_a_verdict(user_module):
@@ -94,7 +95,9 @@ def test_raising_callable_is_a_counted_failure_never_a_verdict(user_module):
     verdicts = run_sync(judge.judge(REQS[:2]))
     assert all(v.preference is None and v.failure == "error:ZeroDivisionError" for v in verdicts)
     assert "division by zero" in verdicts[0].raw
-    assert judge.stats.summary()["failures"] == {"error:ZeroDivisionError": 2}
+    summary = judge.stats.summary()
+    assert summary["failures"] == {"error:ZeroDivisionError": 2}
+    assert summary["requests"] == 2 and summary["billed"] == 0  # no answer came back: sent, not billed
     # through the pairwise layer a failure stays a failure: no score, no tie
     (jd,) = run_sync(judge_pairs(judge, [("p", "x", "y")], order="both"))
     assert jd.score is None and jd.failure == "error:ZeroDivisionError"
@@ -108,7 +111,7 @@ def test_unknown_prompt_makes_the_task_verifier_fail():
 
 def test_invalid_return_and_timeout_are_failures(user_module):
     (v,) = run_sync(FunctionJudge("my_judges:undecided").judge(REQS[:1]))
-    assert v.preference is None and v.failure == "invalid_verdict" and v.raw == "'maybe'"
+    assert v.preference is None and v.failure == "invalid_verdict" and v.raw == "'maybe'" and v.billed == 1
     judge = FunctionJudge("my_judges:slow", timeout_s=0.05)
     (v,) = run_sync(judge.judge(REQS[:1]))
     assert v.preference is None and v.failure == "timeout" and judge.stats.failures["timeout"] == 1
@@ -128,13 +131,13 @@ def test_cache_pays_each_request_once_and_never_caches_failures(user_module, tmp
     again = CachedJudge(FunctionJudge("my_judges:longer"), str(tmp_path / "cache.sqlite"))
     (v,) = run_sync(again.judge([JudgeRequest("p", "aa", "b")]))
     assert v.cached and v.preference is Preference.A and len(user_module.CALLS) == 1
-    assert again.stats.cached == 1 and again.stats.calls == 0
+    assert again.stats.cached == 1 and again.stats.verdicts == again.stats.requests == 0
     # another function (another model name) does not read these verdicts; a failure is not stored
     broken = CachedJudge(FunctionJudge("my_judges:broken"), str(tmp_path / "cache.sqlite"))
     for _ in range(2):
         (v,) = run_sync(broken.judge([JudgeRequest("p", "aa", "b")]))
         assert v.preference is None and not v.cached
-    assert len(user_module.CALLS) == 3 and broken.stats.summary()["failure_count"] == 2
+    assert len(user_module.CALLS) == 3 and broken.stats.summary()["failed"] == 2
 
 
 @pytest.mark.parametrize("path, message", [
@@ -153,6 +156,11 @@ def test_options_are_validated():
         FunctionJudge("lit_route.tasks.verify:judge_pair", max_concurrency=0)
     with pytest.raises(ValueError, match="timeout_s"):
         FunctionJudge("lit_route.tasks.verify:judge_pair", timeout_s=0)
+
+
+def test_cache_key_names_the_function():
+    judge = FunctionJudge("lit_route.tasks.verify:judge_pair", model="v2")
+    assert judge.identity() == {"backend": "function", "model": "v2", "function": "lit_route.tasks.verify:judge_pair"}
 
 
 def test_works_on_a_new_event_loop_each_time():

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lit_route.checks import check_nonnegative, check_optional
 from lit_route.judges.base import JudgeStats
 from lit_route.types import JudgeRequest, Preference, Verdict
 
@@ -47,7 +48,9 @@ def import_callable(path: str) -> Callable[..., Any]:
 
 
 def _is_async(fn: Callable) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+    # a callable object's coroutine is its ``__call__`` method
+    call = type(fn).__call__ if not inspect.isroutine(fn) else None
+    return inspect.iscoroutinefunction(fn) or (call is not None and inspect.iscoroutinefunction(call))
 
 
 def to_preference(value: Any) -> Preference | None:
@@ -65,7 +68,8 @@ class FunctionJudge:
     Synchronous callables run in worker threads, asynchronous ones on the event loop; at most
     ``max_concurrency`` calls are in flight. Failures (``preference=None``): ``error:<ExceptionType>`` when the
     callable raises, ``invalid_verdict`` when it returns something other than A / B / tie, ``timeout`` past
-    ``timeout_s``. Each call is timed and counted in ``stats``; behind :class:`~lit_route.judges.CachedJudge`
+    ``timeout_s``. Each call is one request, timed and counted in ``stats``; one that returns (a verdict or not) is
+    billed, so the routing callback's call caps apply to it as to a server. Behind :class:`~lit_route.judges.CachedJudge`
     a verdict is cached under ``model``.
 
     Args:
@@ -85,10 +89,8 @@ class FunctionJudge:
         max_concurrency: int = 8,
         timeout_s: float | None = None,
     ):
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency: expected >= 1, got {max_concurrency}")
-        if timeout_s is not None and timeout_s <= 0:
-            raise ValueError(f"timeout_s: expected > 0 or null, got {timeout_s}")
+        check_nonnegative("max_concurrency", max_concurrency, integer=True, positive=True)
+        check_optional("timeout_s", timeout_s, positive=True)
         if isinstance(function, str):
             self.function_path, self.fn = function, import_callable(function)
         elif callable(function):
@@ -105,6 +107,10 @@ class FunctionJudge:
 
     def __repr__(self) -> str:
         return f"FunctionJudge(function={self.function_path!r})"
+
+    def identity(self) -> dict:
+        """What the verdict cache keys on: the callable's import path and ``model``."""
+        return {"backend": self.name, "model": self.model, "function": self.function_path}
 
     def _slots(self) -> asyncio.Semaphore:
         # asyncio primitives belong to one event loop; a new loop gets a fresh semaphore
@@ -129,15 +135,17 @@ class FunctionJudge:
                 else:
                     value = await asyncio.wait_for(self._invoke(request), self.timeout_s)
             except asyncio.TimeoutError:
-                return Verdict(None, failure="timeout", latency_s=time.perf_counter() - start)
+                return Verdict(None, failure="timeout", latency_s=time.perf_counter() - start, requests=1)
             except Exception as err:  # the callable's own error: a failed call with its type, never a verdict
                 return Verdict(None, failure=f"error:{type(err).__name__}", raw=str(err)[:500],
-                               latency_s=time.perf_counter() - start)
+                               latency_s=time.perf_counter() - start, requests=1)
             latency = time.perf_counter() - start
+        # a call that returned counts as billed, like a completion from a server, whatever it returned
         preference = to_preference(value)
         if preference is None:
-            return Verdict(None, failure="invalid_verdict", raw=repr(value)[:500], latency_s=latency)
-        return Verdict(preference, raw=preference.value, latency_s=latency)
+            return Verdict(None, failure="invalid_verdict", raw=repr(value)[:500], latency_s=latency, requests=1,
+                           billed=1)
+        return Verdict(preference, raw=preference.value, latency_s=latency, requests=1, billed=1)
 
     async def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
         verdicts = await asyncio.gather(*(self._one(r) for r in requests))

