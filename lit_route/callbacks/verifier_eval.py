@@ -56,7 +56,7 @@ class VerifierEval(L.Callback):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps: expected >= 1, got {every_n_steps}")
         self.records = read_task_prompts(prompts, limit)
-        self.verifier = import_callable(verifier)
+        self.verifier = import_callable(verifier, "verifier")
         self.every_n_steps, self.max_new_tokens, self.batch_size = every_n_steps, max_new_tokens, batch_size
         self.group_key = group_key
         self.history: list[dict] = []

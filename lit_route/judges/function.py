@@ -22,28 +22,28 @@ from lit_route.types import JudgeRequest, Preference, Verdict
 _VERDICTS = {"a": Preference.A, "b": Preference.B, "tie": Preference.TIE}
 
 
-def import_callable(path: str) -> Callable[..., Any]:
+def import_callable(path: str, option: str = "function") -> Callable[..., Any]:
     """The object at ``package.module:attribute`` (or ``package.module.attribute``).
 
     Raises:
-        ValueError: naming the path, when the module or attribute does not exist or is not callable.
+        ValueError: naming ``option`` and the path, when the module or attribute does not exist or is not callable.
     """
     if ":" in path:
         module_name, _, attr = path.partition(":")
     else:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
-        raise ValueError(f"function: expected 'package.module:name', got {path!r}")
+        raise ValueError(f"{option}: expected 'package.module:name', got {path!r}")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"function: cannot import module {module_name!r} of {path!r} ({err})") from err
+        raise ValueError(f"{option}: cannot import module {module_name!r} of {path!r} ({err})") from err
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"function: {module_name!r} has no attribute {attr!r}")
+            raise ValueError(f"{option}: {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"function: {path!r} is not callable")
+        raise ValueError(f"{option}: {path!r} is not callable")
     return obj
 
 
