@@ -16,7 +16,7 @@ the greedy policy's verifier accuracy on the held-out prompts. Writes
 interrupted benchmark resumes where it stopped.
 
     python benchmarks/rlhf_downstream.py                        # trains the PM first if --pm-ckpt is absent
-    python benchmarks/rlhf_downstream.py --seeds 0 1 2 --steps 40 --pm-ckpt runs/pm_constraints/finalized.ckpt
+    python benchmarks/rlhf_downstream.py --seeds 0 1 2 --steps 30 --pm-ckpt runs/pm_constraints/finalized.ckpt
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ def arm_callbacks(arm: str, fraction: float, seed: int, eval_every: int, heldout
     return [routing, evaluation]
 
 
-def train_pm(work: Path) -> str:
+def train_pm(config: str, work: Path) -> str:
     from lit_route.cli import pm_cli
 
-    cli = pm_cli(["fit", "--config", str(PM_CONFIG), "--trainer.default_root_dir", str(work / "pm")])
+    cli = pm_cli(["fit", "--config", config, "--trainer.default_root_dir", str(work / "pm")])
     finalize = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "FinalizeCovariance")
     return finalize.ckpt_path
 
@@ -72,9 +72,17 @@ def pm_quality(ckpt: str, work: Path) -> dict:
     results = evaluate(["bundled:constraints/pairs-heldout.jsonl.gz"], FunctionJudge(JUDGE["init_args"]["function"]),
                        pm_ckpt=ckpt, output_dir=str(work / "pm_eval"), order="fixed", cache=None, progress=False)
     at = {f"{r}@25%": results["curves"][r][results["fractions"].index(0.25)] for r in ("uncertainty", "random")}
+    rows = [json.loads(line) for line in open(work / "pm_eval" / "scores.jsonl")]
+    top = sorted(rows, key=lambda r: -r["uncertainty"])[: round(0.25 * len(rows))]
+    families = sorted({r["subset"] for r in rows})
     return {"n_pairs": results["n_pairs"], "accuracy": results["pm_accuracy"],
             "auroc_uncertainty": results["metrics"]["auroc_uncertainty"], "ece": results["metrics"]["ece"],
-            "by_subset": results["by_subset"]["pm"], **at}
+            "accuracy_by_family": results["by_subset"]["pm"],
+            "mean_uncertainty_by_family": {f: statistics.fmean(r["uncertainty"] for r in rows if r["subset"] == f)
+                                           for f in families},
+            # which families the top 25% by ū are drawn from (what uncertainty routing would send to the judge)
+            "top25_uncertainty_share_by_family": {f: sum(r["subset"] == f for r in top) / len(top) for f in families},
+            **at}
 
 
 def run_arm(arm: str, seed: int, args, ckpt: str, work: Path) -> dict:
@@ -211,10 +219,14 @@ def plot(summary: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pm-ckpt", default="runs/pm_constraints/finalized.ckpt",
-                        help="finalised constraints PM; trained with configs/pm/constraints_sngp.yaml when absent")
+                        help="finalised constraints PM; trained with --pm-config when absent")
+    parser.add_argument("--pm-config", default=str(PM_CONFIG), help="PM config to train when --pm-ckpt is absent")
+    parser.add_argument("--judge-all-from", default=None,
+                        help="work dir of another run of this benchmark whose judge_all results to reuse: that arm "
+                             "never reads the PM's scores (every pair is judged), so it is the same for any PM")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--fraction", type=float, default=0.25, help="judge fraction of the routed arms")
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--heldout", default="bundled:constraints/prompts-heldout.jsonl")
@@ -230,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = args.pm_ckpt
     if not Path(ckpt).exists():
         log.info("no PM at %s: training one with %s", ckpt, PM_CONFIG)
-        ckpt = train_pm(work)
+        ckpt = train_pm(args.pm_config, work)
     pm_file = work / "pm_quality.json"
     if pm_file.exists() and not args.rerun and json.loads(pm_file.read_text()).get("ckpt") == str(ckpt):
         pm = json.loads(pm_file.read_text())
@@ -241,6 +253,10 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in args.seeds:
         for arm in args.arms:
             done = work / "runs" / f"{arm}-s{seed}" / "result.json"
+            shared = Path(args.judge_all_from or work) / "runs" / f"{arm}-s{seed}" / "result.json"
+            if arm == "judge_all" and args.judge_all_from and shared.exists():
+                done.parent.mkdir(parents=True, exist_ok=True)
+                done.write_text(shared.read_text())
             if done.exists() and not args.rerun:
                 runs.append(json.loads(done.read_text()))
                 continue

@@ -8,7 +8,13 @@
 gets K samples at the RLOO sampling temperature; every (passing, failing) combination of its samples is a
 pair (identical or empty texts skipped)::
 
-    python -m lit_route.tasks.build pairs --split train --prompts 480 --out lit_route/data/bundled/constraints
+    python -m lit_route.tasks.build pairs --split train
+    python -m lit_route.tasks.build pairs --split heldout --k 8 --seed 1
+
+``drop``: a copy of a pair file without some families, for a PM that has never seen them (a distribution shift
+between the PM's data and the RLOO prompts)::
+
+    python -m lit_route.tasks.build drop --families start_word
 """
 
 from __future__ import annotations
@@ -114,6 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--top-p", type=float, default=0.95)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="lit_route/data/bundled/constraints")
+    d = sub.add_parser("drop", help="copy pairs-<split>.jsonl.gz without the pairs of some families")
+    d.add_argument("--families", nargs="+", required=True)
+    d.add_argument("--split", choices=("train", "heldout"), default="train")
+    d.add_argument("--out", default="lit_route/data/bundled/constraints")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
@@ -122,6 +132,15 @@ def main(argv: list[str] | None = None) -> None:
         for split, records in splits.items():
             write_jsonl(out / f"prompts-{split}.jsonl", records)
             print(f"{out / f'prompts-{split}.jsonl'}: {len(records)} prompts")
+        return
+    if args.command == "drop":
+        from lit_route.data.io import iter_records
+
+        source = out / f"pairs-{args.split}.jsonl.gz"
+        kept = [r for _, r in iter_records(source) if r["subset"] not in args.families]
+        path = out / f"pairs-{args.split}-without-{'-'.join(sorted(args.families))}.jsonl.gz"
+        write_jsonl(path, kept)
+        print(f"{path}: {len(kept)} pairs")
         return
     from lit_route.callbacks.verifier_eval import read_task_prompts
 
