@@ -72,7 +72,7 @@ def pm_quality(ckpt: str, work: Path) -> dict:
     results = evaluate(["bundled:constraints/pairs-heldout.jsonl.gz"], FunctionJudge(JUDGE["init_args"]["function"]),
                        pm_ckpt=ckpt, output_dir=str(work / "pm_eval"), order="fixed", cache=None, progress=False)
     at = {f"{r}@25%": results["curves"][r][results["fractions"].index(0.25)] for r in ("uncertainty", "random")}
-    rows = [json.loads(line) for line in open(work / "pm_eval" / "scores.jsonl")]
+    rows = [json.loads(line) for line in (work / "pm_eval" / "scores.jsonl").read_text().splitlines()]
     top = sorted(rows, key=lambda r: -r["uncertainty"])[: round(0.25 * len(rows))]
     families = sorted({r["subset"] for r in rows})
     return {"n_pairs": results["n_pairs"], "accuracy": results["pm_accuracy"],
