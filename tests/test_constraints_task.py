@@ -98,3 +98,26 @@ def test_label_pairs_pairs_each_passing_sample_with_each_failing_one():
                    ("max_words", "Owls hoot at night.", "Owls are birds of the night.")}
     assert len({p["id"] for p in pairs}) == len(pairs)
     assert all(json.loads(json.dumps(p)) == p for p in pairs)
+
+
+def test_bundled_pairs_are_labelled_by_the_verifier():
+    for split in ("train", "heldout"):
+        pairs = [r for _, r in iter_records(resolve_path(f"bundled:constraints/pairs-{split}.jsonl.gz"))]
+        assert pairs and all(passes(p["prompt"], p["chosen"]) and not passes(p["prompt"], p["rejected"]) for p in pairs)
+        assert {p["subset"] for p in pairs} == set(FAMILIES)
+        prompts = {r["prompt"] for r in bundled(split)}
+        assert all(p["prompt"] in prompts for p in pairs)  # held-out pairs come from held-out prompts only
+
+
+def test_pairs_without_a_family_are_the_full_file_filtered(tmp_path):
+    full = [r for _, r in iter_records(resolve_path("bundled:constraints/pairs-train.jsonl.gz"))]
+    shipped = [r for _, r in iter_records(resolve_path("bundled:constraints/pairs-train-without-start_word.jsonl.gz"))]
+    assert shipped == [r for r in full if r["subset"] != "start_word"]
+    from lit_route.tasks.build import main
+
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "pairs-train.jsonl.gz").write_bytes(resolve_path("bundled:constraints/pairs-train.jsonl.gz").read_bytes())
+    main(["drop", "--families", "start_word", "--out", str(out)])
+    written = resolve_path(str(out / "pairs-train-without-start_word.jsonl.gz")).read_bytes()
+    assert written == resolve_path("bundled:constraints/pairs-train-without-start_word.jsonl.gz").read_bytes()
