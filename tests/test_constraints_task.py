@@ -111,13 +111,13 @@ def test_bundled_pairs_are_labelled_by_the_verifier():
 
 def test_pairs_without_a_family_are_the_full_file_filtered(tmp_path):
     full = [r for _, r in iter_records(resolve_path("bundled:constraints/pairs-train.jsonl.gz"))]
-    shipped = [r for _, r in iter_records(resolve_path("bundled:constraints/pairs-train-without-start_word.jsonl.gz"))]
-    assert shipped == [r for r in full if r["subset"] != "start_word"]
+    shipped = [r for _, r in iter_records(resolve_path("bundled:constraints/pairs-train-without-add.jsonl.gz"))]
+    assert shipped == [r for r in full if r["subset"] != "add"]
     from lit_route.tasks.build import main
 
     out = tmp_path / "c"
     out.mkdir()
     (out / "pairs-train.jsonl.gz").write_bytes(resolve_path("bundled:constraints/pairs-train.jsonl.gz").read_bytes())
-    main(["drop", "--families", "start_word", "--out", str(out)])
-    written = resolve_path(str(out / "pairs-train-without-start_word.jsonl.gz")).read_bytes()
-    assert written == resolve_path("bundled:constraints/pairs-train-without-start_word.jsonl.gz").read_bytes()
+    main(["drop", "--families", "add", "--out", str(out)])
+    written = resolve_path(str(out / "pairs-train-without-add.jsonl.gz")).read_bytes()
+    assert written == resolve_path("bundled:constraints/pairs-train-without-add.jsonl.gz").read_bytes()
