@@ -26,6 +26,7 @@ import csv
 import json
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -69,10 +70,19 @@ def pm_quality(ckpt: str, work: Path) -> dict:
     from lit_route.eval.run import evaluate
     from lit_route.judges.function import FunctionJudge
 
+    out = work / "pm_eval"
+    scored = out / "scores.jsonl"
+    # the PM's scores of an earlier run with the same checkpoint are reused (scoring is the slow part)
+    reuse = scored.exists() and (out / "pm_ckpt.txt").exists() and (out / "pm_ckpt.txt").read_text() == str(ckpt)
+    source = {"scores": str(scored.with_name("scores.reused.jsonl"))} if reuse else {"pm_ckpt": ckpt}
+    if reuse:
+        scored.with_name("scores.reused.jsonl").write_text(scored.read_text())
     results = evaluate(["bundled:constraints/pairs-heldout.jsonl.gz"], FunctionJudge(JUDGE["init_args"]["function"]),
-                       pm_ckpt=ckpt, output_dir=str(work / "pm_eval"), order="fixed", cache=None, progress=False)
+                       output_dir=str(out), order="fixed", cache=None, progress=False, **source)
+    if not reuse:
+        (out / "pm_ckpt.txt").write_text(str(ckpt))
     at = {f"{r}@25%": results["curves"][r][results["fractions"].index(0.25)] for r in ("uncertainty", "random")}
-    rows = [json.loads(line) for line in (work / "pm_eval" / "scores.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in scored.read_text().splitlines()]
     top = sorted(rows, key=lambda r: -r["uncertainty"])[: round(0.25 * len(rows))]
     families = sorted({r["subset"] for r in rows})
     return {"n_pairs": results["n_pairs"], "accuracy": results["pm_accuracy"],
@@ -95,9 +105,13 @@ def run_arm(arm: str, seed: int, args, ckpt: str, work: Path) -> dict:
     callbacks = arm_callbacks(arm, args.fraction, seed, args.eval_every, args.heldout)
     config.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}, sort_keys=False))
     argv = ["fit", "--config", str(BASE_CONFIG), "--config", str(config), "--model.pm_ckpt", ckpt,
-            "--trainer.default_root_dir", str(out), "--trainer.max_steps", str(args.steps),
+            "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
+            "--trainer.max_steps", str(args.steps),
             "--trainer.enable_progress_bar", "false", "--seed_everything", str(seed),
             "--model.sample_seed", str(seed), "--data.seed", str(seed)]
+    for item in args.set:  # the same override for every arm
+        key, _, value = item.partition("=")
+        argv += [f"--{key}", value]
     start = time.perf_counter()
     cli = rloo_cli(argv)
     wall = time.perf_counter() - start
@@ -230,11 +244,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fraction", type=float, default=0.25, help="judge fraction of the routed arms")
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--heldout", default="bundled:constraints/prompts-heldout.jsonl")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override of configs/rloo/constraints.yaml for every arm, e.g. model.lr=1e-4")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--work-dir", default="runs/rlhf_downstream", help="runs, PM and per-run results")
     parser.add_argument("--name", default="rlhf_downstream", help="stem of the files under benchmarks/results")
     parser.add_argument("--rerun", action="store_true", help="rerun arms whose results are already in --work-dir")
     args = parser.parse_args(argv)
+    sys.argv = sys.argv[:1]  # the CLIs below get their arguments explicitly, not from this command line
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
