@@ -46,7 +46,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 @torch.no_grad()
 def sample_responses(prompts: list[str], model_path: str, gguf_file: str | None, k: int, max_new_tokens: int,
-                     temperature: float, top_p: float, seed: int, batch_size: int = 16) -> list[list[str]]:
+                     temperature: float, top_p: float, seed: int, batch_size: int = 16, top_k: int = 0) -> list[list[str]]:
     """K sampled completions per prompt from the base policy, rendered as the RLOO data module renders them."""
     from lit_route.models.backbone import BackboneSpec, load_backbone, load_tokenizer
     from lit_route.policy.sampling import GenerationConfig, sample
@@ -54,7 +54,8 @@ def sample_responses(prompts: list[str], model_path: str, gguf_file: str | None,
     spec = BackboneSpec(model_path=model_path, gguf_file=gguf_file)
     tokenizer = load_tokenizer(spec)
     model = load_backbone(spec, causal_lm=True).eval()
-    config = GenerationConfig(num_samples=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    config = GenerationConfig(num_samples=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              top_k=top_k)
     out: list[list[str]] = []
     for n, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = prompts[start : start + batch_size]
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--max-new-tokens", type=int, default=20)
     q.add_argument("--temperature", type=float, default=0.8)
     q.add_argument("--top-p", type=float, default=0.95)
+    q.add_argument("--top-k", type=int, default=0, help="0: off (the bundled pairs were sampled without it)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="lit_route/data/bundled/constraints")
     d = sub.add_parser("drop", help="copy pairs-<split>.jsonl.gz without the pairs of some families")
@@ -149,12 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     responses = sample_responses([r["prompt"] for r in records], args.model, args.gguf, args.k, args.max_new_tokens,
-                                 args.temperature, args.top_p, args.seed)
+                                 args.temperature, args.top_p, args.seed, top_k=args.top_k)
     pairs, rates = label_pairs(records, responses)
     path = out / f"pairs-{args.split}.jsonl.gz"
     write_jsonl(path, pairs)
     summary = {"split": args.split, "prompts": len(records), "k": args.k, "temperature": args.temperature,
-               "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+               "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
                "pass_rate_by_family": rates, "pairs": len(pairs), "seconds": round(time.perf_counter() - start, 1)}
     (out / f"pairs-{args.split}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
