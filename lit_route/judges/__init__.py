@@ -16,6 +16,7 @@ __all__ = [
     "AnthropicJudge",
     "CachedJudge",
     "CallPolicy",
+    "FunctionJudge",
     "HFLocalJudge",
     "JudgeBackend",
     "JudgeStats",
@@ -39,6 +40,10 @@ def __getattr__(name: str):
         from lit_route.judges.openai_judge import OpenAICompatibleJudge
 
         return OpenAICompatibleJudge
+    if name == "FunctionJudge":
+        from lit_route.judges.function import FunctionJudge
+
+        return FunctionJudge
     if name == "HFLocalJudge":
         from lit_route.judges.hf_local import HFLocalJudge
 

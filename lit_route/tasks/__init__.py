@@ -1,0 +1,1 @@
+"""Tasks whose answers a program can check: prompt generators and verifiers (rewards, judges, evaluation)."""
