@@ -167,3 +167,17 @@ def test_pointwise_mode_trains_and_scores(tiny_model_dir, toy_pairs, tmp_path):
                            enable_checkpointing=False, enable_model_summary=False)
     with pytest.raises(ValueError, match=r"data\.mode"):
         mismatched.fit(module, PreferenceDataModule(train=str(data_path), mode="pairwise"))
+
+
+def test_checkpoint_without_the_exact_sigma_loads_and_scores_as_the_trained_module(trained, toy_pairs):
+    """Checkpoints written before the spectral layer kept its exact σ lack ``head.projection.sigma``: they load,
+    and switching to eval takes σ from the SVD again, so they score as the module that wrote them."""
+    module, _, _, tmp_path = trained
+    raw = torch.load(tmp_path / "finalized.ckpt", map_location="cpu", weights_only=False)
+    assert float(raw["state_dict"].pop("head.projection.sigma")) > 0
+    old = tmp_path / "before_sigma.ckpt"
+    torch.save(raw, old)
+    loaded, enc = load_preference_model(old)
+    d, u = score_pairs(loaded, toy_pairs, enc, batch_size=5, progress=False)
+    d_ref, u_ref = score_pairs(module, toy_pairs, enc, batch_size=5, progress=False)
+    assert torch.equal(d, d_ref) and torch.equal(u, u_ref)

@@ -323,7 +323,13 @@ class PreferenceModule(L.LightningModule):
         return type(keys)(missing, keys.unexpected_keys)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = self._kept_keys() - set(checkpoint["state_dict"])
+        state = checkpoint["state_dict"]
+        missing = self._kept_keys() - set(state)
+        # checkpoints written before the spectral layer kept its exact σ: 0 means "not taken", and the layer
+        # bounds its weight with the stored power-iteration vectors, as those checkpoints were scored
+        for key in [k for k in missing if k.endswith(".sigma") and k.startswith("head.")]:
+            state[key] = torch.zeros(())
+            missing.discard(key)
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trained tensors, e.g. {sorted(missing)[:3]}")
 
