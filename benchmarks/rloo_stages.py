@@ -20,12 +20,11 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from common import StepTimer
+from common import StepTimer, timed
 from rloo_vs_trl import SMOL, TARGETS, bench_prompts
 
 import lit_route.policy.pm_scoring as pm_scoring
@@ -69,15 +68,6 @@ def run(args, prompts, engine: str, split: bool, share_prefix: bool):
     trainer.fit(module, PromptDataModule(prompts=str(path), batch_size=args.prompts, max_prompt_tokens=256))
     split_s = {k.split("/")[1]: statistics.median(s[k] for s in timer.splits[1:]) for k in timer.splits[0]}
     return module, keep, {"step_s": statistics.median(timer.times[1:]), "split_s": split_s}
-
-
-def timed(fn, repeats=3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def floors(module: RLOOPolicyModule, keep: KeepRollout) -> dict:
