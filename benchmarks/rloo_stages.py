@@ -160,7 +160,7 @@ def main() -> None:
     (OUT / "rloo_stages.json").write_text(json.dumps(report, indent=2))
     lines = [
         f"SmolLM2-135M-Instruct policy (LoRA top 4), {args.prompts} prompts x K={args.k}, up to {args.completion} "
-        f"new tokens, the demo's PM; medians of {args.repeats} interleaved runs x {args.steps - 1} steps.",
+        f"new tokens, the PM `{Path(args.pm_ckpt).name}` from `{Path(args.pm_ckpt).parent}`; medians of {args.repeats} interleaved runs x {args.steps - 1} steps.",
         "",
         "| stage | before (hf generate, whole passes, whole PM sequences) | after | after / before | bare-op floor | "
         "after / floor |",
