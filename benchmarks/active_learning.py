@@ -27,6 +27,7 @@ from lit_route.eval.run import evaluate
 from lit_route.judges.loop import run_sync
 from lit_route.judges.pairwise import judge_pairs
 from lit_route.judges.replay import ReplayJudge
+from lit_route.preference.features import FeatureCache
 from lit_route.preference.io import load_preference_model
 from lit_route.preference.scoring import score_pairs
 
@@ -58,9 +59,24 @@ def fit(root: Path, extra: list[str], head: str, continue_from: str | None, epoc
     return str(root / "finalized.ckpt")
 
 
-def measure(ckpt: str, heldout: Path, work: Path) -> dict:
-    r = evaluate([str(heldout)], ReplayJudge(judge="GPT-4"), pm_ckpt=ckpt, output_dir=str(work), cache=None,
-                 progress=False)
+def scored(ckpt: str, pairs, cache: Path):
+    """(d, ū) of ``pairs`` under the checkpoint, the frozen backbone's features read from the shared cache."""
+    module, encoder = load_preference_model(ckpt)
+    module.feature_cache = FeatureCache(cache)
+    d, u = score_pairs(module, pairs, encoder, progress=False)
+    module.flush_feature_cache()
+    return d, u
+
+
+def measure(ckpt: str, heldout, heldout_file: Path, work: Path, cache: Path) -> dict:
+    d, u = scored(ckpt, heldout, cache)
+    work.mkdir(parents=True, exist_ok=True)
+    scores = work / "scores.jsonl"
+    with open(scores, "w") as fh:
+        for p, s, v in zip(heldout, d.tolist(), u.tolist(), strict=True):
+            fh.write(json.dumps({"id": p.id, "subset": p.subset, "score": s, "uncertainty": v, "correct": s > 0}) + "\n")
+    r = evaluate([str(heldout_file)], ReplayJudge(judge="GPT-4"), scores=str(scores), output_dir=str(work),
+                 cache=None, progress=False)
     at = {f: r["curves"][k][r["fractions"].index(f)] for k in ("uncertainty",) for f in (0.1, 0.25)}
     return {"pm_accuracy": r["pm_accuracy"], "auroc": r["metrics"].get("auroc_uncertainty"),
             "ece": r["metrics"]["ece"], "uncertainty_auc": r["area_under_curve"]["uncertainty"],
@@ -75,8 +91,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5, help="epochs of each continued fit")
     parser.add_argument("--work", default="runs/bench_active_learning")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--feature-cache", default="runs/feature_cache",
+                        help="the frozen backbone's features; the demo's cache already holds every sequence used here")
     args = parser.parse_args()
     work = Path(args.work)
+    cache = Path(args.feature_cache)
     pairs = load_pairs(LLMBAR)
     random.Random(args.seed).shuffle(pairs)
     pool, heldout = pairs[: len(pairs) // 2], pairs[len(pairs) // 2 :]
@@ -84,14 +103,13 @@ def main() -> None:
     write_pairs(work / "heldout.jsonl", heldout)
     gpt4 = ReplayJudge(judge="GPT-4")
     verdicts = run_sync(judge_pairs(gpt4, [(p.prompt_text(), p.chosen, p.rejected) for p in pool], order="both"))
-    round0 = fit(work / "round0", [], args.head, None, None, work / "feature_cache")
-    rows = [{"strategy": "none", "round": 0, "labels": 0, **measure(round0, work / "heldout.jsonl", work / "eval0")}]
+    round0 = fit(work / "round0", [], args.head, None, None, cache)
+    rows = [{"strategy": "none", "round": 0, "labels": 0, **measure(round0, heldout, work / "heldout.jsonl", work / "eval0", cache)}]
     print(json.dumps(rows[-1]))
     for strategy in ("uncertainty", "random"):
         ckpt, chosen = round0, []
         for rnd in range(1, args.rounds + 1):
-            module, encoder = load_preference_model(ckpt)
-            _, u = score_pairs(module, pool, encoder, progress=False)
+            _, u = scored(ckpt, pool, cache)
             free = [i for i in range(len(pool)) if i not in set(chosen)]
             if strategy == "uncertainty":
                 free.sort(key=lambda i: -float(u[i]))
@@ -101,10 +119,9 @@ def main() -> None:
             labels = work / strategy / f"labels{rnd}.jsonl"
             written = write_judged_pairs(labels, [pool[i] for i in chosen], [verdicts[i].score for i in chosen],
                                          "GPT-4")
-            ckpt = fit(work / strategy / f"round{rnd}", [str(labels)], args.head, ckpt, args.epochs,
-                       work / "feature_cache")
+            ckpt = fit(work / strategy / f"round{rnd}", [str(labels)], args.head, ckpt, args.epochs, cache)
             rows.append({"strategy": strategy, "round": rnd, "labels": len(chosen), "decided_labels": written,
-                         **measure(ckpt, work / "heldout.jsonl", work / strategy / f"eval{rnd}")})
+                         **measure(ckpt, heldout, work / "heldout.jsonl", work / strategy / f"eval{rnd}", cache)})
             print(json.dumps(rows[-1]))
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "active_learning.json").write_text(json.dumps({"config": vars(args), "pool": len(pool),
