@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,7 +133,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="new tokens per completion")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    prompts = OUT / "budget_controller_prompts.txt"
+    prompts = Path(tempfile.mkdtemp()) / "budget_controller_prompts.txt"
     prompts.write_text("\n".join(p[-1]["content"].replace("\n", " ") for p in read_prompts(
         "bundled:hh-rlhf/harmless-base-test.jsonl.gz", first_turn_only=True)[:200]))
     arms = {"fixed": QuantileTracker(lr=1e-9), "quantile": QuantileTracker(), "pi": PIController()}
@@ -146,7 +147,8 @@ def main() -> None:
     report = {"target_fraction": TARGET, "steps": args.steps, "server_requests": requests, "arms": results}
     (OUT / "budget_controller.json").write_text(json.dumps(report, indent=2))
     lines = [
-        f"Target: {TARGET:.0%} of each step's pairs judged; {args.steps} RLOO steps; ū rises as the policy drifts.",
+        f"Target: {TARGET:.0%} of each step's pairs judged; {args.steps} RLOO steps; mean ū per arm as measured (a drift "
+        "shows as a rise from the first to the last 10 steps).",
         "",
         "| arm | mean ū, first 10 steps | mean ū, last 10 steps | judged share, 2nd half (mean) | worst 10-step window error | judge calls |",
         "|---|---|---|---|---|---|",
