@@ -173,7 +173,7 @@ def plot(results: list[dict]) -> None:
     ax.axhline(TARGET, color="k", ls=":", lw=0.8, label="target")
     ax.set_ylabel("share of pairs judged")
     ax.legend(fontsize=8)
-    ax.set_title("Realised judge share per RLOO step: fixed τ vs controllers (tiny models, loopback judge)", fontsize=9)
+    ax.set_title("Realised judge share per RLOO step: fixed τ vs controllers (SmolLM2 policy and PM, loopback judge)", fontsize=9)
     ax2.plot(results[0]["u_mean_by_step"], color="grey")
     ax2.set_ylabel("mean ū of the step")
     ax2.set_xlabel("RLOO step")
