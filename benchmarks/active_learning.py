@@ -23,7 +23,7 @@ from pathlib import Path
 from lit_route.cli import pm_cli
 from lit_route.data.readers import load_pairs
 from lit_route.eval.export import write_judged_pairs
-from lit_route.eval.run import evaluate
+from lit_route.eval.run import evaluate, write_scores
 from lit_route.judges.loop import run_sync
 from lit_route.judges.pairwise import judge_pairs
 from lit_route.judges.replay import ReplayJudge
@@ -70,11 +70,8 @@ def scored(ckpt: str, pairs, cache: Path):
 
 def measure(ckpt: str, heldout, heldout_file: Path, work: Path, cache: Path) -> dict:
     d, u = scored(ckpt, heldout, cache)
-    work.mkdir(parents=True, exist_ok=True)
     scores = work / "scores.jsonl"
-    with open(scores, "w") as fh:
-        for p, s, v in zip(heldout, d.tolist(), u.tolist(), strict=True):
-            fh.write(json.dumps({"id": p.id, "subset": p.subset, "score": s, "uncertainty": v, "correct": s > 0}) + "\n")
+    write_scores(scores, heldout, d, u)
     r = evaluate([str(heldout_file)], ReplayJudge(judge="GPT-4"), scores=str(scores), output_dir=str(work),
                  cache=None, progress=False)
     at = {f: r["curves"][k][r["fractions"].index(f)] for k in ("uncertainty",) for f in (0.1, 0.25)}

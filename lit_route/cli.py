@@ -12,7 +12,6 @@ import os
 import re
 import sys
 import warnings
-from pathlib import Path
 
 USAGE = """usage: lit-route <command> [options]
 
@@ -152,17 +151,14 @@ def pm_score(
         limit_per_file: Score at most this many pairs per file.
     """
     from lit_route.data.readers import load_pairs
+    from lit_route.eval.run import write_scores
     from lit_route.preference.io import load_preference_model
     from lit_route.preference.scoring import score_pairs
 
     pairs = load_pairs(data, format, skip_invalid, limit_per_file)
     module, encoder = load_preference_model(pm_ckpt, device)
     d, u = score_pairs(module, pairs, encoder, batch_size=batch_size)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w") as fh:
-        for pair, score, unc in zip(pairs, d.tolist(), u.tolist(), strict=True):
-            row = {"id": pair.id, "subset": pair.subset, "score": score, "uncertainty": unc, "correct": score > 0}
-            fh.write(json.dumps(row) + "\n")
+    write_scores(output, pairs, d, u)
     summary = {
         "n_pairs": len(pairs),
         "accuracy": float((d > 0).float().mean()),

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lit_route.cli import _setup_logging, pm_cli, rloo_cli
     from lit_route.data.encoding import PairEncoder
     from lit_route.data.readers import load_pairs
-    from lit_route.eval.run import evaluate
+    from lit_route.eval.run import evaluate, write_scores
     from lit_route.judges.replay import ReplayJudge
     from lit_route.preference.scoring import score_pairs
 
@@ -66,9 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     d, u = score_pairs(module, pairs, encoder, batch_size=8)
     module.flush_feature_cache()
     scores = out / "llmbar_scores.jsonl"
-    with open(scores, "w") as fh:
-        for p, s, v in zip(pairs, d.tolist(), u.tolist(), strict=True):
-            fh.write(json.dumps({"id": p.id, "subset": p.subset, "score": s, "uncertainty": v, "correct": s > 0}) + "\n")
+    write_scores(scores, pairs, d, u)
     gpt4 = evaluate(LLMBAR_EVAL, ReplayJudge(judge="GPT-4"), scores=str(scores), output_dir=str(out / "eval_gpt4"),
                     cache=None, limit_per_file=args.limit_per_file)
     timings["score_and_evaluate_gpt4_s"] = time.perf_counter() - t

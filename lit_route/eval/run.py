@@ -44,6 +44,15 @@ REWARDBENCH_SECTIONS = {
 }
 
 
+def write_scores(path, pairs, d: torch.Tensor, u: torch.Tensor) -> None:
+    """Writes a ``pm score`` file: one ``{"id", "subset", "score", "uncertainty", "correct"}`` row per pair, in
+    the order of ``pairs`` (what :func:`read_scores` and ``evaluate --scores`` read back)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        for p, s, v in zip(pairs, d.tolist(), u.tolist(), strict=True):
+            fh.write(json.dumps({"id": p.id, "subset": p.subset, "score": s, "uncertainty": v, "correct": s > 0}) + "\n")
+
+
 def read_scores(path: str, pairs) -> tuple[torch.Tensor, torch.Tensor]:
     """``pm score`` output matched to ``pairs`` by id (every pair must have a finite score and uncertainty)."""
     rows = {}
@@ -145,9 +154,7 @@ def evaluate(
 
         module, encoder = load_preference_model(pm_ckpt, device)
         d, u = score_pairs(module, pairs, encoder, batch_size=batch_size, progress=progress)
-        with open(out_dir / "scores.jsonl", "w") as fh:
-            for p, s, v in zip(pairs, d.tolist(), u.tolist(), strict=True):
-                fh.write(json.dumps({"id": p.id, "subset": p.subset, "score": s, "uncertainty": v, "correct": s > 0}) + "\n")
+        write_scores(out_dir / "scores.jsonl", pairs, d, u)
     items = [(p.prompt_text(), p.chosen, p.rejected) for p in pairs]
     backend, judgements = _judge_all(judge, cache, items, order, seed, progress, "judging")
     pm_correct = (d > 0).double()
