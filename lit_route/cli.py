@@ -169,6 +169,20 @@ def pm_score(
     return summary
 
 
+def pm_score_cli(args: list[str], run: bool = True):
+    """``lit-route pm score --pm_ckpt CKPT --data PATH --output scores.jsonl``; ``run=False`` only parses."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="lit-route pm score", parser_mode="omegaconf", default_env=False,
+                            description=pm_score.__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(pm_score, as_positional=False)
+    cfg = parser.parse_args(args)
+    if not run:
+        return cfg
+    return pm_score(**{k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__")})
+
+
 def error_line(err: BaseException) -> str:
     """One line for an error: the first raised by lit_route in the chain of causes (it names the file, line or
     option), else the outermost; its first line only."""
@@ -223,14 +237,7 @@ def _dispatch(argv: list[str]) -> None:
     command, rest = argv[0], argv[1:]
     if command == "pm":
         if rest and rest[0] == "score":
-            from jsonargparse import ActionConfigFile, ArgumentParser
-
-            parser = ArgumentParser(prog="lit-route pm score", parser_mode="omegaconf", default_env=False,
-                                    description=pm_score.__doc__.splitlines()[0])
-            parser.add_argument("--config", action=ActionConfigFile)
-            parser.add_function_arguments(pm_score, as_positional=False)
-            cfg = parser.parse_args(rest[1:])
-            pm_score(**{k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__")})
+            pm_score_cli(rest[1:])
             return
         pm_cli(rest)
     elif command == "rloo":

@@ -174,10 +174,10 @@ def test_fabric_loop_trains_as_the_trainer_does(toy_pairs, tmp_path):
 
 
 def test_the_readme_loop_runs():
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "distributed.md").read_text()
     block = text.split("**Your own loop.**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     scope: dict = {}
-    exec(compile(block, "README.md", "exec"), scope)  # the example as a user copies it
+    exec(compile(block, "docs/distributed.md", "exec"), scope)  # the example as a user copies it
     module = scope["module"]
     assert module.has_uncertainty and int(module.head.n_accumulated) == 32  # 16 pairs, both orders
 
