@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import zipfile
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def check_choice(name: str, value, choices: Sequence) -> None:
@@ -31,3 +33,30 @@ def check_optional(name: str, value, **kwargs) -> None:
     """As :func:`check_nonnegative`, ``None`` allowed (no limit)."""
     if value is not None:
         check_nonnegative(name, value, **kwargs)
+
+
+# values of Lightning's ``ckpt_path`` that name no file
+_CKPT_ALIASES = ("last", "best", "hpc", "registry")
+
+
+def check_checkpoint(name: str, path: str | None) -> None:
+    """A checkpoint file torch can open, named in the error when it is not: missing, empty, truncated (a zip
+    archive without its central directory) or not a ``torch.save`` file. Folders (DeepSpeed's and sharded FSDP
+    checkpoints), remote URLs and Lightning's aliases (``last``, ``best``) are left to Lightning."""
+    if path is None or path in _CKPT_ALIASES or "://" in str(path) or str(path).startswith("registry:"):
+        return
+    file = Path(path)
+    if not file.exists():
+        raise ValueError(f"{name}: {path} does not exist")
+    if file.is_dir():
+        return
+    if file.stat().st_size == 0:
+        raise ValueError(f"{name}: {path} is empty (0 bytes): not a checkpoint")
+    if not zipfile.is_zipfile(file):  # torch.save writes a zip archive whose directory is at the end of the file
+        raise ValueError(f"{name}: {path} is not a readable checkpoint (truncated, or not a file written by torch.save)")
+
+
+def check_file_path(name: str, path: str | None, example: str = "file") -> None:
+    """A path a file can be created at: not an existing folder (sqlite and open() would fail without naming it)."""
+    if path is not None and Path(path).is_dir():
+        raise ValueError(f"{name}: {path} is a folder; give a file path, e.g. {Path(path) / example}")

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lit_route.checks import check_fraction, check_nonnegative, check_optional
 from lit_route.data.encoding import PairEncoder, pad_batch
 from lit_route.data.readers import ReadReport, load_pair_dataset, pairs_from_dataset
 from lit_route.data.tables import quiet_datasets
@@ -152,6 +153,10 @@ class PreferenceDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("max_length", max_length), ("limit_per_file", limit_per_file)):
+            check_optional(f"data.{name}", value, integer=True, positive=True)  # before torch or the tokenizer does
+        check_nonnegative("data.num_workers", num_workers, integer=True)
+        check_fraction("data.val_fraction", val_fraction)
         self.save_hyperparameters()
         self.train_set: EncodedPairs | None = None
         self.val_set: EncodedPairs | None = None

@@ -94,6 +94,8 @@ def read_table(path: str | Path):
             raise DataFormatError(path, None, "unknown file type; expected .json, .jsonl (optionally .gz), .parquet "
                                               "or a dataset folder")
         text = read_text(path)
+        if not text.strip():  # `datasets` fails on an empty file with a bare StopIteration; the caller names it
+            return None, None, []
         if text.lstrip().startswith("["):
             # a JSON array is parsed whole by either reader; Python's keeps every string as written (the Arrow
             # path of `datasets` silently drops a lone surrogate from a JSON array) and knows each record's line

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lit_route.artefacts.provenance import provenance
-from lit_route.checks import check_choice, check_fraction, check_nonnegative
+from lit_route.checks import check_choice, check_file_path, check_fraction, check_nonnegative
 from lit_route.data.readers import load_pairs
 from lit_route.eval.cascade import cascade_report
 from lit_route.eval.curves import (
@@ -139,6 +139,8 @@ def evaluate(
     check_fraction("max_failed_fraction", max_failed_fraction)
     check_nonnegative("batch_size", batch_size, integer=True, positive=True)
     check_fraction("export_fraction", export_fraction)
+    check_file_path("cache", cache, "judge_cache.sqlite")
+    check_file_path("export_judged", export_judged, "judged.jsonl")
     if cheap_judge is not None:
         check_judge(cheap_judge, "cheap_judge")
     if (pm_ckpt is None) == (scores is None):

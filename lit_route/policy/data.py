@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from lit_route.checks import check_optional
 from lit_route.data.adapters import RecordError
 from lit_route.data.io import SURROGATE_MESSAGE, DataFormatError, lone_surrogate, read_text, resolve_path
 from lit_route.data.readers import load_pairs
@@ -148,6 +149,8 @@ class PromptDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("max_prompt_tokens", max_prompt_tokens), ("limit", limit)):
+            check_optional(f"data.{name}", value, integer=True, positive=True)  # before torch or the tokenizer does
         self.save_hyperparameters()
         self.tokenizer = None
         self.items: list[dict] | None = None

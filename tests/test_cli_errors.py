@@ -1,0 +1,153 @@
+"""Bad input a user meets, each refused with one line that names the file or the option (and the closest valid
+option when one is misspelled), a non-zero exit, and no traceback; nothing is trained before the refusal."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from lit_route.cli import main
+
+PM = ["pm", "fit", "--config", "configs/pm/debug_tiny.yaml"]
+RLOO = ["rloo", "fit", "--config", "configs/rloo/debug_tiny.yaml"]
+EVAL = ["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml"]
+
+
+def without_logging_errors(text: str) -> list[str]:
+    """stderr without the reports of log handlers bound to an earlier test's (closed) capture stream: an artefact
+    of several runs in one process, which a user's single run does not have."""
+    return re.sub(r"--- Logging error ---\n.*?\nArguments: [^\n]*\n", "", text, flags=re.S).splitlines()
+
+
+def one_line(argv, capsys, code=None) -> str:
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = without_logging_errors(capsys.readouterr().err)
+    assert stop.value.code == (code or stop.value.code) and stop.value.code != 0
+    assert err and err[-1].startswith("lit-route: error: "), err
+    assert not any(line.startswith(("usage:", "  File ")) for line in err), err  # no usage dump, no traceback
+    return err[-1]
+
+
+@pytest.mark.parametrize("argv, wrong, right", [
+    ([*RLOO, "--model.bta", "0.1"], "--model.bta", "--model.beta"),
+    ([*PM, "--model.hed=sngp"], "--model.hed", "--model.head"),
+    ([*EVAL, "--ordr", "both"], "--ordr", "--order"),
+    (["fabric", "pm", "--config", "configs/pm/debug_tiny.yaml", "--data.batch_sise", "4"], "--data.batch_sise",
+     "--data.batch_size"),
+    (["pm", "score", "--pm_ckt", "x.ckpt"], "--pm_ckt", "--pm_ckpt"),
+])
+def test_a_misspelled_option_is_one_line_with_the_closest_name(argv, wrong, right, capsys):
+    # before: jsonargparse printed the whole usage (73 lines for `rloo fit`) and no suggestion
+    line = one_line(argv, capsys, code=2)
+    assert line == f"lit-route: error: unknown option {wrong} (did you mean {right}?); --help lists the options"
+
+
+def test_a_misspelled_key_in_a_config_file_is_named_with_the_closest_name(tmp_path, capsys):
+    extra = tmp_path / "mine.yaml"
+    extra.write_text("model:\n  hed: sngp\n")
+    line = one_line([*PM, "--config", str(extra)], capsys, code=2)
+    assert "unknown option model.hed (did you mean model.head?)" in line
+
+
+def test_a_value_of_the_wrong_type_is_one_line_naming_the_option(capsys):
+    line = one_line([*PM, "--data.batch_size", "abc"], capsys, code=2)
+    assert line.startswith("lit-route: error: data.batch_size: ") and "abc" in line
+
+
+def test_debug_keeps_the_parsers_own_output(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([*RLOO, "--model.bta", "0.1", "--debug"])
+    assert stop.value.code == 2 and len(capsys.readouterr().err.splitlines()) > 20  # the usage, as jsonargparse prints it
+
+
+@pytest.mark.parametrize("argv", [
+    [*PM, "--data.batch_size", "0"],
+    [*RLOO, "--data.batch_size", "0"],
+    ["fabric", "pm", "--config", "configs/pm/debug_tiny.yaml", "--data.batch_size", "0"],
+])
+def test_a_zero_batch_size_is_refused_by_name_before_torch_sees_it(argv, capsys):
+    # before: `ValueError: batch_size should be a positive integer value, but got batch_size=0` from torch's
+    # DataLoader, after the model had loaded
+    assert one_line(argv, capsys, code=1).startswith("lit-route: error: data.batch_size: expected an integer > 0; got 0")
+
+
+@pytest.mark.parametrize("name", ["empty.jsonl", "blank.jsonl", "empty.jsonl.gz"])
+def test_an_empty_data_file_is_named(name, tmp_path, capsys):
+    import gzip
+
+    path = tmp_path / name
+    text = "\n  \n" if name.startswith("blank") else ""
+    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    # before: `lit-route: error: StopIteration` (datasets' JSON reader on an empty file)
+    line = one_line([*PM, "--data.train", f"[{path}]", "--trainer.default_root_dir", str(tmp_path / "run")], capsys)
+    assert line.startswith(f"lit-route: error: {path}: no preference pairs in this file")
+    line = one_line(["pm", "score", "--pm_ckpt", "x.ckpt", "--data", f"[{path}]", "--output", str(tmp_path / "s")],
+                    capsys)
+    assert f"{path}" in line
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage\n", "truncated"])
+@pytest.mark.parametrize("engine", ["pm", "rloo", "fabric pm"])
+def test_an_unreadable_resume_checkpoint_is_named_before_anything_loads(engine, content, tmp_path, capsys):
+    ckpt = tmp_path / "last.ckpt"
+    if content == "truncated":  # a real checkpoint cut short, as a killed copy leaves it
+        import torch
+
+        torch.save({"state_dict": {"w": torch.zeros(4096)}}, tmp_path / "whole.ckpt")
+        content = (tmp_path / "whole.ckpt").read_bytes()[:5000]
+    ckpt.write_bytes(content)
+    config = "configs/rloo/debug_tiny.yaml" if engine == "rloo" else "configs/pm/debug_tiny.yaml"
+    command = ["fabric", "pm"] if engine == "fabric pm" else [engine, "fit"]
+    argv = [*command, "--config", config, "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(tmp_path / "r")]
+    # before: `UnpicklingError: Weights only load failed ...`, `EOFError` or `RuntimeError: PytorchStreamReader
+    # failed reading zip archive ...`, none naming the file
+    line = one_line(argv, capsys, code=1)
+    assert line.startswith(f"lit-route: error: ckpt_path: {ckpt} is ")
+    assert not (tmp_path / "r").exists()  # refused before the run started
+
+
+def test_a_cache_path_that_is_a_folder_is_named(tmp_path, capsys):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    scores = tmp_path / "scores.jsonl"
+    from lit_route.data import load_pairs
+
+    pairs = load_pairs("bundled:llmbar/Natural.json", limit=4)
+    scores.write_text("".join(json.dumps({"id": p.id, "score": 0.1, "uncertainty": 1.0}) + "\n" for p in pairs))
+    # before: `lit-route: error: unable to open database file` (sqlite), no path
+    line = one_line([*EVAL, "--pm_ckpt", "null", "--scores", str(scores), "--data", "[bundled:llmbar/Natural.json]",
+                     "--limit_per_file", "4", "--cache", str(folder), "--output_dir", str(tmp_path / "e")],
+                    capsys, code=1)
+    assert line.startswith(f"lit-route: error: cache: {folder} is a folder; give a file path")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("max_calls_total", "-5", "max_calls_total: expected an integer >= 0; got -5"),
+    ("fraction", "-0.5", "fraction: expected a number in [0, 1]; got -0.5"),
+    ("max_spend_usd", "-1", "max_spend_usd: expected a number >= 0; got -1.0"),
+])
+@pytest.mark.parametrize("engine", ["rloo", "fabric rloo"])
+def test_a_negative_budget_for_the_routing_callback_shows_the_projects_message(engine, option, value, message,
+                                                                              capsys, tmp_path):
+    command = ["fabric", "rloo"] if engine == "fabric rloo" else ["rloo", "fit"]
+    argv = command + RLOO[2:] + [f"--trainer.callbacks.init_args.{option}", value,
+                                 "--trainer.default_root_dir", str(tmp_path / "r")]
+    assert one_line(argv, capsys) == f"lit-route: error: {message}  (--debug shows the traceback)"
+
+
+def test_usage_line_picks_the_projects_message_out_of_a_union_error():
+    from lit_route.cli import usage_line
+
+    # jsonargparse's message when no member of a Union type accepts a value: the reason is an indented line
+    message = ('Parser key "trainer.callbacks":\n  Does not validate against any of the Union subtypes\n  Subtypes: '
+               "[list, NoneType]\n  Errors:\n    - Problem with given class_path 'lit_route.callbacks."
+               "UncertaintyRouting':\n      - max_calls_total: expected an integer >= 0; got -5\n    - Expected a "
+               "<class 'NoneType'>\n  Given value type: <class 'list'>")
+    assert usage_line(message, []) == "max_calls_total: expected an integer >= 0; got -5"
+    assert usage_line("unrecognized arguments: --modle.beta 1", ["--model.beta", "--model.lr"]) == (
+        "unknown option --modle.beta (did you mean --model.beta?); --help lists the options")
+    assert usage_line("unrecognized arguments: --zzz", ["--model.beta"]) == (
+        "unknown option --zzz; --help lists the options")
