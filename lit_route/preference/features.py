@@ -195,3 +195,93 @@ class FeatureCache:
 
     def stats(self) -> dict[str, int]:
         return {"cached": len(self._index), "hits": self.hits, "misses": self.misses}
+
+
+def length_batches(lengths: list[int], max_rows: int = 64, max_tokens: int = 16384) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first, so that padding is small.
+
+    Each batch holds at most ``max_rows`` rows and at most ``max_tokens`` padded tokens (rows × its longest
+    sequence; a single longer sequence gets a batch of its own). Longest first: the largest batch comes first,
+    and an estimate of the remaining time errs long, never short.
+
+    Args:
+        lengths: Tokens of each sequence, (N,).
+        max_rows: Rows per batch.
+        max_tokens: Padded tokens per batch.
+
+    Returns:
+        Batches of indices into ``lengths``; every index appears once.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < max_rows and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)  # sorted longest first: the batch's first row sets its width
+        else:
+            batches.append([i])
+    return batches
+
+
+def padded_tokens(lengths: list[int], batches: list[list[int]]) -> int:
+    """Tokens a backbone reads for ``batches`` of right-padded sequences: Σ rows × longest row."""
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def token_key(ids: list[int]) -> bytes:
+    """The cache key of one unpadded sequence (the same as :func:`sequence_keys` gives its row)."""
+    return hashlib.blake2b(torch.tensor(ids, dtype=torch.long).numpy().tobytes(), digest_size=16).digest()
+
+
+@torch.no_grad()
+def fill_feature_cache(module, sequences: list[list[int]], pad_id: int, max_rows: int = 64,
+                       max_tokens: int = 16384, progress: bool = True) -> dict[str, int]:
+    """Computes the pooled features of every sequence not yet in ``module.feature_cache``, in length order.
+
+    Training batches are shuffled, so in the first epoch every sequence is padded to the longest of its batch;
+    read in length order instead, the backbone reads little more than the real tokens. The progress bar counts
+    tokens (the backbone's cost grows with them) and shows sequences done, the rate and the remaining time.
+
+    Args:
+        module: A ``PreferenceModule`` with a feature cache and a frozen backbone.
+        sequences: Token ids of each sequence (unpadded); duplicates and cached ones are skipped.
+        pad_id: The tokenizer's padding id.
+        max_rows: Rows per forward pass.
+        max_tokens: Padded tokens per forward pass.
+        progress: Show the progress bar.
+
+    Returns:
+        ``sequences`` (asked for), ``computed``, ``tokens`` (real) and ``padded_tokens`` (read by the backbone).
+    """
+    from tqdm.auto import tqdm
+
+    from lit_route.data.encoding import pad_batch
+
+    module._bind_cache("pooled")
+    cache = module.feature_cache
+    todo: dict[bytes, list[int]] = {}
+    for ids in sequences:
+        key = token_key(ids)
+        if key not in cache._index and key not in todo:
+            todo[key] = list(ids)
+    missing = list(todo.values())
+    lengths = [len(s) for s in missing]
+    batches = length_batches(lengths, max_rows, max_tokens)
+    total = padded_tokens(lengths, batches) if batches else 0
+    summary = {"sequences": len(sequences), "computed": len(missing), "tokens": sum(lengths), "padded_tokens": total}
+    if not missing:
+        return summary
+    log.info("feature pass: %d of %d sequences not cached: %d tokens in length order", len(missing),
+             len(sequences), total)
+    device = next(module.parameters()).device
+    bar = tqdm(total=total, desc="feature pass", unit="tok", unit_scale=True, disable=not progress,
+               bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}, {rate_fmt}]")
+    done = 0
+    for batch in batches:
+        padded = pad_batch([missing[i] for i in batch], pad_id)
+        module.pooled(padded["input_ids"].to(device), padded["attention_mask"].to(device))
+        done += len(batch)
+        bar.set_postfix_str(f"{done}/{len(missing)} sequences", refresh=False)
+        bar.update(len(batch) * max(lengths[i] for i in batch))
+    bar.close()
+    cache.flush()
+    return summary

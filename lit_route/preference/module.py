@@ -21,7 +21,7 @@ from lit_route.models.pooling import pool_last_token
 from lit_route.models.precision import warn_low_precision_trainables
 from lit_route.models.sharding import clean_name, trainable_names
 from lit_route.models.split import bottom_hidden, right_padded, run_top, trainable_start_layer
-from lit_route.preference.features import FeatureCache, weights_fingerprint
+from lit_route.preference.features import FeatureCache, fill_feature_cache, weights_fingerprint
 from lit_route.preference.head_configs import EnsembleConfig, LaplaceConfig, MCDropoutConfig, SNGPConfig
 from lit_route.preference.losses import antisymmetric_score, bradley_terry_loss
 from lit_route.preference.metrics import PreferenceMetrics
@@ -263,6 +263,17 @@ class PreferenceModule(L.LightningModule):
         z = self.head.project(torch.cat(firsts + seconds))
         self.head.set_length_scale(z, twin_offset=b)
         log.info("SNGP length-scale %.4g (median heuristic over %d pairs)", float(self.head.features.length_scale), b)
+
+    def on_fit_start(self) -> None:
+        # The frozen backbone's one pass, in length order before the first epoch: shuffled training batches would
+        # pad every sequence to the longest of its batch. One process only (under DDP each rank reads its shard).
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.feature_cache is None or not self.backbone_frozen or dm is None or self.trainer.world_size != 1:
+            return
+        sequences = [ids for data in (dm.train_set, dm.val_set) if data is not None
+                     for ab, ba, _ in data.items for ids in (ab, ba)]
+        fill_feature_cache(self, sequences, self.tokenizer.pad_token_id,
+                           progress=self.trainer.progress_bar_callback is not None)
 
     def on_train_epoch_end(self) -> None:
         self.flush_feature_cache()
