@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -26,15 +29,64 @@ LLMBAR_EVAL = [
 ]
 
 
+DEFAULT_PM_CONFIG = "configs/pm/smollm2_frozen_uq.yaml"
+
+# The up-front estimate of the default run. Timed on 2 idle AVX-512 cores before the feature pass read sequences
+# in length order: 22.1 min, 17.0 of them in the backbone's pass over 2,130 sequences read as 817,920 padded
+# tokens; in length order the pass reads 565,745 (tests/test_feature_pass.py checks the ordering), and its time
+# is taken as proportional to the tokens read. AVX2 CPUs ran the same pass about twice as slowly.
+ESTIMATE = ("about 17 min on 2 idle cores with AVX-512, about twice that with AVX2 (12 and ~24 of them in the "
+            "backbone's one pass over 2,130 sequences, 566k tokens; its bar shows the time left)")
+ESTIMATE_CACHED = "about 5 min on 2 idle cores (the backbone's features are in the cache)"
+
+
+class Stopped:
+    """Where the run is, and the signal that stopped it (None while it runs)."""
+
+    def __init__(self) -> None:
+        self.stage = "starting"
+        self.signal: int | None = None
+
+    def enter(self, title: str) -> None:
+        self.stage = title
+        print(f"\n== {title} ==", flush=True)
+
+    def handler(self, signum, frame) -> None:
+        # Lightning turns a KeyboardInterrupt inside fit into a graceful stop and sys.exit(1), and its own SIGTERM
+        # handling into an exit with status 0: the signal is recorded here so the demo can say what happened
+        self.signal = signum
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="output folder")
-    parser.add_argument("--pm-config", default="configs/pm/smollm2_frozen_uq.yaml")
+    parser.add_argument("--pm-config", default=DEFAULT_PM_CONFIG)
     parser.add_argument("--rloo-config", default="configs/rloo/smollm2_local.yaml")
     parser.add_argument("--rloo-steps", type=int, default=8)
     parser.add_argument("--limit-per-file", type=int, default=None, help="evaluate at most N pairs per LLMBar file")
     args = parser.parse_args(argv)
+    state = Stopped()
+    caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, state.handler) for s in caught}
+    try:
+        return run(args, state)
+    except (KeyboardInterrupt, SystemExit):
+        if state.signal is None:
+            raise
+        again = shlex.join(["python", "-m", "lit_route.demo", *(sys.argv[1:] if argv is None else argv)])
+        print(f"\ndemo: stopped by {signal.Signals(state.signal).name} during stage '{state.stage}'; nothing after it "
+              f"ran and {Path(args.out) / 'summary.json'} was not written. The backbone's features computed so far "
+              f"are kept in the feature cache: run `make demo` (or `{again}`) again to continue from them.",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + state.signal) from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
+
+def run(args, state: Stopped) -> dict:
+    """The demo's stages (see the module docstring); ``state`` records which one is running."""
     from lit_route.cli import _setup_logging, pm_cli, rloo_cli
     from lit_route.data.encoding import PairEncoder
     from lit_route.data.readers import load_pairs
@@ -47,8 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
-    print("\n== 1-2. Uncertainty-aware PM on frozen SmolLM2-135M-Instruct features, then the covariance pass ==",
-          flush=True)
+    if args.pm_config == DEFAULT_PM_CONFIG:
+        cached = any(Path("runs/feature_cache").glob("*/shard-*.pt"))
+        print(f"Estimated time: {ESTIMATE_CACHED if cached else ESTIMATE}.", flush=True)
+    state.enter("1-2. Uncertainty-aware PM on frozen SmolLM2-135M-Instruct features, then the covariance pass")
     t = time.perf_counter()
     cli = pm_cli(["fit", "--config", args.pm_config, "--trainer.default_root_dir", str(out / "pm")])
     timings["pm_fit_and_finalize_s"] = time.perf_counter() - t
@@ -58,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     module, dm = cli.model, cli.datamodule
     cache_stats = module.feature_cache.stats() if module.feature_cache is not None else {}
 
-    print("\n== 3. Routing on LLMBar (419 pairs) with GPT-4's recorded verdicts ==", flush=True)
+    state.enter("3. Routing on LLMBar (419 pairs) with GPT-4's recorded verdicts")
     t = time.perf_counter()
     # scored by the trained module itself, so LLMBar features land in (or come from) the same feature cache
     pairs = load_pairs(LLMBAR_EVAL, limit=args.limit_per_file)
@@ -71,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
                     cache=None, limit_per_file=args.limit_per_file)
     timings["score_and_evaluate_gpt4_s"] = time.perf_counter() - t
 
-    print("\n== 3b. The same PM scores with a weaker recorded judge (LLaMA2) ==", flush=True)
+    state.enter("3b. The same PM scores with a weaker recorded judge (LLaMA2)")
     t = time.perf_counter()
     llama2 = evaluate(LLMBAR_EVAL, ReplayJudge(judge="LLaMA2"), scores=str(scores),
                       output_dir=str(out / "eval_llama2"), cache=None, limit_per_file=args.limit_per_file)
@@ -80,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n" + table, flush=True)
     (out / "routing_table.md").write_text(table)
 
-    print("\n== 4. RLOO with uncertainty routing to a local judge ==", flush=True)
+    state.enter("4. RLOO with uncertainty routing to a local judge")
     t = time.perf_counter()
     rloo = rloo_cli(["fit", "--config", args.rloo_config, "--model.pm_ckpt", ckpt,
                      "--trainer.default_root_dir", str(out / "rloo"), "--trainer.max_steps", str(args.rloo_steps)])

@@ -92,3 +92,15 @@ def test_the_pass_is_skipped_under_several_processes(tmp_path, world_size):
     pm._trainer = Trainer()
     pm.on_fit_start()
     assert pm.feature_cache.stats()["cached"] == 0
+
+
+def test_the_feature_pass_bar_shows_a_rate_sequences_done_and_the_time_left(tmp_path, capsys):
+    import re
+
+    pm = module(tmp_path / "cache")
+    sequences = [[5, 6, 7] * k for k in range(1, 20)]
+    fill_feature_cache(pm, sequences, pm.tokenizer.pad_token_id, max_rows=4, progress=True)
+    err = capsys.readouterr().err
+    # before: Lightning's epoch bar, `0.00it/s` for minutes while each batch ran the backbone
+    assert re.search(r"[\d.]+k?(tok/s|s/tok)", err) and "19/19 sequences" in err
+    assert re.search(r"<\d\d:\d\d", err)  # the time left

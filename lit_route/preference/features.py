@@ -276,12 +276,14 @@ def fill_feature_cache(module, sequences: list[list[int]], pad_id: int, max_rows
     bar = tqdm(total=total, desc="feature pass", unit="tok", unit_scale=True, disable=not progress,
                bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}, {rate_fmt}]")
     done = 0
-    for batch in batches:
-        padded = pad_batch([missing[i] for i in batch], pad_id)
-        module.pooled(padded["input_ids"].to(device), padded["attention_mask"].to(device))
-        done += len(batch)
-        bar.set_postfix_str(f"{done}/{len(missing)} sequences", refresh=False)
-        bar.update(len(batch) * max(lengths[i] for i in batch))
-    bar.close()
-    cache.flush()
+    try:
+        for batch in batches:
+            padded = pad_batch([missing[i] for i in batch], pad_id)
+            module.pooled(padded["input_ids"].to(device), padded["attention_mask"].to(device))
+            done += len(batch)
+            bar.set_postfix_str(f"{done}/{len(missing)} sequences", refresh=False)
+            bar.update(len(batch) * max(lengths[i] for i in batch))
+    finally:  # an interrupted pass keeps everything it computed for the next run
+        bar.close()
+        cache.flush()
     return summary
