@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import warnings
+from pathlib import Path
 
 USAGE = """usage: lit-route <command> [options]
 
@@ -132,7 +133,17 @@ def rloo_cli(args: list[str], run: bool = True):
     from lit_route.policy.data import PromptDataModule
     from lit_route.policy.module import RLOOPolicyModule
 
-    return _cli_class(("fit",))(RLOOPolicyModule, PromptDataModule, args=args, run=run, **CLI_CONVENTIONS)
+    class RLOOCLI(_cli_class(("fit",))):
+        def before_instantiate_classes(self):
+            # the PM checkpoint is read after the policy and the judges have loaded (a minute for SmolLM2): a
+            # missing one is named first
+            model = self.config.get(self.subcommand, self.config).get("model") or {}
+            ckpt = model.get("pm_ckpt") if hasattr(model, "get") else None
+            if ckpt and not Path(ckpt).exists():
+                raise FileNotFoundError(f"model.pm_ckpt: {ckpt} does not exist; train a PM first (`lit-route pm fit "
+                                        "--config ...` writes finalized.ckpt in its trainer.default_root_dir)")
+
+    return RLOOCLI(RLOOPolicyModule, PromptDataModule, args=args, run=run, **CLI_CONVENTIONS)
 
 
 def pm_score(

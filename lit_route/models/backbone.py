@@ -13,6 +13,7 @@ Gemma, GPT-2, ...): the preference model pools the bare model's ``last_hidden_st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import importlib.util
@@ -176,6 +177,21 @@ def describe(spec: BackboneSpec) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _naming_the_model(spec: BackboneSpec):
+    """transformers' error for a model that is neither a folder nor reachable on the hub names neither the model
+    nor what to do; this one does both."""
+    try:
+        yield
+    except OSError as err:
+        if Path(resolve_model_dir(spec.model_path)).exists():
+            raise
+        offline = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
+        raise FileNotFoundError(
+            f"model_path: {spec.model_path} is not a local folder and is not in the Hugging Face cache{offline}; "
+            f"download it once (`hf download {spec.model_path}`) or set model_path to a folder") from err
+
+
 def load_tokenizer(spec: BackboneSpec):
     """Loads the tokenizer; a missing pad token becomes the EOS token."""
     if spec.model_path == TINY_SPEC:
@@ -184,7 +200,8 @@ def load_tokenizer(spec: BackboneSpec):
         from transformers import AutoTokenizer
 
         kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
-        tok = AutoTokenizer.from_pretrained(resolve_model_dir(spec.model_path), revision=spec.revision, **kwargs)
+        with _naming_the_model(spec):
+            tok = AutoTokenizer.from_pretrained(resolve_model_dir(spec.model_path), revision=spec.revision, **kwargs)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -232,7 +249,8 @@ def load_backbone(spec: BackboneSpec, causal_lm: bool = False) -> torch.nn.Modul
         path = resolve_model_dir(spec.model_path)
         if spec.gguf_file and not (Path(path) / spec.gguf_file).exists():
             raise FileNotFoundError(f"gguf_file: {spec.gguf_file} not found in {path}")
-        model = cls.from_pretrained(path, revision=spec.revision, dtype=dtype, **kwargs)
+        with _naming_the_model(spec):
+            model = cls.from_pretrained(path, revision=spec.revision, dtype=dtype, **kwargs)
         if spec.gguf_file:
             # GGUF weights are dequantised to `dtype` on load; drop the quantisation marker so trainers and
             # adapters treat the model as the plain model it now is

@@ -21,7 +21,8 @@ def load_preference_model(ckpt: str | Path, device: str = "cpu"):
 
     ckpt = Path(ckpt)
     if not ckpt.exists():
-        raise FileNotFoundError(f"pm_ckpt: {ckpt} does not exist")
+        raise FileNotFoundError(f"pm_ckpt: {ckpt} does not exist; train a PM first (`lit-route pm fit --config ...` "
+                                "writes finalized.ckpt in its trainer.default_root_dir) or point pm_ckpt at one")
     if ckpt.is_dir():
         from lit_route.artefacts.export import load_exported_pm
 
