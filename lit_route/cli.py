@@ -137,7 +137,9 @@ def rloo_cli(args: list[str], run: bool = True):
         def before_instantiate_classes(self):
             # the PM checkpoint is read after the policy and the judges have loaded (a minute for SmolLM2): a
             # missing one is named first
-            model = self.config.get(self.subcommand, self.config).get("model") or {}
+            if self.subcommand is None:  # parsed without running (run=False)
+                return
+            model = self.config[self.subcommand].get("model") or {}
             ckpt = model.get("pm_ckpt") if hasattr(model, "get") else None
             if ckpt and not Path(ckpt).exists():
                 raise FileNotFoundError(f"model.pm_ckpt: {ckpt} does not exist; train a PM first (`lit-route pm fit "

@@ -58,13 +58,12 @@ def parse(argv: list[str]) -> None:
     if command in ("pm", "rloo") and rest[0] in ("fit", "validate"):
         from lit_route.cli import pm_cli, rloo_cli
 
-        original = LightningCLI.instantiate_classes, LightningCLI._run_subcommand
+        original = LightningCLI.instantiate_classes
         LightningCLI.instantiate_classes = lambda self: None
-        LightningCLI._run_subcommand = lambda self, name: None
         try:
-            (pm_cli if command == "pm" else rloo_cli)(rest)
+            (pm_cli if command == "pm" else rloo_cli)(rest[1:], run=False)  # without the subcommand: parse only
         finally:
-            LightningCLI.instantiate_classes, LightningCLI._run_subcommand = original
+            LightningCLI.instantiate_classes = original
     elif command == "pm" and rest[0] == "score":
         from lit_route.cli import pm_score_cli
 
