@@ -46,6 +46,8 @@ _QUIET_WARNINGS = (
     "`is_gradient_checkpointing` is deprecated",
     "`isinstance(treespec, LeafSpec)` is deprecated",
     "Metric `SpearmanCorrcoef` will save all targets",  # validation sets are small; the buffer is the point
+    # under DDP, for each epoch-level value: ours come from torchmetrics, which synchronise in compute()
+    "It is recommended to use `self.log(",
 )
 
 

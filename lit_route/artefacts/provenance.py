@@ -62,6 +62,16 @@ def redact(value: Any, key: str = "") -> Any:
     return repr(value)
 
 
+def judge_label(judge: Any) -> str:
+    """How a judge is named in results and on the console: its own ``repr`` when it has one, else its class with
+    the protocol's ``name`` and ``model`` (never ``<... object at 0x...>``, which says nothing and changes every
+    run)."""
+    if type(judge).__repr__ is not object.__repr__:
+        return repr(judge)
+    fields = ", ".join(f"{key}={getattr(judge, key)!r}" for key in ("name", "model") if hasattr(judge, key))
+    return f"{type(judge).__name__}({fields})"
+
+
 def judge_config(judge: Any) -> dict:
     """A judge's class and options, without secrets: its ``__init__`` arguments as stored on the object."""
     import inspect

@@ -97,12 +97,12 @@ class FinalizeCovariance(L.Callback):
             trainer.log_dir or "."
         ) / "checkpoints"
         self.ckpt_path = str(directory / self.filename)
-        trainer.save_checkpoint(self.ckpt_path)
+        trainer.save_checkpoint(self.ckpt_path, weights_only=False)  # the full state, said (else Lightning says it)
         rank_zero_info(f"finalised checkpoint: {self.ckpt_path}")
         if self.stable_copy:
             self.stable_path = str(Path(trainer.default_root_dir) / self.filename)
             if Path(self.stable_path).resolve() != Path(self.ckpt_path).resolve():
-                trainer.save_checkpoint(self.stable_path)  # a collective under DDP/FSDP, like the first save
+                trainer.save_checkpoint(self.stable_path, weights_only=False)  # a collective under DDP/FSDP, like the first save
                 rank_zero_info(f"also written as {self.stable_path}")
 
     def state_dict(self) -> dict:

@@ -179,8 +179,8 @@ class PreferenceDataModule(L.LightningDataModule):
         pairs = load_pair_dataset(paths, self.hparams.format, self.hparams.skip_invalid, self.hparams.limit_per_file, report)
         for path, n in report.pairs_per_file.items():
             log.info("read %d pairs from %s", n, path)
-        if report.skipped:
-            log.warning("%d invalid records skipped", len(report.skipped))
+        if report.skipped:  # the reader has said which (and warned for the user's own files)
+            log.debug("%d invalid records skipped", len(report.skipped))
         return pairs
 
     def setup(self, stage: str | None = None) -> None:

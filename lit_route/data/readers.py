@@ -199,7 +199,7 @@ def load_pair_dataset(
         raise ValueError(f"format: unknown '{format}'; choose one of auto, {', '.join(FORMATS)}")
     report = report if report is not None else ReadReport()
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
-    tables = []
+    tables, bundled_skips = [], []
     for raw_path in paths:
         path = resolve_path(raw_path)
         # every record holds at least one pair: the first `limit` records are enough, unless some are skipped
@@ -212,10 +212,16 @@ def load_pair_dataset(
         if not len(good):
             raise DataFormatError(path, None, "no preference pairs in this file")
         report.skipped.extend(file_report.skipped)
+        if str(raw_path).startswith("bundled:"):
+            bundled_skips.extend(file_report.skipped)
         report.pairs_per_file[str(raw_path)] = len(good)
         tables.append(good)
-    if report.skipped:
-        log.warning("skipped %d invalid records (skip_invalid=True); first: %s", len(report.skipped), report.skipped[0])
+    # the bundled files' few empty records are known and the same on every run: said once at INFO, not warned
+    theirs = [s for s in report.skipped if s not in bundled_skips]
+    if theirs:
+        log.warning("skipped %d invalid records (skip_invalid=True); first: %s", len(theirs), theirs[0])
+    if bundled_skips:
+        log.info("skipped %d invalid records of bundled data; first: %s", len(bundled_skips), bundled_skips[0])
     return tables[0] if len(tables) == 1 else concatenate_datasets(tables)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lit_route.artefacts.provenance import provenance
+from lit_route.artefacts.provenance import judge_label, provenance
 from lit_route.checks import check_choice, check_file_path, check_fraction, check_nonnegative
 from lit_route.data.readers import load_pairs
 from lit_route.eval.cascade import cascade_report
@@ -190,8 +190,8 @@ def evaluate(
     }
     results = {
         "benchmark": ", ".join(str(x) for x in data),
-        "judge": repr(judge),
-        "judge_model": str(getattr(judge, "model", repr(judge))),
+        "judge": judge_label(judge),
+        "judge_model": str(getattr(judge, "model", judge_label(judge))),
         "order": order,
         "n_pairs": n,
         "fractions": fractions,
@@ -231,7 +231,7 @@ def evaluate(
             torch.tensor([j.verdict_cost_usd for j in judgements], dtype=torch.float64),
             torch.tensor([j.verdict_cost_usd for j in cheap], dtype=torch.float64),
             torch.tensor([j.score is None or j.inconsistent for j in cheap]), fractions)
-        results["cascade"]["cheap_judge"] = str(getattr(cheap_judge, "model", repr(cheap_judge)))
+        results["cascade"]["cheap_judge"] = str(getattr(cheap_judge, "model", judge_label(cheap_judge)))
         results["cascade"]["cheap_accuracy"] = float(cheap_score.mean())
         results["cascade"]["cheap_judge_stats"] = cheap_backend.stats.summary()
     if export_judged is not None:
