@@ -34,8 +34,9 @@ DEFAULT_PM_CONFIG = "configs/pm/smollm2_frozen_uq.yaml"
 # The up-front estimate of the default run. Timed on 2 idle AVX-512 cores before the feature pass read sequences
 # in length order: 22.1 min, 17.0 of them in the backbone's pass over 2,130 sequences read as 817,920 padded
 # tokens; in length order the pass reads 565,745 (tests/test_feature_pass.py checks the ordering), and its time
-# is taken as proportional to the tokens read. AVX2 CPUs ran the same pass about twice as slowly.
-ESTIMATE = ("about 17 min on 2 idle cores with AVX-512, about twice that with AVX2 (12 and ~24 of them in the "
+# is taken as proportional to the tokens read: 11.8 min. An idle AVX2 CPU ran the old pass at ~70 s per 32-pair
+# batch (34 batches: 2.3 times as long), so its pass takes about 27 min, and the other stages at least their 5 min.
+ESTIMATE = ("about 17 min on 2 idle cores with AVX-512, at least 32 with AVX2 (about 12 and 27 of them in the "
             "backbone's one pass over 2,130 sequences, 566k tokens; its bar shows the time left)")
 ESTIMATE_CACHED = "about 5 min on 2 idle cores (the backbone's features are in the cache)"
 
