@@ -274,7 +274,7 @@ def fill_feature_cache(module, sequences: list[list[int]], pad_id: int, max_rows
              len(sequences), total)
     device = next(module.parameters()).device
     bar = tqdm(total=total, desc="feature pass", unit="tok", unit_scale=True, disable=not progress,
-               bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}, {rate_fmt}]")
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} tok{postfix} [{elapsed}<{remaining}, {rate_fmt}]")
     done = 0
     try:
         for batch in batches:
