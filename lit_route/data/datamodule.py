@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from lit_route.data.encoding import PairEncoder, pad_batch
 from lit_route.data.readers import ReadReport, load_pair_dataset, pairs_from_dataset
@@ -168,6 +168,8 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError(f"data.mode={self.hparams.mode!r} but model.mode={model_mode!r}; set both to the same value")
         if self.tokenizer is None:
             self.tokenizer = module.tokenizer
+        if hasattr(module, "connect_data"):  # the module reads its training pairs without a Trainer too
+            module.connect_data(self)
 
     def _load(self, paths):
         report = ReadReport()
@@ -205,14 +207,29 @@ class PreferenceDataModule(L.LightningDataModule):
         )
         self.n_truncated, self.n_encoded = encoder.n_truncated, encoder.n_encoded
 
+    def _rank_world(self) -> tuple[int, int]:
+        """This process's rank and the world size: the Trainer's, else the process group's (Fabric), else 0, 1."""
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        sampler = None
+        if shuffle:
+            # The order of epoch e is a permutation seeded by ``seed + e`` alone (a DistributedSampler, which
+            # Lightning keeps and gives ``set_epoch`` each epoch, in both engines and on any number of
+            # processes): the Trainer, the Fabric engine and a resumed run of either see the same batches in
+            # every epoch. A DataLoader's own generator would instead depend on how many times it was iterated.
+            rank, world = self._rank_world()
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             collate_fn=PairCollator(self.tokenizer.pad_token_id),
             num_workers=self.hparams.num_workers,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
         )
 
     def train_dataloader(self) -> DataLoader:
