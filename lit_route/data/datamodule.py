@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Sequence
 
 import lightning as L
@@ -11,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from lit_route.data.encoding import PairEncoder, pad_batch
+from lit_route.data.holdout import prompt_key, split_by_prompt
 from lit_route.data.readers import ReadReport, load_pair_dataset, pairs_from_dataset
 from lit_route.data.tables import quiet_datasets
 
@@ -124,7 +124,8 @@ class PreferenceDataModule(L.LightningDataModule):
         format: Reader (``auto`` detects it per file).
         skip_invalid: Skip malformed records (counted and reported) instead of failing.
         limit_per_file: Use at most this many pairs from each file.
-        val_fraction: Held-out fraction of the training pairs when ``val`` is not given.
+        val_fraction: When ``val`` is not given, the share of the training file's prompts held out for
+            validation, with all their pairs (no prompt is on both sides).
         max_length: Maximum tokens per encoded pair.
         template: Pair template: ``auto``, ``chat`` or ``plain``.
         mode: ``pairwise`` (one sequence per ordered pair) or ``pointwise`` (one sequence per response); must
@@ -192,11 +193,11 @@ class PreferenceDataModule(L.LightningDataModule):
         train = self._load(hp.train) if hp.train else None
         val = self._load(hp.val) if hp.val else None
         if train and not val and hp.val_fraction > 0:
-            idx = list(range(len(train)))
-            random.Random(hp.seed).shuffle(idx)
-            n_val = max(1, round(len(train) * hp.val_fraction))
-            val = train.select(sorted(idx[:n_val]))
-            train = train.select(sorted(idx[n_val:]))
+            # by prompt: a prompt's pairs all train or all validate, so held-out figures are not near-train
+            keys = [prompt_key(p, m) for p, m in zip(train["prompt"], train["prompt_messages"], strict=True)]
+            train_idx, val_idx = split_by_prompt(keys, hp.val_fraction, hp.seed)
+            val = train.select(val_idx)
+            train = train.select(train_idx)
         if train:
             self.train_set = EncodedPairs(train, encoder, hp.use_strength)
         if val:
