@@ -50,28 +50,30 @@ def test_both_engines_on_one_and_two_processes_finalise_the_same_model(toy_pairs
     data = write_pairs(tmp_path / "pairs.jsonl", toy_pairs)
 
     def overrides(root, batch_size):
-        # full-batch steps (12 pairs on one process, 6 per rank on two), so every run sees the same global
-        # batches; a fixed length-scale, because the median heuristic depends on how the first batch is split
+        # 3 epochs of 3 shuffled steps (4 pairs on one process, 2 per rank on two): each epoch's order is one
+        # permutation seeded by data.seed + epoch, which rank r reads from position r in steps of 2, so every
+        # run sees the same global batches in every epoch; a fixed length-scale, because the median heuristic
+        # depends on how the first batch is split
         return ["--data.train", f"[{data}]", "--data.val_fraction", "0", "--data.max_length", "96",
                 "--data.batch_size", str(batch_size), "--model.sngp.num_features", "32",
                 "--model.sngp.length_scale", "2.0", "--trainer.default_root_dir", str(tmp_path / root),
-                "--finalize.progress", "false"]
+                "--trainer.max_epochs", "3", "--finalize.progress", "false"]
 
     tiny, two_cpus = "configs/pm/debug_tiny.yaml", "configs/trainer/ddp_cpu_2.yaml"
-    run_cli([sys.executable, "-m", "lit_route", "fabric", "pm", "--config", tiny, *overrides("one", 12)])
+    run_cli([sys.executable, "-m", "lit_route", "fabric", "pm", "--config", tiny, *overrides("one", 4)])
     run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lit_route", "fabric",
-             "pm", "--config", tiny, "--config", two_cpus, *overrides("two", 6)])
+             "pm", "--config", tiny, "--config", two_cpus, *overrides("two", 2)])
     run_cli([sys.executable, "-m", "lit_route", "pm", "fit", "--config", tiny, "--config", two_cpus,
-             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", *overrides("trainer", 6)])
+             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", *overrides("trainer", 2)])
     one, *others = (torch.load(tmp_path / run / "finalized.ckpt", weights_only=False)["state_dict"]
                     for run in ("one", "two", "trainer"))
     assert float(one["head.n_accumulated"]) == 24 and one["head.beta.weight"].abs().sum() > 0
-    lr, steps = 1e-3, 2  # debug_tiny's learning rate; 2 epochs of one full-batch step
+    lr, steps = 1e-3, 9  # debug_tiny's learning rate; 3 epochs of 3 steps
     for other in others:
         assert other.keys() == one.keys() and float(other["head.n_accumulated"]) == 24
         weights = [k for k in one if one[k].is_floating_point() and k not in GP_STATE]
         diff = torch.cat([(other[k] - one[k]).abs().flatten().double() for k in weights])
-        # Gradients averaged over two ranks round differently from one full-batch gradient (and AVX2/AVX-512
+        # Gradients averaged over two ranks round differently from one process's batch gradient (and AVX2/AVX-512
         # kernels differ). AdamW moves an element by about lr per step whatever its gradient's size, so an element
         # whose gradient nearly cancels can take a different step (bounded by lr); the rest agree to rounding.
         assert diff.max() <= lr * steps and diff.median() < 1e-7, (diff.max(), diff.median())
