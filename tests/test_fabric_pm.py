@@ -223,6 +223,42 @@ def test_a_resumed_fabric_run_sees_the_batches_of_an_uninterrupted_one(toy_pairs
     _assert_same_weights(straight, fabric_resumed)
 
 
+def test_fabric_resumed_mid_epoch_trains_each_remaining_batch_once(toy_pairs, tmp_path, monkeypatch):
+    """Killed at step 7 (the middle of epoch 2, 5 steps an epoch) and resumed from that `last.ckpt`: the resumed
+    run skips exactly the batches epoch 2 had consumed and ends with the weights of an uninterrupted run."""
+    import shutil
+
+    import lit_route.fabric.pm as fabric_pm
+
+    data = str(write_pairs(tmp_path / "pairs.jsonl", toy_pairs))
+    kept = tmp_path / "step7.ckpt"
+    save = fabric_pm.save_checkpoint
+
+    def save_and_keep_step7(fabric, path, *args, **state):
+        out = save(fabric, path, *args, **state)
+        if Path(path).name == "last.ckpt" and state.get("global_step") == 7:
+            shutil.copy(out, kept)  # what a run killed right after step 7 leaves behind
+        return out
+
+    monkeypatch.setattr(fabric_pm, "save_checkpoint", save_and_keep_step7)
+
+    def run(root, ckpt_path=None):
+        L.seed_everything(0)
+        module = PreferenceModule(backbone=BackboneSpec(), lora=LoraSpec(r=4, alpha=8), head="linear",
+                                  optim=OptimConfig(lr=1e-2, warmup_steps=2))
+        dm = PreferenceDataModule(train=data, val_fraction=0.25, max_length=96, batch_size=2)
+        fabric = L.Fabric(accelerator="cpu", devices=1, loggers=[MetricsRecorder()])
+        loop = LoopSettings(max_epochs=3, checkpoint_every_n_steps=1, default_root_dir=str(tmp_path / root),
+                            logger=False)
+        return module, fit_preference_model(fabric, module, dm, loop, ckpt_path=ckpt_path)
+
+    straight, _ = run("straight")
+    assert torch.load(kept, weights_only=False)["epoch"] == 1  # saved inside epoch 2 (0-based 1)
+    resumed, summary = run("resumed", ckpt_path=str(kept))
+    assert summary["global_step"] == 15
+    _assert_same_weights(straight, resumed)
+
+
 def test_sngp_length_scale_with_one_pair_per_batch_is_the_trainers(toy_pairs, tmp_path):
     """One pair per batch: the median heuristic reads the training pairs (a pair's distance to its own twin left
     out) from the datamodule that the Fabric loop connected, as it does from the Trainer's."""
