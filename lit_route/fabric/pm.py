@@ -4,7 +4,10 @@ The loop drives the same :class:`~lit_route.preference.PreferenceModule` and
 :class:`~lit_route.data.datamodule.PreferenceDataModule` as the Trainer: ``training_step`` and
 ``validation_step`` run through the strategy's wrapper, ``configure_optimizers(total_steps)`` builds AdamW and
 its schedule, and :meth:`FinalizeCovariance.run` makes the covariance pass on each rank's shard of the training
-pairs (the head sums the precision across ranks). Checkpoints are Lightning checkpoints.
+pairs (the head sums the precision across ranks) for the heads that need one, as the Trainer's callback decides
+(``head.needs_covariance_pass``). Every head ends at the finalised checkpoint; checkpoints are Lightning
+checkpoints. Each epoch's batches are the datamodule's (seeded by ``data.seed`` and the epoch), so a resumed run
+and the Trainer see the same ones.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ def fit_preference_model(
     finalize: FinalizeCovariance | None = None,
     ckpt_path: str | None = None,
 ) -> dict[str, Any]:
-    """Trains ``module`` on ``datamodule``, runs the covariance pass, validates, and saves checkpoints.
+    """Trains ``module`` on ``datamodule``, runs the covariance pass (heads that need one), validates, and saves
+    checkpoints (``finalize.filename`` for every head).
 
     Args:
         fabric: A launched :class:`lightning.fabric.Fabric` with a :class:`MetricsRecorder` among its loggers.
