@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
@@ -110,6 +111,35 @@ class PairCollator:
         weights = torch.tensor([float(it[2]) for it in items])
         batch["weights"] = torch.cat([weights, weights])
         return batch
+
+
+class EpochShuffle(DistributedSampler):
+    """A ``DistributedSampler`` (order: a permutation seeded by ``seed + epoch``; rank r takes every world-th
+    index from position r, the last shard padded) that reads the rank and world size when it is iterated or
+    measured, not when it is built: a loader made before ``fabric.launch()`` is still sharded.
+
+    Args:
+        dataset: Anything with a length.
+        seed: Seed of the permutations.
+        world: Returns ``(rank, world size)``.
+    """
+
+    def __init__(self, dataset, seed: int, world: Callable[[], tuple[int, int]]):
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+        self._world = world
+
+    def _place(self) -> None:
+        self.rank, self.num_replicas = self._world()
+        self.num_samples = math.ceil(len(self.dataset) / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+
+    def __iter__(self):
+        self._place()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._place()
+        return self.num_samples
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -223,8 +253,7 @@ class PreferenceDataModule(L.LightningDataModule):
             # Lightning keeps and gives ``set_epoch`` each epoch, in both engines and on any number of
             # processes): the Trainer, the Fabric engine and a resumed run of either see the same batches in
             # every epoch. A DataLoader's own generator would instead depend on how many times it was iterated.
-            rank, world = self._rank_world()
-            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
+            sampler = EpochShuffle(dataset, seed=self.hparams.seed, world=self._rank_world)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
