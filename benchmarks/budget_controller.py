@@ -7,7 +7,7 @@ SDK). Three arms, same seed, target 20% judged:
 
 - ``fixed``: τ calibrated on the first step to judge 20%, then left alone (what a fixed ``threshold`` does);
 - ``quantile``: ``QuantileTracker`` (τ ← τ + η·s·(f − f*));
-- ``pi``: ``PIController`` (velocity form, anti-windup).
+- ``pi``: ``PIController`` (integrates the drift rate, anti-windup).
 
     python benchmarks/budget_controller.py [--steps 120]
 

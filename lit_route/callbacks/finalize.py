@@ -71,6 +71,9 @@ class FinalizeCovariance(L.Callback):
                 labels.append(batch["labels"].to(module.device))
             if feats:
                 head.select_prior_on(torch.cat(feats), torch.cat(labels))
+        elif getattr(head, "prior_mode", None) == "validation":  # said, never a silent change of method
+            log.warning("laplace.prior_precision: validation, but there are no validation pairs "
+                        "(data.val or data.val_fraction > 0); the prior is chosen by the marginal likelihood")
         head.finalize()
         if hasattr(module, "flush_feature_cache"):
             module.flush_feature_cache()

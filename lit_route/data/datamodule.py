@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
-import random
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from lit_route.checks import check_fraction, check_nonnegative, check_optional
 from lit_route.data.encoding import PairEncoder, pad_batch
+from lit_route.data.holdout import prompt_key, split_by_prompt
 from lit_route.data.readers import ReadReport, load_pair_dataset, pairs_from_dataset
 from lit_route.data.tables import quiet_datasets
 
@@ -113,6 +114,35 @@ class PairCollator:
         return batch
 
 
+class EpochShuffle(DistributedSampler):
+    """A ``DistributedSampler`` (order: a permutation seeded by ``seed + epoch``; rank r takes every world-th
+    index from position r, the last shard padded) that reads the rank and world size when it is iterated or
+    measured, not when it is built: a loader made before ``fabric.launch()`` is still sharded.
+
+    Args:
+        dataset: Anything with a length.
+        seed: Seed of the permutations.
+        world: Returns ``(rank, world size)``.
+    """
+
+    def __init__(self, dataset, seed: int, world: Callable[[], tuple[int, int]]):
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+        self._world = world
+
+    def _place(self) -> None:
+        self.rank, self.num_replicas = self._world()
+        self.num_samples = math.ceil(len(self.dataset) / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+
+    def __iter__(self):
+        self._place()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._place()
+        return self.num_samples
+
+
 class PreferenceDataModule(L.LightningDataModule):
     """Preference pairs from any supported format, for ``PreferenceModule``.
 
@@ -125,7 +155,8 @@ class PreferenceDataModule(L.LightningDataModule):
         format: Reader (``auto`` detects it per file).
         skip_invalid: Skip malformed records (counted and reported) instead of failing.
         limit_per_file: Use at most this many pairs from each file.
-        val_fraction: Held-out fraction of the training pairs when ``val`` is not given.
+        val_fraction: When ``val`` is not given, the share of the training file's prompts held out for
+            validation, with all their pairs (no prompt is on both sides).
         max_length: Maximum tokens per encoded pair.
         template: Pair template: ``auto``, ``chat`` or ``plain``.
         mode: ``pairwise`` (one sequence per ordered pair) or ``pointwise`` (one sequence per response); must
@@ -173,6 +204,8 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError(f"data.mode={self.hparams.mode!r} but model.mode={model_mode!r}; set both to the same value")
         if self.tokenizer is None:
             self.tokenizer = module.tokenizer
+        if hasattr(module, "connect_data"):  # the module reads its training pairs without a Trainer too
+            module.connect_data(self)
 
     def _load(self, paths):
         report = ReadReport()
@@ -195,11 +228,11 @@ class PreferenceDataModule(L.LightningDataModule):
         train = self._load(hp.train) if hp.train else None
         val = self._load(hp.val) if hp.val else None
         if train and not val and hp.val_fraction > 0:
-            idx = list(range(len(train)))
-            random.Random(hp.seed).shuffle(idx)
-            n_val = max(1, round(len(train) * hp.val_fraction))
-            val = train.select(sorted(idx[:n_val]))
-            train = train.select(sorted(idx[n_val:]))
+            # by prompt: a prompt's pairs all train or all validate, so held-out figures are not near-train
+            keys = [prompt_key(p, m) for p, m in zip(train["prompt"], train["prompt_messages"], strict=True)]
+            train_idx, val_idx = split_by_prompt(keys, hp.val_fraction, hp.seed)
+            val = train.select(val_idx)
+            train = train.select(train_idx)
         if train:
             self.train_set = EncodedPairs(train, encoder, hp.use_strength)
         if val:
@@ -210,14 +243,28 @@ class PreferenceDataModule(L.LightningDataModule):
         )
         self.n_truncated, self.n_encoded = encoder.n_truncated, encoder.n_encoded
 
+    def _rank_world(self) -> tuple[int, int]:
+        """This process's rank and the world size: the Trainer's, else the process group's (Fabric), else 0, 1."""
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        sampler = None
+        if shuffle:
+            # The order of epoch e is a permutation seeded by ``seed + e`` alone (a DistributedSampler, which
+            # Lightning keeps and gives ``set_epoch`` each epoch, in both engines and on any number of
+            # processes): the Trainer, the Fabric engine and a resumed run of either see the same batches in
+            # every epoch. A DataLoader's own generator would instead depend on how many times it was iterated.
+            sampler = EpochShuffle(dataset, seed=self.hparams.seed, world=self._rank_world)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             collate_fn=PairCollator(self.tokenizer.pad_token_id),
             num_workers=self.hparams.num_workers,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -4,7 +4,10 @@ The loop drives the same :class:`~lit_route.preference.PreferenceModule` and
 :class:`~lit_route.data.datamodule.PreferenceDataModule` as the Trainer: ``training_step`` and
 ``validation_step`` run through the strategy's wrapper, ``configure_optimizers(total_steps)`` builds AdamW and
 its schedule, and :meth:`FinalizeCovariance.run` makes the covariance pass on each rank's shard of the training
-pairs (the head sums the precision across ranks). Checkpoints are Lightning checkpoints.
+pairs (the head sums the precision across ranks) for the heads that need one, as the Trainer's callback decides
+(``head.needs_covariance_pass``). Every head ends at the finalised checkpoint; checkpoints are Lightning
+checkpoints. Each epoch's batches are the datamodule's (seeded by ``data.seed`` and the epoch), so a resumed run
+and the Trainer see the same ones.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ def fit_preference_model(
     finalize: FinalizeCovariance | None = None,
     ckpt_path: str | None = None,
 ) -> dict[str, Any]:
-    """Trains ``module`` on ``datamodule``, runs the covariance pass, validates, and saves checkpoints.
+    """Trains ``module`` on ``datamodule``, runs the covariance pass (heads that need one), validates, and saves
+    checkpoints (``finalize.filename`` for every head).
 
     Args:
         fabric: A launched :class:`lightning.fabric.Fabric` with a :class:`MetricsRecorder` among its loggers.
@@ -120,12 +124,14 @@ def fit_preference_model(
         save_checkpoint(fabric, last_ckpt, model, module, datamodule, optimizer=optimizer, lr_scheduler=scheduler,
                         epoch=epoch, global_step=step)
 
-    for _ in range(start_epoch):
-        iter(train_loader)  # Fabric's loader numbers epochs by its iterations: a resumed run starts at its epoch
     model.train()
     for epoch in range(start_epoch, epochs):
         if step >= total_steps:
             break
+        # Fabric's loader numbers epochs by how often it was iterated, and passes that to the sampler's
+        # ``set_epoch`` (the datamodule's order depends on seed + epoch only): a resumed run starts at its own
+        # epoch, as the Trainer's does (``iter(loader)`` would not count: the wrapper's ``__iter__`` is lazy)
+        train_loader._num_iter_calls = epoch
         n_batches = len(train_loader)
         skip = (step - epoch * math.ceil(n_batches / accumulate)) * accumulate  # batches done before a resume
         for i, batch in enumerate(train_loader):
@@ -157,18 +163,26 @@ def fit_preference_model(
 
     summary: dict[str, Any] = {"global_step": step, "last_ckpt": str(last_ckpt), "world_size": fabric.world_size,
                                "train": {k: v for k, v in recorder.latest.items() if k.startswith("train/")}}
-    if getattr(module.head, "has_uncertainty", False):
-        start = time.perf_counter()
+    head = module.head
+    start = time.perf_counter()
+    covariance = bool(getattr(head, "needs_covariance_pass", False))  # the Trainer's FinalizeCovariance gate
+    if covariance:
         shard = datamodule.finalize_dataloader(fabric.global_rank, fabric.world_size)
-        FinalizeCovariance.run(model, shard, progress=finalize.progress and fabric.is_global_zero)
-        finalize.seconds = time.perf_counter() - start
-        finalize.ckpt_path = save_checkpoint(fabric, root / finalize.filename, model, module, datamodule,
-                                             epoch=epochs, global_step=step)
-        fabric.print(f"covariance finalised over {int(module.head.n_accumulated)} sequences in "
-                     f"{finalize.seconds:.1f}s; finalised checkpoint: {finalize.ckpt_path}")
-        summary.update(finalized_ckpt=finalize.ckpt_path, finalize_seconds=finalize.seconds)
-        if val_loader is not None:  # metrics with uncertainty exist only once the covariance pass has run
-            val_metrics = validate(fabric, model, module, val_loader)
+        # a Laplace head with ``prior_precision: validation`` chooses δ on the validation pairs (every rank
+        # sees all of them, so every rank chooses the same δ), as under the Trainer
+        wants_val = getattr(head, "prior_mode", None) == "validation" and datamodule.val_set is not None
+        FinalizeCovariance.run(model, shard, progress=finalize.progress and fabric.is_global_zero,
+                               val_loader=datamodule.val_dataloader() if wants_val else None)
+        fabric.print(f"covariance finalised over {int(head.n_accumulated)} sequences in "
+                     f"{time.perf_counter() - start:.1f}s")
+    finalize.seconds = time.perf_counter() - start
+    # every head ends at the same path, as `pm fit` does (heads without a posterior state need no pass)
+    finalize.ckpt_path = save_checkpoint(fabric, root / finalize.filename, model, module, datamodule,
+                                         epoch=epochs, global_step=step)
+    fabric.print(f"finalised checkpoint: {finalize.ckpt_path}")
+    summary.update(finalized_ckpt=finalize.ckpt_path, finalize_seconds=finalize.seconds)
+    if covariance and val_loader is not None:  # metrics with uncertainty exist only once the pass has run
+        val_metrics = validate(fabric, model, module, val_loader)
     summary["val"] = val_metrics
     if val_metrics:
         fabric.print("validation: " + " ".join(f"{k[4:]} {v:.4f}" for k, v in sorted(val_metrics.items())))

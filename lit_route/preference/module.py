@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import asdict, dataclass
 
 import lightning as L
@@ -245,14 +246,14 @@ class PreferenceModule(L.LightningModule):
         The first batch decides when it holds two pairs or more (any engine that calls ``training_step`` gets
         the same length-scale). With one pair per batch there is no distance between different pairs in it:
         up to ``max_pairs`` pairs of the training data (the datamodule's unshuffled covariance loader) are
-        read instead.
+        read instead, from the Trainer's datamodule or, without a Trainer, the one given to :meth:`connect_data`.
         """
         b = h.shape[0] // 2
         firsts, seconds = [h[:b]], [h[b:]]
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        dm, rank, world = self._training_pairs_source()
         if b < 2 and dm is not None and hasattr(dm, "finalize_dataloader"):
             firsts, seconds, b = [], [], 0
-            for batch in dm.finalize_dataloader(self.trainer.global_rank, self.trainer.world_size):
+            for batch in dm.finalize_dataloader(rank, world):
                 feats = self.pooled(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
                 half = feats.shape[0] // 2
                 firsts.append(feats[:half])
@@ -274,6 +275,28 @@ class PreferenceModule(L.LightningModule):
                      for ab, ba, _ in data.items for ids in (ab, ba)]
         fill_feature_cache(self, sequences, self.tokenizer.pad_token_id,
                            progress=self.trainer.progress_bar_callback is not None)
+
+    def connect_data(self, datamodule) -> None:
+        """Lets the module read its training pairs without a Trainer (``PreferenceDataModule.connect`` calls it).
+
+        Only a weak reference is kept: the module never keeps the data alive, and pickles without it.
+        """
+        self._data_ref = weakref.ref(datamodule)
+
+    def _training_pairs_source(self):
+        """``(datamodule, rank, world size)``: the Trainer's datamodule, else the one given to
+        :meth:`connect_data` with Fabric's rank (or a single process); ``None`` when there is neither."""
+        if self._trainer is not None and getattr(self._trainer, "datamodule", None) is not None:
+            return self._trainer.datamodule, self._trainer.global_rank, self._trainer.world_size
+        ref = self.__dict__.get("_data_ref")
+        dm = ref() if ref is not None else None
+        fabric = self._fabric
+        return dm, (fabric.global_rank if fabric else 0), (fabric.world_size if fabric else 1)
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_data_ref", None)  # a weak reference cannot be pickled (spawned processes, deepcopy)
+        return state
 
     def on_train_epoch_end(self) -> None:
         self.flush_feature_cache()

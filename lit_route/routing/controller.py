@@ -114,39 +114,48 @@ class QuantileTracker(_ScaledController):
 
 
 class PIController(_ScaledController):
-    """A proportional–integral controller of τ on the error ``e = f − f*``, in velocity form with anti-windup.
+    """τ's step is a proportional–integral function of the error ``e = f − f*``: a second integrator that
+    learns the drift's rate, so a steady drift of ū is followed with no lasting error.
 
-    ``τ ← τ + s·(k_p·(e_t − e_{t−1}) + k_i·e_t)``, which sums to ``τ₀ + s·(k_p·e + k_i·Σe)``: the integral
-    term removes the lag of a steady drift that a pure tracker keeps, the proportional term damps it. τ (the
-    integrator) is clamped to the range of ū seen (anti-windup).
+    ``r ← r + k_i·e``, ``τ ← τ + s·(k_p·e + r)``. A tracker (``τ ← τ + η·s·e``), like a PI controller on τ
+    itself, must keep a standing error to keep τ moving along a ramp (ū +0.01 per step, spread 0.1, target 0.1:
+    both realise 0.15); here ``r`` settles at the ramp's rate (in units of the spread) and ``e`` at 0. Linearised
+    with ``a = s·density of ū at τ`` (a normal ū: 0.18 at a 10% target, 0.40 at most), the loop is stable for
+    ``k_p·a < 2`` and ``(2·k_p + k_i)·a < 4``: the defaults hold up to ``a ≈ 0.94``, and pass on the sampling
+    noise of ``f`` about as the tracker does (RMS error 0.040 vs 0.039 with no drift, 64 pairs a step).
+    Anti-windup: τ is clamped to the range of the last step's ū, and while the clamp binds, ``r`` does not
+    integrate.
 
     Args:
         kp: Proportional gain (in units of the spread of ū).
-        ki: Integral gain.
+        ki: Integral gain of the drift rate.
         scale_momentum: Momentum of the running scale of ū.
     """
 
-    def __init__(self, kp: float = 1.0, ki: float = 2.0, scale_momentum: float = 0.9):
+    def __init__(self, kp: float = 2.0, ki: float = 0.25, scale_momentum: float = 0.9):
         super().__init__(scale_momentum)
-        check_nonnegative("controller.kp", kp)
+        check_nonnegative("controller.kp", kp, positive=True)
         check_nonnegative("controller.ki", ki, positive=True)
         self.kp, self.ki = kp, ki
-        self.previous_error = 0.0
+        self.rate = 0.0
 
     def update(self, u: torch.Tensor, target: float) -> None:
         step = self._step(u, target)
         if step is not None:
             error, scale = step
-            self.tau += scale * (self.kp * (error - self.previous_error) + self.ki * error)
-            self.previous_error = error
+            rate = self.rate + self.ki * error
+            self.tau += scale * (self.kp * error + rate)
+            before = self.tau
             self._clamp(u)
+            if self.tau == before:  # integrate only while τ is free (anti-windup)
+                self.rate = rate
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "previous_error": self.previous_error}
+        return {**super().state_dict(), "rate": self.rate}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.previous_error = state["previous_error"]
+        self.rate = state.get("rate", 0.0)  # checkpoints of the earlier form hold no drift rate
 
 
 @dataclass
