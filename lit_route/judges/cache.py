@@ -249,6 +249,17 @@ class CachedJudge:
         return result
 
 
+def spent_by_run(judges, run_id: str) -> tuple[int, float]:
+    """``(billed calls, USD)`` recorded under ``run_id`` in the caches among ``judges`` (each file counted once)."""
+    calls, usd, seen = 0, 0.0, set()
+    for judge in judges:
+        if isinstance(judge, CachedJudge) and judge.path.resolve() not in seen:
+            seen.add(judge.path.resolve())
+            c, u = judge.spent(run_id)
+            calls, usd = calls + c, usd + u
+    return calls, usd
+
+
 def _shared(verdict: Verdict) -> Verdict:
     """A copy for a second asker of a verdict paid for once: nothing was sent or billed for it."""
     if verdict.ok:
