@@ -1,6 +1,7 @@
 """Each verdict is paid for once: within a run (one call per key in flight) and across processes sharing a cache
 (a leased claim), through the real SDK against a keep-alive loopback server."""
 
+import asyncio
 import json
 import os
 import sqlite3
@@ -36,15 +37,28 @@ def write_data(tmp: Path, n: int = 16, repeats: int = 4) -> tuple[Path, Path, in
     return data, scores, 2 * n  # both display orders of each distinct pair
 
 
-def test_the_same_pair_twice_in_one_run_is_billed_once(tmp_path):
+def test_the_same_pair_twice_in_one_run_is_billed_once():
     items = [("q", "x", "y"), ("q2", "x2", "y2"), ("q", "x", "y")]
     with Loopback(Reply("<verdict>A</verdict>", delay_s=0.05)) as server:
+        backend, answered = judge(server.url), []
+        # requests one by one, as `evaluate` sends them for its progress bar; no cache
+        out = run_sync(judge_pairs(backend, items, order="both", on_verdict=answered.append))
+    assert server.completions == 4 == sum(j.billed for j in out)  # before: 6, the repeated pair paid again
+    assert sum(answered) == 6 and [j.score for j in out] == [0.5, 0.5, 0.5] and out[2].billed == 0
+
+
+def test_a_request_in_flight_is_not_sent_again(tmp_path):
+    request = JudgeRequest("q", "x", "y")
+
+    async def twice(cache):  # two callers ask for the same verdict at once (two batches, two steps)
+        return await asyncio.gather(cache.judge([request]), cache.judge([request]))
+
+    with Loopback(Reply("<verdict>A</verdict>", delay_s=0.2)) as server:
         cache = CachedJudge(judge(server.url), tmp_path / "cache.sqlite")
-        # requests one by one, as `evaluate` sends them for its progress bar
-        out = run_sync(judge_pairs(cache, items, order="both", on_verdict=lambda _: None))
-    assert server.completions == 4  # before: 6, the repeated pair paid again
-    assert cache.stats.billed == 4 and cache.stats.cached == 2
-    assert [j.score for j in out] == [0.5, 0.5, 0.5] and out[2].billed == 0
+        (first,), (second,) = run_sync(twice(cache))
+    assert server.completions == 1  # before: 2
+    assert first.billed + second.billed == 1 and cache.stats.billed == 1 and cache.stats.cached == 1
+    assert first.preference is second.preference is Preference.A
 
 
 def test_two_evaluate_processes_on_one_cache_pay_each_verdict_once(tmp_path):
@@ -68,7 +82,7 @@ def test_two_evaluate_processes_on_one_cache_pay_each_verdict_once(tmp_path):
     stats = [json.loads((tmp_path / n / "results.json").read_text())["judge_stats"] for n in ("one", "two")]
     # before: 80 billed by the server (each run paid all 40 requests, its repeated pairs too)
     assert billed == unique == sum(s["billed"] for s in stats)
-    assert all(s["billed"] + s["cached"] == 40 for s in stats)  # 20 pairs x 2 orders each, none failed
+    assert all(s["billed"] + s["cached"] == 32 for s in stats)  # 16 distinct pairs x 2 orders each
     db = sqlite3.connect(tmp_path / "cache.sqlite")
     assert db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0] == unique
     assert db.execute("SELECT COUNT(*) FROM claims").fetchone()[0] == 0  # every claim released

@@ -152,7 +152,7 @@ class CachedJudge:
         new = dict(zip(unique, fresh, strict=True))
         out = []
         for i, key in enumerate(keys):
-            verdict = found[key] if key in found else new[key] if unique[key] == i else _shared(new[key])
+            verdict = found[key] if key in found else new[key] if unique[key] == i else shared_copy(new[key])
             self.stats.record(verdict)
             out.append(verdict)
         return out
@@ -162,7 +162,7 @@ class CachedJudge:
         loop = asyncio.get_running_loop()
         running = self._inflight.get(key)
         if running is not None and running.get_loop() is loop:
-            return _shared(await asyncio.shield(running))
+            return shared_copy(await asyncio.shield(running))
         future = loop.create_future()
         self._inflight[key] = future
         try:
@@ -260,7 +260,7 @@ def spent_by_run(judges, run_id: str) -> tuple[int, float]:
     return calls, usd
 
 
-def _shared(verdict: Verdict) -> Verdict:
+def shared_copy(verdict: Verdict) -> Verdict:
     """A copy for a second asker of a verdict paid for once: nothing was sent or billed for it."""
     if verdict.ok:
         return dataclasses.replace(verdict, cached=True, requests=0, billed=0)
