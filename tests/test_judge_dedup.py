@@ -135,3 +135,21 @@ def test_the_cache_keeps_the_final_line_and_a_hash_unless_asked_for_the_full_tex
     assert row["raw"] == "Final verdict: <verdict>A</verdict>" and len(row["raw_sha256"]) == 64
     (blob,) = sqlite3.connect(tmp_path / "full.sqlite").execute("SELECT verdict FROM verdicts").fetchone()
     assert json.loads(blob)["raw"] == long_answer
+
+
+def test_full_text_is_kept_when_the_config_asks_for_it(tmp_path):
+    from lit_route.cli import main
+
+    data, scores, unique = write_data(tmp_path, n=2, repeats=0)
+    answer = "Reasons, at length.\n" * 50 + "Final verdict: <verdict>A</verdict>"
+    with Loopback(Reply(answer)) as server:
+        config = {"data": [str(data)], "scores": str(scores), "pm_ckpt": None, "cache": None, "progress": False,
+                  "output_dir": str(tmp_path / "out"),
+                  "judge": {"class_path": "lit_route.judges.CachedJudge", "init_args": {
+                      "path": str(tmp_path / "full.sqlite"), "store_text": "full",
+                      "backend": {"class_path": "lit_route.judges.OpenAICompatibleJudge", "init_args": {
+                          "model": "judge", "base_url": f"{server.url}/v1", "require_key": False}}}}}
+        (tmp_path / "full.yaml").write_text(yaml.safe_dump(config))
+        main(["evaluate", "--config", str(tmp_path / "full.yaml")])
+    rows = sqlite3.connect(tmp_path / "full.sqlite").execute("SELECT verdict FROM verdicts").fetchall()
+    assert len(rows) == unique and all(json.loads(blob)["raw"] == answer for (blob,) in rows)
