@@ -160,6 +160,7 @@ class UncertaintyRouting(L.Callback):
         self.failures: collections.Counter = collections.Counter()
         self._pending: tuple | None = None
         self._spare_calls = 0
+        self._run_id_agreed = False
         self._set_run_id(uuid.uuid4().hex)
 
     def _set_run_id(self, run_id: str) -> None:
@@ -169,9 +170,14 @@ class UncertaintyRouting(L.Callback):
             if isinstance(judge, CachedJudge):
                 judge.run_id = run_id
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if trainer.world_size > 1:  # every rank records its calls under rank 0's id
-            self._set_run_id(trainer.strategy.broadcast(self.run_id))
+    def _agree_run_id(self, trainer, module) -> None:
+        """Every rank records its calls under rank 0's id (agreed once, through the collective routing uses, so
+        the Trainer and the Fabric loop agree alike; a loaded id is the same on every rank already)."""
+        if self._run_id_agreed or trainer.world_size == 1:
+            return
+        mine = torch.tensor(list(bytes.fromhex(self.run_id)), dtype=torch.long, device=module.device)
+        self._set_run_id(bytes(trainer.strategy.all_gather(mine).cpu()[0].tolist()).hex())
+        self._run_id_agreed = True
 
     # --- routing decision -------------------------------------------------------------------------------------
     def _priority(self, d: torch.Tensor, u: torch.Tensor, step: int) -> torch.Tensor:
@@ -259,6 +265,7 @@ class UncertaintyRouting(L.Callback):
             self._step_seconds = now - self._last_step_started
         self._last_step_started = now
         with ctx.timer("routing"):
+            self._agree_run_id(trainer, module)
             b, k, _ = ctx.uncertainty.shape
             ii, jj = upper_pairs(k)
             self._control = {}
@@ -387,6 +394,7 @@ class UncertaintyRouting(L.Callback):
             self.audit.load_state_dict(state_dict["audit"])
         if "run_id" in state_dict:  # calls paid after the checkpoint (a killed step) are charged again
             self._set_run_id(state_dict["run_id"])
+            self._run_id_agreed = True
             self.ledger.reconcile(*spent_by_run([self.judge, *self.stages], self.run_id))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
