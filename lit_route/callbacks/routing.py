@@ -392,7 +392,7 @@ class UncertaintyRouting(L.Callback):
             self.controller.load_state_dict(state_dict["controller"])
         if "audit" in state_dict:
             self.audit.load_state_dict(state_dict["audit"])
-        if "run_id" in state_dict:  # calls paid after the checkpoint (a killed step) are charged again
+        if "run_id" in state_dict:  # calls paid after this checkpoint was written (a killed step) are charged now
             self._set_run_id(state_dict["run_id"])
             self._run_id_agreed = True
             self.ledger.reconcile(*spent_by_run([self.judge, *self.stages], self.run_id))
