@@ -48,6 +48,11 @@ def fabric_run(tmp_path, max_steps, ckpt_path=None, root="fabric"):
     return module, routing, summary
 
 
+def accounts(routing) -> dict:
+    """The callback's state but its run id (a fresh one per run: the key of its spend in a verdict cache)."""
+    return {k: v for k, v in routing.state_dict().items() if k != "run_id"}
+
+
 def test_fabric_loop_takes_the_trainers_steps(tmp_path):
     module, dm, routing = build(tmp_path)
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -56,7 +61,7 @@ def test_fabric_loop_takes_the_trainers_steps(tmp_path):
     trainer.fit(module, dm)
     fabric_module, fabric_routing, summary = fabric_run(tmp_path, 3)
     assert summary["global_step"] == 3
-    assert fabric_routing.state_dict() == routing.state_dict()  # same pairs routed, same ledger
+    assert accounts(fabric_routing) == accounts(routing)  # same pairs routed, same ledger
     a, b = lora(module), lora(fabric_module)
     # the same operations in the same order on one process: equal up to float32 rounding of any kernel choice
     for key in a:
@@ -70,7 +75,7 @@ def test_resume_continues_weights_and_the_routing_ledger(tmp_path):
     assert first.ledger.calls == 6
     resumed, resumed_routing, final = fabric_run(tmp_path, 4, ckpt_path=summary["last_ckpt"], root="resumed")
     assert final["global_step"] == 4
-    assert resumed_routing.state_dict() == straight_routing.state_dict()  # the budget continued, not restarted
+    assert accounts(resumed_routing) == accounts(straight_routing)  # the budget continued, not restarted
     a, b = lora(straight), lora(resumed)
     for key in a:  # the same batches, samples and optimiser state as the uninterrupted run
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -92,7 +92,7 @@ def test_unparseable_answer_is_retried_once_then_a_failure_not_a_tie(kind, monke
 def test_decoy_tag_in_reasoning_is_ignored(kind, monkeypatch):
     with Loopback() as server:
         server.script = [
-            Reply("<think>maybe <verdict>A</verdict>?</think> On reflection <verdict>B</verdict>"),
+            Reply("<think>maybe <verdict>A</verdict>?</think> On reflection, B.\n<verdict>B</verdict>"),
             Reply("Final: <verdict>B</verdict>", reasoning="Looks like <verdict>A</verdict> at first"),
         ]
         judge = make(kind, server.url, monkeypatch)

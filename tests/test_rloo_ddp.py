@@ -21,12 +21,17 @@ class RecordingRouting(UncertaintyRouting):
         super().__init__(**kwargs)
         self.out_dir = out_dir
 
+    def setup(self, trainer, pl_module, stage):
+        import uuid
+
+        self._set_run_id(uuid.uuid4().hex)  # as if each rank had built its callback itself (`ddp`, not spawn)
+
     def on_before_rewards(self, trainer, module, ctx):
         routed = len(self._pending[1]) if self._pending else 0
         super().on_before_rewards(trainer, module, ctx)
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.jsonl"), "a") as fh:
             fh.write(json.dumps({"step": trainer.global_step, "local_routed": routed, "ledger": self.ledger.calls,
-                                 "seen": self.pairs_seen}) + "\n")
+                                 "seen": self.pairs_seen, "run": self.run_id}) + "\n")
 
 
 def test_two_rank_routing_agrees_on_the_global_budget(tmp_path):
@@ -44,6 +49,7 @@ def test_two_rank_routing_agrees_on_the_global_budget(tmp_path):
     assert len(rows[0]) == len(rows[1]) == 3
     for a, b in zip(*rows, strict=True):
         assert a["ledger"] == b["ledger"] and a["seen"] == b["seen"]  # identical global accounting on both ranks
+        assert a["run"] == b["run"]  # spend recorded in a shared verdict cache under one run id
     # global batch: 2 ranks x 2 prompts x 3 pairs = 12 pairs; half routed = 6 per step (one billed call each),
     # then the cap of 15
     totals = [a["local_routed"] + b["local_routed"] for a, b in zip(*rows, strict=True)]

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import torch
 from lit_route.checks import check_choice, check_fraction, check_nonnegative
 from lit_route.eval.export import judged_record
 from lit_route.judges.base import JudgeBackend, check_judge
-from lit_route.judges.cache import CachedJudge
+from lit_route.judges.cache import CachedJudge, spent_by_run
+from lit_route.judges.limits import REASK_ALLOWANCE, CallAllowance
 from lit_route.judges.loop import submit
 from lit_route.judges.pairwise import ORDERS, judge_pairs
 from lit_route.rewards.pairwise import upper_pairs, verdict_logits
@@ -157,6 +159,25 @@ class UncertaintyRouting(L.Callback):
         self.consecutive_errors = 0
         self.failures: collections.Counter = collections.Counter()
         self._pending: tuple | None = None
+        self._spare_calls = 0
+        self._run_id_agreed = False
+        self._set_run_id(uuid.uuid4().hex)
+
+    def _set_run_id(self, run_id: str) -> None:
+        """The key of this run's spend records in the verdict caches (kept in checkpoints)."""
+        self.run_id = run_id
+        for judge in (self.judge, *self.stages):
+            if isinstance(judge, CachedJudge):
+                judge.run_id = run_id
+
+    def _agree_run_id(self, trainer, module) -> None:
+        """Every rank records its calls under rank 0's id (agreed once, through the collective routing uses, so
+        the Trainer and the Fabric loop agree alike; a loaded id is the same on every rank already)."""
+        if self._run_id_agreed or trainer.world_size == 1:
+            return
+        mine = torch.tensor(list(bytes.fromhex(self.run_id)), dtype=torch.long, device=module.device)
+        self._set_run_id(bytes(trainer.strategy.all_gather(mine).cpu()[0].tolist()).hex())
+        self._run_id_agreed = True
 
     # --- routing decision -------------------------------------------------------------------------------------
     def _priority(self, d: torch.Tensor, u: torch.Tensor, step: int) -> torch.Tensor:
@@ -217,14 +238,20 @@ class UncertaintyRouting(L.Callback):
             take = free[: max(min(count_for_fraction(n, fraction), left), 0)]
             assign[take] = stage
             left -= take.numel()
+        # what the caps leave beyond the planned calls: the judges' re-asks of unusable answers draw on it
+        planned = int((assign >= 0).sum()) * (2 if self.order == "both" else 1)
+        self._spare_calls = max(self.ledger.allowance() - planned, 0)
         b = u_pairs.shape[0]
         rank = trainer.global_rank if world > 1 else 0
         local = slice(rank * b, (rank + 1) * b)
         return assign.view_as(u_all)[local], routed.view_as(u_all)[local], audit.view_as(u_all)[local]
 
-    async def _judge_stages(self, per_stage: list[list], seed: int) -> list[list]:
-        """Every judge's items at once, on the judge loop; one list of judgements per judge."""
+    async def _judge_stages(self, per_stage: list[list], seed: int, spare_calls: int | None = None) -> list[list]:
+        """Every judge's items at once, on the judge loop; one list of judgements per judge. Re-asks share
+        ``spare_calls`` (this rank's part of what the caps leave)."""
         judges = [self.judge, *self.stages]
+        if spare_calls is not None:
+            REASK_ALLOWANCE.set(CallAllowance(spare_calls))
 
         async def run(judge, items):
             return await judge_pairs(judge, items, self.order, seed) if items else []
@@ -238,6 +265,7 @@ class UncertaintyRouting(L.Callback):
             self._step_seconds = now - self._last_step_started
         self._last_step_started = now
         with ctx.timer("routing"):
+            self._agree_run_id(trainer, module)
             b, k, _ = ctx.uncertainty.shape
             ii, jj = upper_pairs(k)
             self._control = {}
@@ -255,7 +283,9 @@ class UncertaintyRouting(L.Callback):
                       for bi, i, j in keys] for keys in per_stage]
             self.pairs_seen += b * len(ii) * trainer.world_size  # global, like pairs_routed
             seed = self.seed + trainer.global_step * 1009 + trainer.global_rank
-            future = submit(self._judge_stages(items, seed)) if routed else None
+            world, rank = trainer.world_size, trainer.global_rank
+            spare = self._spare_calls // world + int(rank < self._spare_calls % world)
+            future = submit(self._judge_stages(items, seed, spare)) if routed else None
             self._pending = (future, routed, time.perf_counter())
 
     def on_before_rewards(self, trainer, module, ctx) -> None:
@@ -348,6 +378,7 @@ class UncertaintyRouting(L.Callback):
             "failures": dict(self.failures),
             "controller": self.controller.state_dict() if self.controller is not None else None,
             "audit": self.audit.state_dict(),
+            "run_id": self.run_id,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -361,6 +392,10 @@ class UncertaintyRouting(L.Callback):
             self.controller.load_state_dict(state_dict["controller"])
         if "audit" in state_dict:
             self.audit.load_state_dict(state_dict["audit"])
+        if "run_id" in state_dict:  # calls paid after this checkpoint was written (a killed step) are charged now
+            self._set_run_id(state_dict["run_id"])
+            self._run_id_agreed = True
+            self.ledger.reconcile(*spent_by_run([self.judge, *self.stages], self.run_id))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._pending is not None and self._pending[0] is not None:

@@ -5,16 +5,17 @@ Backends whose SDK is optional (``anthropic``, ``openai``) import it when constr
 
 from lit_route.judges.base import JudgeBackend, JudgeStats
 from lit_route.judges.cache import CachedJudge
-from lit_route.judges.limits import CallPolicy
+from lit_route.judges.limits import CallAllowance, CallPolicy
 from lit_route.judges.loop import run_sync, submit
 from lit_route.judges.pairwise import PairJudgement, judge_pairs
-from lit_route.judges.prompt import PROMPT_VERSION, parse_verdict, render
+from lit_route.judges.prompt import PROMPT_VERSION, PromptFormat, parse_verdict, render
 from lit_route.judges.replay import ReplayJudge
 
 __all__ = [
     "PROMPT_VERSION",
     "AnthropicJudge",
     "CachedJudge",
+    "CallAllowance",
     "CallPolicy",
     "FunctionJudge",
     "HFLocalJudge",
@@ -22,6 +23,7 @@ __all__ = [
     "JudgeStats",
     "OpenAICompatibleJudge",
     "PairJudgement",
+    "PromptFormat",
     "ReplayJudge",
     "judge_pairs",
     "parse_verdict",

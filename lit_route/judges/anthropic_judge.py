@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from lit_route.judges.base import JudgeStats
 from lit_route.judges.limits import CallPolicy, RateLimits, RetryableError
+from lit_route.judges.prompt import PromptFormat
 from lit_route.judges.remote import Completion, classify_sdk_error, run_requests
 from lit_route.judges.secrets import read_api_key
 from lit_route.types import JudgeRequest, Verdict
@@ -24,6 +25,8 @@ class AnthropicJudge:
         api_key_env: Environment variable holding the key.
         api_key_file: A file holding the key (used when the variable is unset).
         policy: Rate limits, retries and prices.
+        prompt: The prompt template and verdict syntax (``None``: the built-in ones; see
+            :class:`~lit_route.judges.prompt.PromptFormat`).
     """
 
     name = "anthropic"
@@ -38,6 +41,7 @@ class AnthropicJudge:
         api_key_env: str = "ANTHROPIC_API_KEY",
         api_key_file: str | None = None,
         policy: CallPolicy | None = None,
+        prompt: PromptFormat | None = None,
     ):
         try:
             import anthropic
@@ -48,6 +52,7 @@ class AnthropicJudge:
         self.thinking_budget = thinking_budget
         self.base_url = base_url
         self.policy = policy or CallPolicy()
+        self.prompt = prompt or PromptFormat()
         self.stats = JudgeStats()
         self._limits = RateLimits(self.policy)
         self._client = anthropic.AsyncAnthropic(
@@ -63,7 +68,7 @@ class AnthropicJudge:
     def identity(self) -> dict:
         """Every setting that changes the answer (the verdict cache keys on it); never the key."""
         return {"backend": self.name, "model": self.model, "base_url": self.base_url, "max_tokens": self.max_tokens,
-                "temperature": self.temperature, "thinking_budget": self.thinking_budget}
+                "temperature": self.temperature, "thinking_budget": self.thinking_budget, **self.prompt.identity()}
 
     async def complete(self, system: str, user: str) -> Completion:
         kwargs = {}
@@ -92,4 +97,5 @@ class AnthropicJudge:
         return classify_sdk_error(self._sdk, err)
 
     async def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
-        return await run_requests(requests, self.complete, self.classify, self.policy, self._limits, self.stats)
+        return await run_requests(requests, self.complete, self.classify, self.policy, self._limits, self.stats,
+                                  self.prompt)

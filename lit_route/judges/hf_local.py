@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lit_route.judges.base import JudgeStats
-from lit_route.judges.prompt import parse_verdict, render
+from lit_route.judges.prompt import PromptFormat
 from lit_route.models.backbone import BackboneSpec, load_backbone, load_tokenizer, resolve_model_dir
 from lit_route.types import JudgeRequest, Preference, Verdict
 
@@ -48,6 +48,8 @@ class HFLocalJudge:
         max_prompt_tokens: Prompt tokens kept (the start of the prompt is cut first).
         tie_margin: ``logprob``: |prob_a − 0.5| below this is a tie.
         device: ``cpu`` or ``cuda``.
+        prompt: The prompt template and verdict syntax (``None``: the built-in ones); ``logprob`` reads the label
+            right after the verdict syntax's opening (``<verdict>``, ``[[``).
     """
 
     name = "hf_local"
@@ -61,6 +63,7 @@ class HFLocalJudge:
         max_prompt_tokens: int = 1536,
         tie_margin: float = 0.0,
         device: str = "cpu",
+        prompt: PromptFormat | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
@@ -69,6 +72,7 @@ class HFLocalJudge:
         self.model = f"{model_path}/{gguf_file}" if gguf_file else model_path
         self.mode, self.max_new_tokens, self.max_prompt_tokens = mode, max_new_tokens, max_prompt_tokens
         self.tie_margin = tie_margin
+        self.prompt = prompt or PromptFormat()
         self.tokenizer = load_tokenizer(spec)
         self.lm = load_backbone(spec, causal_lm=True).to(device).eval()
         self.device = device
@@ -96,10 +100,11 @@ class HFLocalJudge:
     def identity(self) -> dict:
         """Every setting that changes the answer (the verdict cache keys on it)."""
         return {"backend": self.name, "model": self.model, "mode": self.mode, "max_new_tokens": self.max_new_tokens,
-                "max_prompt_tokens": self.max_prompt_tokens, "tie_margin": self.tie_margin}
+                "max_prompt_tokens": self.max_prompt_tokens, "tie_margin": self.tie_margin,
+                **self.prompt.identity()}
 
     def _prompt_ids(self, request: JudgeRequest, prefill: str = "") -> torch.Tensor:
-        system, user = render(request)
+        system, user = self.prompt.render(request)
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -110,7 +115,8 @@ class HFLocalJudge:
 
     @torch.no_grad()
     def _p_first(self, request: JudgeRequest) -> float:
-        logits = self.lm(input_ids=self._prompt_ids(request, prefill="<verdict>")).logits[0, -1].float()
+        opening = self.prompt.verdict.split("{label}")[0]  # "<verdict>", "[["
+        logits = self.lm(input_ids=self._prompt_ids(request, prefill=opening)).logits[0, -1].float()
         pair = torch.softmax(logits[[self._a, self._b]], dim=0)
         return float(pair[0])
 
@@ -131,7 +137,7 @@ class HFLocalJudge:
             out = self.lm.generate(ids, max_new_tokens=self.max_new_tokens, do_sample=False,
                                    pad_token_id=self.tokenizer.pad_token_id)
             text = self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        pref = parse_verdict(text)
+        pref = self.prompt.parse(text)
         return Verdict(pref, failure=None if pref else "unparseable", raw=text, latency_s=time.perf_counter() - start,
                        input_tokens=ids.shape[1], output_tokens=out.shape[1] - ids.shape[1], requests=1, billed=1)
 

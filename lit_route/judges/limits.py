@@ -7,6 +7,7 @@ decides, and every retry is counted.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import random
 from dataclasses import dataclass
 
@@ -28,7 +29,8 @@ class CallPolicy:
         deadline_s: Time limit of a call including all its retries.
         backoff_base_s: First backoff; doubles per attempt, with full jitter, when no ``Retry-After`` is given.
         backoff_max_s: Longest single wait (also caps ``Retry-After``).
-        unparseable_retries: New calls made when an answer has no verdict tag, before it counts as a failure.
+        unparseable_retries: New calls made when an answer has no verdict tag, before it counts as a failure
+            (fewer when a per-step call cap has no room left: see :data:`REASK_ALLOWANCE`).
         price_input_per_mtok: USD per million input tokens (cost estimate).
         price_output_per_mtok: USD per million output tokens.
     """
@@ -141,3 +143,27 @@ def _smooth_limiter(per_minute: float, min_burst: float) -> AsyncLimiter:
     let a cold start send a minute's quota at once and then trip the server's limiter."""
     burst = max(min_burst, per_minute / 60.0)
     return AsyncLimiter(burst, burst * 60.0 / per_minute)
+
+
+class CallAllowance:
+    """Billed calls a caller may still make beyond the ones it planned: re-asks after an unusable answer draw on
+    it, so that a per-step cap holds with re-asks included. Shared by every request of a step (one event loop,
+    so no lock is needed)."""
+
+    def __init__(self, calls: int):
+        self.left = max(int(calls), 0)
+        self.refused = 0
+
+    def take(self) -> bool:
+        """One more call, if the allowance has it."""
+        if self.left > 0:
+            self.left -= 1
+            return True
+        self.refused += 1
+        return False
+
+
+REASK_ALLOWANCE: contextvars.ContextVar[CallAllowance | None] = contextvars.ContextVar("reask_allowance",
+                                                                                        default=None)
+"""The allowance of the running step's re-asks (``None``: re-ask as ``unparseable_retries`` says). Set it around
+``judge_pairs``; tasks started inside inherit it."""

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from lit_route.judges.base import JudgeStats
 from lit_route.judges.limits import CallPolicy, RateLimits, RetryableError
+from lit_route.judges.prompt import PromptFormat
 from lit_route.judges.remote import Completion, classify_sdk_error, run_requests
 from lit_route.judges.secrets import read_api_key
 from lit_route.types import JudgeRequest, Verdict
@@ -26,6 +27,8 @@ class OpenAICompatibleJudge:
         api_key_file: A file holding the key (used when the variable is unset).
         require_key: Fail when no key is found (set ``False`` for local servers).
         policy: Rate limits, retries and prices.
+        prompt: The prompt template and verdict syntax (``None``: the built-in ones; see
+            :class:`~lit_route.judges.prompt.PromptFormat`).
     """
 
     name = "openai"
@@ -40,6 +43,7 @@ class OpenAICompatibleJudge:
         api_key_file: str | None = None,
         require_key: bool = True,
         policy: CallPolicy | None = None,
+        prompt: PromptFormat | None = None,
     ):
         try:
             import openai
@@ -49,6 +53,7 @@ class OpenAICompatibleJudge:
         self.model, self.base_url = model, base_url
         self.max_tokens, self.temperature = max_tokens, temperature
         self.policy = policy or CallPolicy()
+        self.prompt = prompt or PromptFormat()
         self.stats = JudgeStats()
         self._limits = RateLimits(self.policy)
         key = read_api_key(api_key_env, api_key_file, "OpenAICompatibleJudge", required=require_key)
@@ -62,7 +67,7 @@ class OpenAICompatibleJudge:
     def identity(self) -> dict:
         """Every setting that changes the answer (the verdict cache keys on it); never the key."""
         return {"backend": self.name, "model": self.model, "base_url": self.base_url, "max_tokens": self.max_tokens,
-                "temperature": self.temperature}
+                "temperature": self.temperature, **self.prompt.identity()}
 
     async def complete(self, system: str, user: str) -> Completion:
         response = await self._client.chat.completions.create(
@@ -88,4 +93,5 @@ class OpenAICompatibleJudge:
         return classify_sdk_error(self._sdk, err)
 
     async def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
-        return await run_requests(requests, self.complete, self.classify, self.policy, self._limits, self.stats)
+        return await run_requests(requests, self.complete, self.classify, self.policy, self._limits, self.stats,
+                                  self.prompt)

@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from lit_route.judges.cache import shared_copy
 from lit_route.types import JudgeRequest, Preference, Verdict
 
 ORDERS = ("fixed", "random", "both")
@@ -92,8 +94,12 @@ async def judge_pairs(
         items: ``(prompt, x, y)`` triples.
         order: ``fixed``, ``random`` or ``both``.
         seed: Seed of the ``random`` order (per-item coins are a function of seed and position).
-        on_verdict: Called with 1 as each verdict arrives (a progress bar); requests then go to the backend one
-            per call, concurrently (the backend's own limits bound how many are in flight).
+        on_verdict: Called with the number of requests answered as each verdict arrives (a progress bar);
+            requests then go to the backend one per call, concurrently (the backend's own limits bound how many
+            are in flight).
+
+    Identical requests (the same pair twice, in the same display order) are sent once; the repeats get a copy of
+    the verdict that cost nothing.
     """
     if order not in ORDERS:
         raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
@@ -107,15 +113,23 @@ async def judge_pairs(
             slots.append((len(requests), swapped))
             requests.append(JudgeRequest(prompt, y if swapped else x, x if swapped else y))
         plan.append(slots)
+    first: dict[tuple[str, str, str], int] = {}
+    for i, r in enumerate(requests):
+        first.setdefault((r.prompt, r.response_a, r.response_b), i)
+    distinct = [requests[i] for i in first.values()]
+    repeats = collections.Counter((r.prompt, r.response_a, r.response_b) for r in requests)
     if on_verdict is None:
-        verdicts = await backend.judge(requests) if requests else []
+        answers = await backend.judge(distinct) if distinct else []
     else:
         async def one(request: JudgeRequest) -> Verdict:
             (verdict,) = await backend.judge([request])
-            on_verdict(1)
+            on_verdict(repeats[request.prompt, request.response_a, request.response_b])
             return verdict
 
-        verdicts = list(await asyncio.gather(*(one(r) for r in requests)))
+        answers = list(await asyncio.gather(*(one(r) for r in distinct)))
+    by_first = dict(zip(first.values(), answers, strict=True))
+    verdicts = [by_first[i] if i in by_first else shared_copy(by_first[first[r.prompt, r.response_a, r.response_b]])
+                for i, r in enumerate(requests)]
     out = []
     for slots in plan:
         vs = tuple(verdicts[i] for i, _ in slots)

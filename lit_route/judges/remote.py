@@ -15,8 +15,15 @@ from dataclasses import dataclass
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
 
 from lit_route.judges.base import JudgeStats
-from lit_route.judges.limits import CallPolicy, FatalCallError, RateLimits, RetryableError, backoff_wait
-from lit_route.judges.prompt import parse_verdict, render
+from lit_route.judges.limits import (
+    REASK_ALLOWANCE,
+    CallPolicy,
+    FatalCallError,
+    RateLimits,
+    RetryableError,
+    backoff_wait,
+)
+from lit_route.judges.prompt import DEFAULT, PromptFormat
 from lit_route.types import JudgeRequest, Verdict
 
 
@@ -75,20 +82,22 @@ async def run_requests(
     policy: CallPolicy,
     limits: RateLimits,
     stats: JudgeStats,
+    fmt: PromptFormat | None = None,
 ) -> list[Verdict]:
-    """Judges every request concurrently under ``policy``; one :class:`Verdict` per request, in order."""
+    """Judges every request concurrently under ``policy``, shown and parsed in ``fmt`` (default: the built-in
+    format); one :class:`Verdict` per request, in order."""
 
     async def one(request: JudgeRequest) -> Verdict:
         async with limits.semaphore:
-            verdict = await _judge_one(request, complete, classify, policy, limits, stats)
+            verdict = await _judge_one(request, complete, classify, policy, limits, stats, fmt or DEFAULT)
         stats.record(verdict)
         return verdict
 
     return list(await asyncio.gather(*(one(r) for r in requests)))
 
 
-async def _judge_one(request, complete, classify, policy, limits, stats) -> Verdict:
-    system, user = render(request)
+async def _judge_one(request, complete, classify, policy, limits, stats, fmt: PromptFormat) -> Verdict:
+    system, user = fmt.render(request)
     estimate = (len(system) + len(user)) // 4 + 1024
     start = time.perf_counter()
     counts = {"requests": 0, "billed": 0}
@@ -100,7 +109,10 @@ async def _judge_one(request, complete, classify, policy, limits, stats) -> Verd
                        input_tokens=in_tok, output_tokens=out_tok, cost_usd=policy.cost(in_tok, out_tok),
                        requests=counts["requests"], billed=counts["billed"])
 
-    for _ in range(policy.unparseable_retries + 1):
+    for attempt in range(policy.unparseable_retries + 1):
+        allowance = REASK_ALLOWANCE.get()
+        if attempt > 0 and allowance is not None and not allowance.take():
+            break  # a re-ask is a billed call: with the step's cap reached, the answer stays unusable
         try:
             completion = await _call_with_retries(system, user, complete, classify, policy, limits, stats, estimate,
                                                   counts)
@@ -109,7 +121,7 @@ async def _judge_one(request, complete, classify, policy, limits, stats) -> Verd
         in_tok += completion.input_tokens
         out_tok += completion.output_tokens
         text = completion.text
-        preference = parse_verdict(text)
+        preference = fmt.parse(text)
         if preference is not None:
             return verdict(preference, raw=text)
     reason = "empty" if not text.strip() else ("truncated" if completion.truncated else "unparseable")

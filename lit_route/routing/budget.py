@@ -51,6 +51,15 @@ class BudgetLedger:
         self.failures += failures
         self.cached += cached
 
+    def reconcile(self, calls: int, spend_usd: float) -> int:
+        """Raises the counters to what the verdict cache recorded as billed for this run (``calls``, ``spend_usd``)
+        and returns the calls added. A run killed after paying for calls and before its next checkpoint resumes
+        with a ledger that lacks them, while the cache serves their verdicts free: the record is the truth."""
+        added = max(int(calls) - self.calls, 0)
+        self.calls += added
+        self.spend_usd = max(self.spend_usd, float(spend_usd))
+        return added
+
     def state_dict(self) -> dict:
         return {"calls": self.calls, "spend_usd": self.spend_usd, "failures": self.failures, "cached": self.cached}
 
