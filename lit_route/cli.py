@@ -122,7 +122,26 @@ def rloo_cli(args: list[str], run: bool = True):
     from lit_route.policy.data import PromptDataModule
     from lit_route.policy.module import RLOOPolicyModule
 
-    return _cli_class(("fit",))(RLOOPolicyModule, PromptDataModule, args=args, run=run, **CLI_CONVENTIONS)
+    class RLOOCLI(_cli_class(("fit",))):
+        def _instantiate_trainer(self, config, callbacks):
+            return super()._instantiate_trainer(config, [*callbacks, *_last_checkpoint(config, callbacks)])
+
+    return RLOOCLI(RLOOPolicyModule, PromptDataModule, args=args, run=run, **CLI_CONVENTIONS)
+
+
+def _last_checkpoint(config, callbacks) -> list:
+    """``checkpoints/last.ckpt`` in every RLOO run, as under the Fabric engine (resume with ``--ckpt_path``): a
+    listed ``ModelCheckpoint`` that leaves ``save_last`` unset writes it too, and without one (and with
+    checkpointing on) a ``ModelCheckpoint(save_last=True)`` takes the place of Lightning's default one."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    if config.get("enable_checkpointing", True) is False:
+        return []
+    listed = [c for c in [*(config.get("callbacks") or []), *callbacks] if isinstance(c, ModelCheckpoint)]
+    for checkpoint in listed:
+        if checkpoint.save_last is None:
+            checkpoint.save_last = True
+    return [] if listed else [ModelCheckpoint(save_last=True)]
 
 
 def pm_score(
