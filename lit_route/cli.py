@@ -130,18 +130,17 @@ def rloo_cli(args: list[str], run: bool = True):
 
 
 def _last_checkpoint(config, callbacks) -> list:
-    """``checkpoints/last.ckpt`` in every RLOO run, as under the Fabric engine (resume with ``--ckpt_path``): a
-    listed ``ModelCheckpoint`` that leaves ``save_last`` unset writes it too, and without one (and with
-    checkpointing on) a ``ModelCheckpoint(save_last=True)`` takes the place of Lightning's default one."""
+    """``checkpoints/last.ckpt`` in every RLOO run, as under the Fabric engine (resume with ``--ckpt_path``):
+    without a listed ``ModelCheckpoint`` (and with checkpointing on), a ``ModelCheckpoint(save_last=True)`` takes
+    the place of Lightning's default one. A listed one is the user's to configure (the shipped configs set
+    ``save_last: true``)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     if config.get("enable_checkpointing", True) is False:
         return []
-    listed = [c for c in [*(config.get("callbacks") or []), *callbacks] if isinstance(c, ModelCheckpoint)]
-    for checkpoint in listed:
-        if checkpoint.save_last is None:
-            checkpoint.save_last = True
-    return [] if listed else [ModelCheckpoint(save_last=True)]
+    if any(isinstance(c, ModelCheckpoint) for c in [*(config.get("callbacks") or []), *callbacks]):
+        return []
+    return [ModelCheckpoint(save_last=True)]
 
 
 def pm_score(
