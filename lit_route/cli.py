@@ -148,7 +148,24 @@ def rloo_cli(args: list[str], run: bool = True):
                 raise FileNotFoundError(f"model.pm_ckpt: {ckpt} does not exist; train a PM first (`lit-route pm fit "
                                         "--config ...` writes finalized.ckpt in its trainer.default_root_dir)")
 
+        def _instantiate_trainer(self, config, callbacks):
+            return super()._instantiate_trainer(config, [*callbacks, *_last_checkpoint(config, callbacks)])
+
     return RLOOCLI(RLOOPolicyModule, PromptDataModule, args=args, run=run, **CLI_CONVENTIONS)
+
+
+def _last_checkpoint(config, callbacks) -> list:
+    """``checkpoints/last.ckpt`` in every RLOO run, as under the Fabric engine (resume with ``--ckpt_path``):
+    without a listed ``ModelCheckpoint`` (and with checkpointing on), a ``ModelCheckpoint(save_last=True)`` takes
+    the place of Lightning's default one. A listed one is the user's to configure (the shipped configs set
+    ``save_last: true``)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    if config.get("enable_checkpointing", True) is False:
+        return []
+    if any(isinstance(c, ModelCheckpoint) for c in [*(config.get("callbacks") or []), *callbacks]):
+        return []
+    return [ModelCheckpoint(save_last=True)]
 
 
 def pm_score(

@@ -10,14 +10,15 @@ from lightning.pytorch.callbacks import Callback
 
 
 class PromptLog(Callback):
-    """Appends one JSON line per finished training step: the step and the prompts of its batch."""
+    """Appends one JSON line per finished training step: the step, the epoch and the prompts of its batch."""
 
     def __init__(self, path: str):
         self.path = path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         with open(self.path, "a") as fh:
-            fh.write(json.dumps({"step": trainer.global_step, "messages": batch["messages"]}) + "\n")
+            fh.write(json.dumps({"step": trainer.global_step, "epoch": trainer.current_epoch,
+                                 "messages": batch["messages"]}) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 

@@ -67,8 +67,22 @@ def test_sampler_shards_disjointly_and_skips_what_was_consumed():
     order = [i for pair in zip(*ranks, strict=True) for i in pair]  # the shared permutation, interleaved
     resumed = [ResumableSampler(data, num_replicas=2, rank=r, seed=3, skip=4, skip_epoch=0) for r in range(2)]
     assert [i for pair in zip(*map(list, resumed), strict=True) for i in pair] == order[4:]
-    assert len(resumed[0]) == 3
+    assert len(resumed[0]) == 5  # the whole epoch's length: a Trainer counts the restored batches against it
     for s in resumed:
         s.set_epoch(1)  # a new epoch starts from its beginning, in a new order
     epoch1 = [i for pair in zip(*map(list, resumed), strict=True) for i in pair]
     assert len(epoch1) == 10 and len(set(epoch1)) == 10 and epoch1 != order
+
+
+def test_sampler_takes_its_epoch_from_the_trainer_when_told():
+    """Resumed after ``max_steps`` stopped a run mid-epoch, Lightning calls ``set_epoch(epochs processed)``, one
+    ahead of the epoch it continues; the sampler follows the Trainer's ``current_epoch`` instead."""
+    from lit_route.data.sampler import ResumableSampler
+
+    data = list(range(8))
+    plain = ResumableSampler(data, seed=3, skip=2, skip_epoch=0)
+    told = ResumableSampler(data, seed=3, skip=2, skip_epoch=0, current_epoch=lambda: 0)
+    plain.set_epoch(1)
+    told.set_epoch(1)
+    assert told.epoch == 0 and list(told) == list(ResumableSampler(data, seed=3))[2:]  # epoch 0, after the skip
+    assert plain.epoch == 1 and len(list(plain)) == 8  # without it: epoch 1's order, from its start

@@ -7,14 +7,20 @@ A preference model becomes::
     head.safetensors                                 the head: weights, random features, GP precision/covariance
     lit_route.json                                   how to rebuild it: head options, mode, encoder, base model
     tokenizer files
+    base_model/                                      only for ``builtin:tiny-llama``: the base itself
 
 and a policy the same without the head (``merge: true`` gives a plain causal LM folder that any transformers
-user or server loads). Load an exported PM with :func:`load_exported_pm` (or pass the folder wherever lit-route
-takes a PM checkpoint), or by hand::
+user or server loads). ``lit_route.json``'s ``base_model.path`` is what ``from_pretrained`` takes for the base
+(a folder, or a hub id), with ``base_model.gguf_file`` when the base is a GGUF file in that folder: ``pkg:``
+names are resolved to their package's folder, and the in-memory ``builtin:tiny-llama`` is written out. Load an
+exported PM with :func:`load_exported_pm` (or pass the folder wherever lit-route takes a PM checkpoint), or by
+hand (``docs/export-snippet.md``, run by the tests)::
 
-    base = AutoModel.from_pretrained(BASE)                    # lit_route.json: base_model
-    backbone = PeftModel.from_pretrained(base, FOLDER)
-    head = build_head(**config["head"]).eval()                # eval before loading: see load_exported_pm
+    base = config["base_model"]
+    backbone = AutoModel.from_pretrained(base["path"], gguf_file=base["gguf_file"], revision=base["revision"])
+    backbone = PeftModel.from_pretrained(backbone, FOLDER)
+    options = dict(config["head"])
+    head = build_head(options.pop("kind"), options.pop("in_features"), **options).eval()  # eval, then load
     head.load_state_dict(load_file(FOLDER / "head.safetensors"))
 """
 
@@ -28,38 +34,53 @@ import torch
 
 from lit_route.models.backbone import (
     BackboneSpec,
+    LoraSpec,
     apply_lora,
     describe,
     load_backbone,
     load_tokenizer,
     resolve_model_dir,
 )
+from lit_route.models.tiny import TINY_SPEC, save_tiny_llama
 
 EXPORT_CONFIG = "lit_route.json"
 HEAD_FILE = "head.safetensors"
+BUILTIN_BASE_DIR = "base_model"  # where an adapter export of builtin:tiny-llama keeps its base
 
 
-def _base_model_entry(spec: BackboneSpec) -> dict:
-    """Where the base weights are, as transformers wants them (a folder, plus the GGUF file name if any)."""
+def _base_model_entry(spec: BackboneSpec, output: Path) -> dict:
+    """What the checkpoint records about the base (:func:`describe`), plus ``path``: what ``from_pretrained``
+    takes for it (with ``gguf_file`` when the base is a GGUF file in that folder).
+
+    ``pkg:`` names become their package's folder and local folders absolute paths (hub ids stay as they are);
+    ``builtin:tiny-llama`` exists only in memory, so it is written into ``output`` (it is seeded: the same
+    weights every time).
+    """
     entry = describe(spec)
-    if not spec.model_path.startswith("builtin:"):
-        entry["path"] = resolve_model_dir(spec.model_path)
+    if spec.model_path == TINY_SPEC:
+        entry["path"] = str(save_tiny_llama(output / BUILTIN_BASE_DIR).resolve())
+        return entry
+    path = resolve_model_dir(spec.model_path)
+    entry["path"] = str(Path(path).resolve()) if Path(path).is_dir() else path
     return entry
 
 
-def _save_backbone(backbone, output: Path, merge: bool, spec: BackboneSpec) -> str:
+def _save_backbone(backbone, output: Path, merge: bool, spec: BackboneSpec) -> tuple[str, dict]:
+    """Writes the adapters (or the whole backbone) into ``output``; returns ``weights`` and the ``base_model``
+    entry of ``lit_route.json``."""
     from peft import PeftModel
 
     if isinstance(backbone, PeftModel) and not merge:
         backbone.save_pretrained(output)
+        base = _base_model_entry(spec, output)
         config_path = output / "adapter_config.json"
         config = json.loads(config_path.read_text())
-        config["base_model_name_or_path"] = _base_model_entry(spec).get("path", spec.model_path)
+        config["base_model_name_or_path"] = base["path"]
         config_path.write_text(json.dumps(config, indent=2))
-        return "adapter"
+        return "adapter", base
     model = backbone.merge_and_unload() if isinstance(backbone, PeftModel) else backbone
     model.save_pretrained(output)
-    return "merged" if isinstance(backbone, PeftModel) else "full"
+    return ("merged" if isinstance(backbone, PeftModel) else "full"), _base_model_entry(spec, output)
 
 
 def export_pm(ckpt: str | Path, output: str | Path, merge: bool = False) -> Path:
@@ -72,14 +93,14 @@ def export_pm(ckpt: str | Path, output: str | Path, merge: bool = False) -> Path
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     hp = module.hparams
-    weights = _save_backbone(module.backbone, output, merge, module.backbone_spec)
+    weights, base = _save_backbone(module.backbone, output, merge, module.backbone_spec)
     save_file({k: v.detach().cpu().contiguous() for k, v in module.head.state_dict().items()}, output / HEAD_FILE)
     module.tokenizer.save_pretrained(output)
     head_kwargs = asdict(hp.sngp) if module.head_kind == "sngp" else {}
     config = {
         "kind": "preference_model",
         "weights": weights,  # adapter | merged | full
-        "base_model": _base_model_entry(module.backbone_spec),
+        "base_model": base,
         "backbone": asdict(module.backbone_spec),
         "head": {"kind": module.head_kind, "in_features": _hidden_size(module.backbone), **head_kwargs},
         "mode": module.mode,
@@ -129,10 +150,13 @@ def load_policy_checkpoint(ckpt: str | Path):
     (the reward PM it was trained against is not loaded)."""
     raw = torch.load(ckpt, map_location="cpu", weights_only=False)
     hp = raw["hyper_parameters"]
-    spec = hp.get("policy") or BackboneSpec()
+    # a run built by LightningCLI (`rloo fit`) records its options as the config's dicts, one built in Python
+    # (the Fabric engine, a script) as the dataclasses themselves
+    spec = _as_spec(BackboneSpec, hp.get("policy")) or BackboneSpec()
     policy = load_backbone(spec, causal_lm=True)
-    if hp.get("lora") is not None:
-        policy = apply_lora(policy, hp["lora"])
+    lora = _as_spec(LoraSpec, hp.get("lora"))
+    if lora is not None:
+        policy = apply_lora(policy, lora)
     state = {k[len("policy."):]: v for k, v in raw["state_dict"].items() if k.startswith("policy.")}
     trained = {n for n, p in policy.named_parameters() if p.requires_grad}
     missing = trained - set(state)
@@ -142,14 +166,20 @@ def load_policy_checkpoint(ckpt: str | Path):
     return policy.eval(), spec
 
 
+def _as_spec(cls, value):
+    """A recorded option as the dataclass ``cls``: a dict becomes one (unknown keys are an error), anything else
+    (the dataclass, ``None``) is returned as it is."""
+    return cls(**value) if isinstance(value, dict) else value
+
+
 def export_policy(ckpt: str | Path, output: str | Path, merge: bool = False) -> Path:
     """Exports an ``RLOOPolicyModule`` checkpoint: adapters, or (``merge``) a plain causal-LM folder."""
     policy, spec = load_policy_checkpoint(ckpt)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    weights = _save_backbone(policy, output, merge, spec)
+    weights, base = _save_backbone(policy, output, merge, spec)
     load_tokenizer(spec).save_pretrained(output)
-    config = {"kind": "policy", "weights": weights, "base_model": _base_model_entry(spec),
+    config = {"kind": "policy", "weights": weights, "base_model": base,
               "backbone": asdict(spec), "source_checkpoint": str(ckpt)}
     (output / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
     return output

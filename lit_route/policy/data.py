@@ -204,7 +204,8 @@ class PromptDataModule(L.LightningDataModule):
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else self.shard
         self.sampler = ResumableSampler(self.items, num_replicas=world, rank=rank, seed=self.hparams.seed,
-                                        skip=self.consumed, skip_epoch=self.epoch)
+                                        skip=self.consumed, skip_epoch=self.epoch,
+                                        current_epoch=(lambda: trainer.current_epoch) if trainer is not None else None)
         return ResumableLoader(self.items, batch_size=self.hparams.batch_size, sampler=self.sampler,
                                collate_fn=self.collate, drop_last=True, position=self.state_dict)
 
