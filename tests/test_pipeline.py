@@ -163,3 +163,31 @@ def test_kill_with_calls_in_flight_then_resume_pays_each_call_once(tmp_path):
     assert routing["pairs_routed"] == 3 * steps and not routing["failures"]
     assert routing["ledger"]["calls"] == billed_first + billed_second
     assert billed_first + billed_second <= 3 * steps + (held - billed_first)  # only unanswered calls asked twice
+
+
+def test_two_ranks_share_one_ledger_with_batches_in_flight(tmp_path):
+    """DDP (2 gloo processes): the routing is decided on the global batch while earlier batches' calls are in
+    flight; those calls are reserved against the run's cap, so the cap holds exactly as in the synchronous run."""
+    import json
+
+    from routing_recorder import RecordingRouting
+
+    from lit_route.judges import HFLocalJudge
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"Prompt number {i}, please answer." for i in range(16)))
+    module = RLOOPolicyModule(policy=BackboneSpec(), lora=LoraSpec(r=2, alpha=4), pm_backbone=BackboneSpec(),
+                              generation=GenerationConfig(num_samples=3, max_new_tokens=4), reward_pipeline=1)
+    cb = RecordingRouting(str(tmp_path), judge=HFLocalJudge("builtin:tiny-llama", gguf_file=None, max_prompt_tokens=128),
+                          fraction=0.5, max_calls_total=15)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=[cb], default_root_dir=tmp_path)
+    torch.set_num_threads(1)
+    trainer.fit(module, PromptDataModule(prompts=str(prompts), batch_size=2))
+    rows = [[json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in range(2)]
+    assert len(rows[0]) == len(rows[1]) == 3  # three batches sampled, three merged
+    for a, b in zip(*rows, strict=True):
+        assert a["ledger"] == b["ledger"] and a["routed_total"] == b["routed_total"]
+    # 2 ranks x 2 prompts x 3 pairs = 12 pairs per batch, half routed; the third batch gets what the cap leaves
+    assert [r["routed_total"] for r in rows[0]] == [6, 12, 15] and rows[0][-1]["ledger"]["calls"] == 15

@@ -202,6 +202,7 @@ class UncertaintyRouting(L.Callback):
             self._inflight[key] = self._pending
 
     def on_before_rewards(self, trainer, module, ctx) -> None:
+        self._setup_pipeline(trainer, module)  # a resumed run may finish restored batches before sampling one
         key = getattr(ctx, "key", None)
         if key is None and self._pending is not None:  # a context from elsewhere: the batch routed last
             key = self._pending.key

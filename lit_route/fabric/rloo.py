@@ -115,7 +115,7 @@ def fit_rloo(fabric, module, datamodule, loop: LoopSettings | None = None, callb
     def train_due(i: int, last_batch: bool = False) -> None:
         # pipelined: train on the batches whose turn has come (their verdicts are waited for here)
         for pending in module.pipeline.due(module.batches_left(loop.max_steps, view.global_step), last_batch):
-            train(module.finish_rollout(pending, hooks, view, view.global_step), i)
+            train(module.finish_rollout(pending.to(fabric.device), hooks, view, view.global_step), i)
 
     try:
         while epoch < epochs and view.global_step < max_steps:

@@ -297,7 +297,7 @@ class RLOOPolicyModule(L.LightningModule):
         last = trainer.is_last_batch and max_epochs is not None and trainer.current_epoch + 1 >= max_epochs
         loss = None
         for pending in self.pipeline.due(self.batches_left(trainer.max_steps, self.global_step), last):
-            rollout = self.finish_rollout(pending, hooks, trainer if hooks else None, self.global_step)
+            rollout = self.finish_rollout(pending.to(self.device), hooks, trainer if hooks else None, self.global_step)
             with rollout.ctx.timer("update"):
                 loss = self._update(rollout, batch_idx)
             self.log_step(rollout, loss)

@@ -56,6 +56,12 @@ class PendingBatch:
         state["version"] = self.version
         return state
 
+    def to(self, device: torch.device | str) -> PendingBatch:
+        """The batch's tensors on ``device`` (a restored batch is loaded before the module is placed)."""
+        for name in self._TENSORS:
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
     @classmethod
     def from_state(cls, state: dict, device: torch.device | str = "cpu") -> PendingBatch:
         tensors = {name: state[name].to(device) for name in cls._TENSORS}
