@@ -103,11 +103,12 @@ def routing_state(path):
     return next(v for k, v in state["callbacks"].items() if "UncertaintyRouting" in k), state
 
 
-def test_kill_with_calls_in_flight_then_resume_pays_each_call_once(tmp_path):
+@pytest.mark.parametrize("engine", ["trainer", "fabric"])
+def test_kill_with_calls_in_flight_then_resume_pays_each_call_once(engine, tmp_path):
     """SIGKILL while judge calls are in flight (the server stops answering them first: calls it never answered
-    are never billed), resume from the last checkpoint: every routed pair is judged, and the ledger equals what the
-    server billed over both processes (what the killed process paid after its checkpoint is charged from the
-    journal; what it got is served by the cache; what it never got is asked once)."""
+    are never billed), resume from a checkpoint with batches pending: every routed pair is judged, and the ledger
+    equals what the server billed over both processes (what the killed process paid after its checkpoint is
+    charged from the journal; what it got is served by the cache; what it never got is asked once)."""
     config = yaml.safe_load((ROOT / "configs/rloo/debug_tiny.yaml").read_text())
     steps = 8
     trainer = config["trainer"]
@@ -120,45 +121,49 @@ def test_kill_with_calls_in_flight_then_resume_pays_each_call_once(tmp_path):
         "dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 1, "save_top_k": -1}})
     config["model"]["reward_pipeline"] = 2
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": "sk-test"}
+    command = ["rloo", "fit"] if engine == "trainer" else ["fabric", "rloo"]
 
     def write(url):
         text = yaml.safe_dump(config).replace("base_url: URL", f"base_url: {url}/v1")
         (tmp_path / "rloo.yaml").write_text(text)
-        return [sys.executable, "-m", "lit_route", "rloo", "fit", "--config", str(tmp_path / "rloo.yaml")]
+        return [sys.executable, "-m", "lit_route", *command, "--config", str(tmp_path / "rloo.yaml")]
 
     with Loopback(answer=longer_is_better, latency_s=(0.3, 0.6)) as first:
         proc = subprocess.Popen(write(first.url), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         deadline = time.time() + 180
-        while len(list((tmp_path / "ckpt").glob("*.ckpt"))) < 4 and time.time() < deadline and proc.poll() is None:
+        while first.completions < 12 and time.time() < deadline and proc.poll() is None:  # 4 batches judged
             time.sleep(0.05)
         first.hold()  # what is not answered by now never will be (and is never billed)
-        time.sleep(1.5)  # answers already sent reach the client and its journal
+        time.sleep(3.0)  # answers already sent reach the client and its journal; the run blocks on the rest
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         port, billed_first, held = first.server.server_address[1], first.completions, len(first.requests)
     assert held > billed_first, "no call was in flight at the kill"
-    saved = sorted((tmp_path / "ckpt").glob("*.ckpt"), key=step_of, reverse=True)
+    if engine == "trainer":
+        saved = sorted((tmp_path / "ckpt").glob("*.ckpt"), key=step_of, reverse=True)
+    else:  # the Fabric engine keeps one checkpoint, rewritten every step
+        saved = [tmp_path / "run" / "checkpoints" / "last.ckpt"]
     chosen = None
-    for path in saved:  # the newest complete checkpoint (the kill may cut one being written) ...
-        try:
-            routing, _ = routing_state(path)
-        except Exception:
-            continue
-        # ... with batches pending, and calls paid after it: the killed process paid for more than it says
-        if routing["inflight"][0] and routing["ledger"]["calls"] < billed_first:
+    for path in saved:  # the newest checkpoint with batches pending and calls paid after it
+        routing, _ = routing_state(path)
+        if routing["inflight"][0] and (engine == "fabric" or routing["ledger"]["calls"] < billed_first):
             chosen = path
             break
     assert chosen is not None, [p.name for p in saved]
-    last = chosen
-    assert step_of(last)[0] < steps
+    resumed_from = routing_state(chosen)[1]["global_step"]
+    assert resumed_from < steps
     with Loopback(answer=longer_is_better, latency_s=(0.3, 0.6), port=port) as second:
-        resume = subprocess.run([*write(second.url), "--ckpt_path", str(last)], cwd=ROOT, env=env,
+        resume = subprocess.run([*write(second.url), "--ckpt_path", str(chosen)], cwd=ROOT, env=env,
                                 capture_output=True, timeout=300)
         assert resume.returncode == 0, resume.stderr.decode()[-3000:]
         billed_second = second.completions
-    final = max((tmp_path / "ckpt").glob("*.ckpt"), key=step_of)
-    routing, _ = routing_state(final)
+    if engine == "trainer":
+        final = max((tmp_path / "ckpt").glob("*.ckpt"), key=step_of)
+    else:
+        final = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    routing, state = routing_state(final)
+    assert state["global_step"] == steps
     # debug_tiny: 2 prompts x 3 pairs per batch, half routed, one call per pair
     assert routing["pairs_routed"] == 3 * steps and not routing["failures"]
     assert routing["ledger"]["calls"] == billed_first + billed_second
