@@ -63,12 +63,17 @@ class UncertaintyRouting(L.Callback):
     ``cascade`` adds cheaper judges for the bands below: the main judge answers the top (routed) pairs, the first
     stage's judge the next ``fraction`` of pairs by the router's priority, and so on (PM → cheap → strong). The caps (``max_calls_per_step``, ``max_calls_total``,
     ``max_spend_usd``) count billed judge requests, so a pair costs two calls with ``order: both`` and a cached
-    verdict costs nothing; over a cap, the router's own priority decides which pairs keep their place.
+    verdict costs nothing; over a cap the audit sample is paid first (so it stays uniform and its estimates unbiased),
+    then the router's own priority decides which pairs keep their place. The decision itself is
+    :class:`~lit_route.routing.decision.RoutingDecision`; this callback adds Lightning's hooks, the DDP gather and
+    reduce, and checkpoint state.
 
     The routed pairs are judged on the process's judge event loop while the module computes reference
     log-probabilities; a verdict replaces ``S_ij`` by ``±c`` (tie: 0) and ``S_ji`` by its negative. A failed call,
     or a judge that raises, leaves the PM's score and is counted; a judge that raises in
     ``max_consecutive_errors`` steps in a row stops the run. The ledger and counters are saved in checkpoints.
+    With the module's ``reward_pipeline: s`` a batch's calls stay in flight for s steps; the batches in flight,
+    and a journal of the calls paid, make a resumed run pay each call once (``docs/pipeline.md``).
 
     Args:
         judge: The judge backend (``class_path`` + ``init_args``).
