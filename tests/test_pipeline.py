@@ -103,7 +103,8 @@ def routing_state(path):
     return next(v for k, v in state["callbacks"].items() if "UncertaintyRouting" in k), state
 
 
-@pytest.mark.parametrize("engine", ["trainer", "fabric"])
+# the Fabric engine shares the hook and journal code under test; its run is marked slow to keep the suite short
+@pytest.mark.parametrize("engine", ["trainer", pytest.param("fabric", marks=pytest.mark.slow)])
 def test_kill_with_calls_in_flight_then_resume_pays_each_call_once(engine, tmp_path):
     """SIGKILL while judge calls are in flight (the server stops answering them first: calls it never answered
     are never billed), resume from a checkpoint with batches pending: every routed pair is judged, and the ledger
@@ -196,3 +197,46 @@ def test_two_ranks_share_one_ledger_with_batches_in_flight(tmp_path):
         assert a["ledger"] == b["ledger"] and a["routed_total"] == b["routed_total"]
     # 2 ranks x 2 prompts x 3 pairs = 12 pairs per batch, half routed; the third batch gets what the cap leaves
     assert [r["routed_total"] for r in rows[0]] == [6, 12, 15] and rows[0][-1]["ledger"]["calls"] == 15
+
+
+def test_two_ranks_resume_their_own_pending_batches(tmp_path):
+    """DDP: a checkpoint written with batches pending holds every rank's (only rank 0 writes the file); the resumed
+    run finishes them on the rank that sampled them, and the global accounting matches an uninterrupted run."""
+    import json
+
+    from routing_recorder import RecordingRouting
+
+    from lit_route.judges import HFLocalJudge
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"Prompt number {i}, please answer." for i in range(16)))
+
+    def fit(out, max_steps, ckpt_path=None, checkpoints=False):
+        out.mkdir(exist_ok=True)
+        module = RLOOPolicyModule(policy=BackboneSpec(), lora=LoraSpec(r=2, alpha=4), pm_backbone=BackboneSpec(),
+                                  generation=GenerationConfig(num_samples=3, max_new_tokens=4), reward_pipeline=2)
+        cb = RecordingRouting(str(out), judge=HFLocalJudge("builtin:tiny-llama", gguf_file=None,
+                                                           max_prompt_tokens=128), fraction=0.5)
+        callbacks = [cb]
+        if checkpoints:
+            callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1,
+                                                                 save_top_k=-1))
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=max_steps, logger=False,
+                            enable_progress_bar=False, enable_checkpointing=checkpoints, enable_model_summary=False,
+                            callbacks=callbacks, default_root_dir=tmp_path / "run")
+        trainer.fit(module, PromptDataModule(prompts=str(prompts), batch_size=2), ckpt_path=ckpt_path)
+        return [[json.loads(line) for line in (out / f"rank{r}.jsonl").read_text().splitlines()] for r in range(2)]
+
+    torch.set_num_threads(1)
+    fit(tmp_path / "first", 4, checkpoints=True)
+    ckpt = next((tmp_path / "ckpt").glob("*step=1.ckpt"))
+    state = torch.load(ckpt, weights_only=False)
+    pending = state["lit_route"]["pending"]
+    inflight = next(v for k, v in state["callbacks"].items() if "Routing" in k)["inflight"]
+    assert len(pending) == len(inflight) == 2 and all(len(p) == 2 for p in pending)  # 2 ranks x 2 batches
+    assert [p[0]["ctx"]["key"] for p in pending] == [1, 1]
+    resumed = fit(tmp_path / "resumed", 4, ckpt_path=str(ckpt))
+    assert len(resumed[0]) == len(resumed[1]) == 3  # the 2 pending batches and the one sampled after resuming
+    assert resumed[0][-1]["ledger"] == resumed[1][-1]["ledger"]
+    # 4 batches x 12 pairs, half routed, whether or not the run stopped
+    assert resumed[0][-1]["routed_total"] == 24 and resumed[0][-1]["seen"] == 48
