@@ -9,6 +9,7 @@ from lit_route.routing.controller import (
     QuantileTracker,
     target_fraction,
 )
+from lit_route.routing.decision import Assignment, JudgePlan, RoutingDecision
 from lit_route.routing.routers import (
     BudgetRouter,
     MarginRouter,
@@ -21,17 +22,20 @@ from lit_route.routing.routers import (
 )
 
 __all__ = [
+    "Assignment",
     "AuditTally",
     "BudgetLedger",
     "BudgetRouter",
     "BudgetTarget",
     "Controller",
+    "JudgePlan",
     "MarginRouter",
     "OracleRouter",
     "PIController",
     "QuantileTracker",
     "RandomRouter",
     "Router",
+    "RoutingDecision",
     "ThresholdRouter",
     "count_for_fraction",
     "target_fraction",
