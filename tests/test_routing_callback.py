@@ -154,12 +154,13 @@ def test_controller_and_audit_from_yaml_log_their_state_and_resume(tmp_path):
     rows = [r for r in csv.DictReader(metrics.read_text().splitlines()) if r.get("judge/tau")]
     assert len(rows) == 4 and all(float(r["judge/target_fraction"]) == 0.25 for r in rows)
     assert any(r.get("audit/agreement") for r in rows) and all("cascade/judged_by_1" in r for r in rows)
-    (ckpt,) = root.rglob("*.ckpt")
+    (ckpt,) = root.rglob("last.ckpt")  # every RLOO run keeps checkpoints/last.ckpt
     state = torch.load(ckpt, weights_only=False)
     routing = next(v for k, v in state["callbacks"].items() if "UncertaintyRouting" in k)
     assert routing["controller"]["tau"] is not None and routing["audit"]["audit_n"] > 0
     main([*args, "--trainer.max_steps", "6", "--ckpt_path", str(ckpt)])
-    state = torch.load(max(root.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime), weights_only=False)
+    # the resumed run's own last.ckpt (in the next log version)
+    state = torch.load(max(root.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime_ns), weights_only=False)
     resumed = next(v for k, v in state["callbacks"].items() if "UncertaintyRouting" in k)
     assert resumed["audit"]["audit_n"] > routing["audit"]["audit_n"]  # the tally went on from the saved one
 
