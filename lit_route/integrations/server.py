@@ -17,9 +17,13 @@ import json
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from lit_route.integrations.collector import GroupCollector
 from lit_route.integrations.openrlhf import RequestError, parse_request, response_body
+from lit_route.judges.base import JudgeBackend
+from lit_route.models.backbone import BackboneSpec
+from lit_route.routing.controller import BudgetTarget, Controller
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +42,22 @@ class RewardServer:
             arrive in separate requests are scored together. ``None``: each request carries whole groups.
         group_wait_s: How long a sample waits for the rest of its group before its group is scored short.
         strip: End-of-turn markers to cut from the end of each response (the policy's EOS text, say).
+        state_file: JSON file of the routing state (budget spent, controller, counters): read at start when it
+            exists, rewritten after every answered request.
     """
 
     def __init__(self, rewards, host: str = "127.0.0.1", port: int = 5000, group_size: int | None = None,
-                 group_wait_s: float = 60.0, strip: tuple[str, ...] = ()):
+                 group_wait_s: float = 60.0, strip: tuple[str, ...] = (), state_file: str | None = None):
         self.rewards = rewards
         self.strip = tuple(strip)
+        self.state_file = Path(state_file) if state_file else None
+        self._state_lock = threading.Lock()
+        if self.state_file is not None and self.state_file.exists():
+            try:
+                rewards.load_state_dict(json.loads(self.state_file.read_text()))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"state_file: {self.state_file} is not a lit-route routing state ({err})") from err
+            log.info("routing state (budget spent so far) restored from %s", self.state_file)
         self.collector = GroupCollector(rewards.score_samples, group_size, group_wait_s)
         self._lock = threading.Lock()
         self.counts = {"requests": 0, "samples": 0, "bad_requests": 0, "errors": 0, "prompt_not_in_query": 0}
@@ -111,8 +125,20 @@ class RewardServer:
             with self._lock:
                 self.counts["errors"] += 1
             return 500, {"error": f"{type(err).__name__}: {err}"}
+        self.save_state()
         return 200, response_body([s.reward for s in scored], [s.pm_reward for s in scored],
                                   [s.judged for s in scored])
+
+    def save_state(self) -> None:
+        """Writes the routing state (ledger, controller, counters) to ``state_file``, atomically: a restarted
+        server goes on with the budget it had spent."""
+        if self.state_file is None:
+            return
+        with self._state_lock:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+            tmp.write_text(json.dumps(self.rewards.state_dict()))
+            tmp.replace(self.state_file)
 
     def stats(self) -> dict:
         """The server's counters and the routed reward's (billed calls, spend, routed share, ...)."""
@@ -142,3 +168,94 @@ class RewardServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def serve(
+    pm_ckpt: str | None = None,
+    judge: JudgeBackend | None = None,
+    router: str = "uncertainty",
+    fraction: float = 0.25,
+    threshold: float | None = None,
+    max_calls_per_step: int | None = None,
+    max_calls_total: int | None = None,
+    max_spend_usd: float | None = None,
+    verdict_logit: float = 2.0,
+    order: str = "random",
+    cache: str | None = None,
+    seed: int = 0,
+    controller: Controller | None = None,
+    target: BudgetTarget | None = None,
+    audit_fraction: float = 0.0,
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    group_size: int | None = None,
+    group_wait_s: float = 60.0,
+    strip: list[str] | None = None,
+    state_file: str | None = None,
+    device: str = "cpu",
+    pm_batch_size: int = 16,
+    pm_backbone: BackboneSpec | None = None,
+    run: bool = True,
+) -> RewardServer:
+    """Serves routed pairwise rewards to OpenRLHF (``--remote_rm_url http://HOST:PORT/get_reward``).
+
+    Args:
+        pm_ckpt: A finalised preference-model checkpoint (or a ``lit-route export`` folder).
+        judge: The judge backend (``class_path`` + ``init_args``); ``None``: PM scores only.
+        router: ``uncertainty``, ``random`` or ``margin``.
+        fraction: Share of each batch's pairs to judge; ignored when ``threshold`` or ``controller`` is set.
+        threshold: Judge every pair with ū above this instead.
+        max_calls_per_step: Cap on billed judge requests per scored batch.
+        max_calls_total: Cap on billed judge requests over the server's life (kept in ``state_file``).
+        max_spend_usd: Stop judging once the estimated spend reaches this.
+        verdict_logit: c: the logit a verdict is worth (2 in the paper).
+        order: Display order of the judge: ``random``, ``both`` (two calls per pair) or ``fixed``.
+        cache: sqlite verdict cache (``None``: none).
+        seed: Seed of the display order, the random router and the audit draw.
+        controller: Moves τ between batches (``QuantileTracker`` or ``PIController``); replaces ``threshold``.
+        target: What the controller aims for (default: ``fraction`` of the pairs).
+        audit_fraction: Share of each batch's pairs judged at random on top of the routed ones.
+        host: Interface to listen on (``0.0.0.0``: every interface).
+        port: Port to listen on.
+        group_size: OpenRLHF's ``n_samples_per_prompt``: samples of a prompt sent in separate requests (OpenRLHF
+            0.9.5+) are scored together once all have arrived. ``None``: each request carries whole groups.
+        group_wait_s: Longest wait for the rest of a group before it is scored short.
+        strip: End-of-turn markers cut from each response's end (the policy's EOS text, e.g. ``<|im_end|>``).
+        state_file: JSON file of the budget spent and the controller; read at start, rewritten after each request.
+        device: Where the PM runs (``cpu``, ``cuda``, ``cuda:N``).
+        pm_batch_size: Pairs per PM forward pass.
+        pm_backbone: Instead of ``pm_ckpt``, an untrained PM on this backbone (debugging only).
+        run: Serve until interrupted (``False``: return the started server; for tests).
+    """
+    from lit_route.integrations.routed import RoutedRewards
+
+    if pm_ckpt is None and pm_backbone is None:
+        raise ValueError("pm_ckpt: no reward model given; pass a finalised PM checkpoint")
+    rewards = RoutedRewards.build(
+        pm_ckpt, judge, pm_backbone=pm_backbone, device=device, pm_batch_size=pm_batch_size, cache=cache,
+        max_calls_per_step=max_calls_per_step, max_calls_total=max_calls_total, max_spend_usd=max_spend_usd,
+        router=router, fraction=fraction, threshold=threshold, verdict_logit=verdict_logit, order=order, seed=seed,
+        controller=controller, target=target, audit_fraction=audit_fraction)
+    server = RewardServer(rewards, host, port, group_size, group_wait_s, tuple(strip or ()), state_file)
+    if not run:
+        return server.start()
+    try:
+        server.serve_forever()
+    finally:
+        server.save_state()
+    return server
+
+
+def serve_cli(args: list[str], run: bool = True):
+    """``lit-route serve --config CONFIG [--port ...]`` (``run=False``: the parsed config, nothing started)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="lit-route serve", parser_mode="omegaconf", default_env=False,
+                            description=serve.__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(serve, skip={"run"})
+    cfg = parser.parse_args(args)
+    if not run:
+        return cfg
+    init = parser.instantiate_classes(cfg)
+    serve(**{k: v for k, v in init.items() if k not in ("config", "__path__")})

@@ -1,0 +1,155 @@
+"""`lit-route serve`: OpenRLHF-shaped requests from real HTTP clients, many at once, judged by a keep-alive
+loopback server through the real OpenAI SDK."""
+
+import asyncio
+import json
+import math
+import threading
+
+import pytest
+import requests
+import torch
+from loopback import Loopback, Reply, longer_is_better
+
+from lit_route.integrations.routed import RoutedRewards, build_decision
+from lit_route.integrations.server import RewardServer, serve
+from lit_route.judges import CallPolicy
+from lit_route.judges.openai_judge import OpenAICompatibleJudge
+from lit_route.models.backbone import BackboneSpec
+from lit_route.policy.pm_scoring import load_reward_pm, score_groups
+from lit_route.rewards.pairwise import pairwise_rewards
+
+K = 4
+EOS = "<|im_end|>"
+POLICY = CallPolicy(max_attempts=2, timeout_s=5, backoff_base_s=0.01, backoff_max_s=0.05, deadline_s=20)
+
+
+@pytest.fixture(scope="module")
+def tiny_pm():
+    torch.manual_seed(0)
+    return load_reward_pm(None, BackboneSpec())
+
+
+def rollout(prompt_id: int) -> tuple[str, list[str]]:
+    """A templated prompt and K responses of different lengths (the loopback judge prefers the longer one)."""
+    prompt = f"<|im_start|>user\nCount to {prompt_id}.<|im_end|>\n<|im_start|>assistant\n"
+    return prompt, [" ".join(str(n) for n in range(prompt_id + k)) for k in range(K)]
+
+
+def batch_body(prompt_ids) -> dict:
+    """OpenRLHF <= 0.9.4: one request per rollout batch, the samples of a prompt one after another."""
+    queries, prompts = [], []
+    for pid in prompt_ids:
+        prompt, responses = rollout(pid)
+        queries += [prompt + r + EOS for r in responses]
+        prompts += [prompt] * K
+    return {"query": queries, "prompts": prompts, "labels": [""] * len(queries)}
+
+
+def test_concurrent_openrlhf_clients_lose_no_verdict(tiny_pm, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    pm, encoder = tiny_pm
+    with Loopback(answer=longer_is_better) as judge_server:
+        judge = OpenAICompatibleJudge("m", base_url=f"{judge_server.url}/v1", policy=POLICY)
+        rewards = RoutedRewards(pm, encoder, build_decision(judge, fraction=0.5, order="both"))
+        with RewardServer(rewards, port=0, group_size=K, strip=(EOS,)) as server:
+            url = f"{server.url}/get_reward"
+            assert requests.get(f"{server.url}/health", timeout=5).json() == {"status": "ok"}
+            answers: dict = {}
+
+            def batch_worker(worker: int):  # `requests`, as OpenRLHF's remote_rm_fn did, one session per worker
+                with requests.Session() as session:
+                    for r in range(2):
+                        ids = [100 * worker + 10 * r + i for i in range(2)]
+                        answers[tuple(ids)] = session.post(url, json=batch_body(ids), timeout=60).json()
+
+            async def per_sample(pid: int):  # aiohttp, as OpenRLHF 0.9.5+ does: each sample its own request
+                import aiohttp
+
+                prompt, responses = rollout(pid)
+                async with aiohttp.ClientSession() as session:
+                    async def one(resp):
+                        body = {"query": [prompt + resp + EOS], "prompts": [prompt], "labels": [None]}
+                        async with session.post(url, json=body) as answer:
+                            return (await answer.json())["rewards"][0]
+                    answers[pid] = await asyncio.gather(*(one(r) for r in responses))
+
+            threads = [threading.Thread(target=batch_worker, args=(w,)) for w in range(3)]
+            threads += [threading.Thread(target=asyncio.run, args=(per_sample(pid),)) for pid in (7, 8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=120)
+            stats = requests.get(f"{server.url}/stats", timeout=5).json()
+    groups = 3 * 2 * 2 + 2
+    assert len(answers) == 3 * 2 + 2 and stats["scored_groups"] == groups and stats["requests"] == 6 + 2 * K
+    judged_pairs = 0
+    for key, answer in answers.items():
+        if isinstance(key, tuple):
+            rs = answer["rewards"]
+            assert len(rs) == len(answer["scores"]) == 2 * K and all(math.isfinite(r) for r in rs)
+            for g in range(2):  # S antisymmetric: a group's rewards sum to zero
+                assert abs(sum(rs[g * K : (g + 1) * K])) < 1e-5
+            judged_pairs += sum(answer["extra_logs"]["judged_pairs"]) // 2
+        else:
+            assert len(answer) == K and abs(sum(answer)) < 1e-5
+    # every routed pair came back with a verdict in S; two calls per pair (order: both), each billed once
+    assert stats["pairs_routed"] == stats["pairs_seen"] // 2 == groups * 3 and stats["routed_share"] == 0.5
+    assert judged_pairs == 6 * 2 * 3  # the batch requests' part (the per-sample answers carry it one by one)
+    assert judge_server.completions == stats["billed"] == judge.stats.billed == 2 * stats["pairs_routed"]
+    assert stats["failed_pairs"] == 0 and stats["errors"] == 0 and stats["short_groups"] == 0
+
+
+def test_per_sample_rewards_equal_lit_routes_group_rewards(tiny_pm):
+    """Without a judge the reward of each sample is r_i = mean_j S_ij of its group, S from the PM."""
+    pm, encoder = tiny_pm
+    prompt, responses = rollout(3)
+    with RewardServer(RoutedRewards(pm, encoder), port=0, group_size=K, strip=(EOS,)) as server:
+        out = [None] * K
+
+        def one(k):
+            body = {"query": [prompt + responses[k] + EOS + "\n"], "prompts": [prompt]}
+            out[k] = requests.post(server.url, json=body, timeout=60).json()["rewards"][0]
+
+        threads = [threading.Thread(target=one, args=(k,)) for k in range(K)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    s, _ = score_groups(pm, encoder, [prompt], [responses])
+    # group order follows arrival; the scores of a pair do not depend on it up to float rounding
+    assert out == pytest.approx(pairwise_rewards(s)[0].tolist(), abs=1e-5)
+
+
+def test_a_failing_judge_keeps_the_pm_reward_and_bad_requests_get_400(tiny_pm, monkeypatch, tmp_path):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    pm, encoder = tiny_pm
+    with Loopback(default=Reply(status=500)) as judge_server:
+        judge = OpenAICompatibleJudge("m", base_url=f"{judge_server.url}/v1", policy=POLICY)
+        rewards = RoutedRewards(pm, encoder, build_decision(judge, fraction=1.0))
+        state = tmp_path / "state.json"
+        with RewardServer(rewards, port=0, state_file=str(state)) as server:
+            answer = requests.post(server.url, json=batch_body([1, 2]), timeout=60).json()
+            bad = requests.post(server.url, data=b"{not json", timeout=5)
+            missing = requests.post(server.url, json={"query": ["a"]}, timeout=5)
+            stats = requests.get(f"{server.url}/stats", timeout=5).json()
+    assert answer["rewards"] == answer["extra_logs"]["pm_reward"]  # the PM's reward, not 0, not NaN
+    assert all(math.isfinite(r) for r in answer["rewards"]) and any(r != 0 for r in answer["rewards"])
+    assert sum(answer["extra_logs"]["judged_pairs"]) == 0
+    assert stats["failed_pairs"] == 2 * 6 and stats["billed"] == 0 == judge_server.completions
+    assert bad.status_code == 400 and bad.json()["error"].startswith("body: not JSON")
+    assert missing.status_code == 400 and missing.json()["error"] == "prompts: expected a list of strings"
+    saved = json.loads(state.read_text())
+    assert saved["decision"]["ledger"]["failures"] == 12 and saved["batches"] == 1
+
+
+def test_serve_config_starts_a_server_and_keeps_its_budget(tmp_path):
+    from lit_route.integrations.server import serve_cli  # noqa: F401  (the CLI entry imports)
+
+    state = tmp_path / "state.json"
+    server = serve(pm_backbone=BackboneSpec(), port=0, state_file=str(state), run=False)
+    try:
+        answer = requests.post(server.url, json=batch_body([5]), timeout=60).json()
+        assert len(answer["rewards"]) == K
+    finally:
+        server.close()
