@@ -100,8 +100,9 @@ def test_grpo_partial_routing_matches_the_lightning_callbacks_rewards(tmp_path, 
     callback = UncertaintyRouting(FunctionJudge(greater_wins), fraction=0.5, max_calls_total=40)
     for step, (prompts, completions, out) in enumerate(recorder.calls):
         groups = [completions[g * K : (g + 1) * K] for g in range(2)]
-        s, u = score_groups(pm, encoder, [prompts[0], prompts[K]], groups)
-        ctx = RewardContext([prompts[0], prompts[K]], groups, s.clone(), u, s.clone(), torch.zeros_like(s, dtype=torch.bool))
+        messages = [[{"role": "user", "content": prompts[g * K]}] for g in range(2)]  # as the RLOO module has them
+        s, u = score_groups(pm, encoder, messages, groups)
+        ctx = RewardContext(messages, groups, s.clone(), u, s.clone(), torch.zeros_like(s, dtype=torch.bool))
         trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=step)
         callback.on_pairwise_scores(trainer, None, ctx)
         callback.on_before_rewards(trainer, None, ctx)
