@@ -153,3 +153,33 @@ def test_serve_config_starts_a_server_and_keeps_its_budget(tmp_path):
         assert len(answer["rewards"]) == K
     finally:
         server.close()
+
+
+def test_concurrent_batches_never_overspend_the_run_cap(tiny_pm):
+    """Six batches routed at once, 6 calls asked by each, 10 allowed: the calls in flight are reserved, so
+    exactly 10 are made (without the reservation every batch would see the full allowance and make 36)."""
+    import time
+
+    from lit_route.judges.function import FunctionJudge
+
+    def slow_longer(prompt, a, b):
+        time.sleep(0.5)  # keeps every batch's calls in flight while the others are routed
+        return "A" if len(a) >= len(b) else "B"
+
+    pm, encoder = tiny_pm
+    judge = FunctionJudge(slow_longer)
+    rewards = RoutedRewards(pm, encoder, build_decision(judge, fraction=0.5, max_calls_total=10))
+    with RewardServer(rewards, port=0, strip=(EOS,)) as server:
+        barrier = threading.Barrier(6)
+
+        def post(w):
+            barrier.wait()
+            assert requests.post(server.url, json=batch_body([10 * w, 10 * w + 1]), timeout=60).status_code == 200
+
+        threads = [threading.Thread(target=post, args=(w,)) for w in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        stats = server.stats()
+    assert judge.stats.billed == stats["billed"] == 10 and stats["in_flight_calls"] == 0

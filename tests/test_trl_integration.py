@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("trl")
 
 from datasets import Dataset
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from lit_route.integrations.routed import RoutedRewards, build_decision
 from lit_route.integrations.trl import STATE_FILE, RoutedRewardFunction
@@ -48,13 +48,14 @@ class Recorder:
         return out
 
 
-def train(model_dir, out_dir, function, max_steps=3, resume=None):
+def train(model_dir, out_dir, function, max_steps=3, resume=None, kind="grpo"):
     ds = Dataset.from_dict({"prompt": [f"Tell me about the number {i}." for i in range(16)]})
-    args = GRPOConfig(output_dir=str(out_dir), use_cpu=True, per_device_train_batch_size=2 * K, num_generations=K,
+    config, trainer_class = (GRPOConfig, GRPOTrainer) if kind == "grpo" else (RLOOConfig, RLOOTrainer)
+    args = config(output_dir=str(out_dir), use_cpu=True, per_device_train_batch_size=2 * K, num_generations=K,
                       max_completion_length=6, max_steps=max_steps, logging_steps=1, report_to=[], save_steps=2,
                       bf16=False, learning_rate=1e-3, seed=0, save_only_model=False)
     inner = function.function if isinstance(function, Recorder) else function
-    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=function, args=args, train_dataset=ds,
+    trainer = trainer_class(model=str(model_dir), reward_funcs=function, args=args, train_dataset=ds,
                           callbacks=[inner.callback])
     trainer.train(resume_from_checkpoint=resume)
     return trainer
@@ -67,12 +68,13 @@ def hand_rewards(group, c=2.0):
             for i, a in enumerate(group)]
 
 
-def test_grpo_every_pair_judged_gives_the_hand_derived_rewards(tmp_path, tiny_model_dir, tiny_pm):
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_every_pair_judged_gives_the_hand_derived_rewards(tmp_path, tiny_model_dir, tiny_pm, kind):
     pm, encoder = tiny_pm
     judge = FunctionJudge(greater_wins)
     rewards = RoutedRewards(pm, encoder, build_decision(judge, fraction=1.0, order="random"))
     recorder = Recorder(RoutedRewardFunction(rewards, num_generations=K))
-    trainer = train(tiny_model_dir, tmp_path / "out", recorder)
+    trainer = train(tiny_model_dir, tmp_path / "out", recorder, kind=kind)
     assert len(recorder.calls) == 3
     for prompts, completions, out in recorder.calls:
         assert len(out) == len(prompts) == 2 * K and prompts[0] == prompts[K - 1] != prompts[K]  # TRL's grouping
