@@ -183,3 +183,15 @@ def test_concurrent_batches_never_overspend_the_run_cap(tiny_pm):
             t.join(timeout=60)
         stats = server.stats()
     assert judge.stats.billed == stats["billed"] == 10 and stats["in_flight_calls"] == 0
+
+
+def test_serve_command_errors_are_one_line(tmp_path, capsys):
+    from lit_route.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--pm_ckpt", str(tmp_path / "missing.ckpt")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"lit-route: error: pm_ckpt: {tmp_path / 'missing.ckpt'} does not exist  (--debug shows the traceback)"
+    with RewardServer(RoutedRewards(None, None), port=0) as taken, pytest.raises(ValueError, match="port: cannot listen"):
+        RewardServer(RoutedRewards(None, None), port=int(taken.url.rsplit(":", 1)[1]))

@@ -152,3 +152,18 @@ def test_a_group_split_across_processes_is_refused():
     function = RoutedRewardFunction(rewards=None, num_generations=4)
     with pytest.raises(ValueError, match=r"num_generations: samples 0\.\.2 share a prompt but are 3"):
         function(["p", "p", "p"], ["a", "b", "c"])
+
+
+def test_routed_reward_factory_with_a_verdict_cache(tmp_path):
+    """The documented entry point: a PM (here untrained, on the tiny backbone), a judge, a cache; the same batch
+    a second time is answered from the cache, billed nothing, and gets the same rewards."""
+    from lit_route.integrations.trl import routed_reward
+
+    judge = FunctionJudge(greater_wins)
+    reward = routed_reward(judge=judge, pm_backbone=BackboneSpec(), num_generations=3, fraction=1.0, order="both",
+                           cache=str(tmp_path / "cache.sqlite"))  # both display orders: the same requests each time
+    prompts, completions = ["p"] * 3, ["a", "c", "b"]
+    first = reward(prompts, completions)
+    assert first == pytest.approx(hand_rewards(completions), abs=1e-6)
+    assert reward(prompts, completions) == first and judge.stats.billed == 6  # 3 pairs x 2 orders, once
+    assert reward.rewards.stats()["cached"] == 6 and reward.rewards.stats()["billed"] == 6

@@ -90,7 +90,10 @@ class RewardServer:
                 status, payload = owner.handle(self.rfile, int(self.headers.get("content-length") or 0))
                 self._send(status, payload)
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self.httpd = ThreadingHTTPServer((host, port), Handler)
+        except OSError as err:  # port taken, no such interface, no permission
+            raise ValueError(f"port: cannot listen on {host}:{port} ({err.strerror or err})") from err
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
