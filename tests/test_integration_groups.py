@@ -14,6 +14,7 @@ def test_contiguous_groups_follow_trl_repeat_order():
     prompts = ["a", "a", "b", "b", "a", "a", "a", "a"]
     assert contiguous_groups(prompts, 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert contiguous_groups(prompts) == [[0, 1], [2, 3], [4, 5, 6, 7]]
+    assert contiguous_groups(["a", "b", "c"], 4) == [[0], [1], [2]]  # one completion per prompt (evaluation)
     chats = [[{"role": "user", "content": "hi"}]] * 3 + [[{"role": "user", "content": "yo"}]] * 3
     assert contiguous_groups(chats, 3) == [[0, 1, 2], [3, 4, 5]]
 

@@ -148,10 +148,13 @@ def test_a_judge_that_always_fails_leaves_the_pm_rewards(tiny_pm):
     assert logged["lit_route/judge/failures"] == 6 and logged["lit_route/judge/fraction"] == 0.0
 
 
-def test_a_group_split_across_processes_is_refused():
+def test_a_group_split_across_processes_is_refused_and_lone_completions_get_zero():
     function = RoutedRewardFunction(rewards=None, num_generations=4)
     with pytest.raises(ValueError, match=r"num_generations: samples 0\.\.2 share a prompt but are 3"):
         function(["p", "p", "p"], ["a", "b", "c"])
+    logged: dict = {}
+    assert function(["p", "q"], ["a", "b"], log_metric=logged.__setitem__) == [0.0, 0.0]  # num_generations_eval=1
+    assert logged == {"lit_route/singletons": 2.0}
 
 
 def test_routed_reward_factory_with_a_verdict_cache(tmp_path):

@@ -23,7 +23,7 @@ def contiguous_groups(prompts: Sequence, group_size: int | None = None) -> list[
     """Runs of equal consecutive prompts, each cut into groups of ``group_size``.
 
     The same prompt drawn twice in a row makes one run of ``2·group_size``; it becomes two groups, as the trainer
-    sees them. ``prompts`` of length N -> groups of indices in order, covering ``range(N)`` once.
+    sees them. A prompt with a single completion (evaluation with one generation per prompt) is a group of one. ``prompts`` of length N -> groups of indices in order, covering ``range(N)`` once.
 
     Args:
         prompts: N prompts (text or chat messages), in the trainer's order.
@@ -41,7 +41,7 @@ def contiguous_groups(prompts: Sequence, group_size: int | None = None) -> list[
         if i < len(keys) and keys[i] == keys[start]:
             continue
         run = list(range(start, i))
-        if group_size is None:
+        if group_size is None or len(run) == 1:  # one completion of a prompt (an evaluation batch): its own group
             groups.append(run)
         else:
             if len(run) % group_size:

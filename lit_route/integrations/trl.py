@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 
 from lit_route.integrations.groups import completion_text, contiguous_groups, scatter
-from lit_route.integrations.routed import RoutedRewards
+from lit_route.integrations.routed import GroupScores, RoutedRewards
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,10 @@ class RoutedRewardFunction:
         rewards: The routed reward (PM + routing decision); see :func:`routed_reward` to build one from a checkpoint.
         num_generations: Completions per prompt (the trainer's ``num_generations``); ``None``: each run of equal
             consecutive prompts is one group. With it, a batch whose groups are cut (a per-process batch that is
-            not a multiple of it) is refused with a clear error rather than scored on partial groups.
+            not a multiple of it) is refused with a clear error rather than scored on partial groups. Evaluation
+            batches go through the same function: keep ``num_generations_eval`` unset (it then equals
+            ``num_generations``); with ``num_generations_eval=1`` every completion is alone and gets reward 0.
+            Evaluation pairs are routed (and billed) like training pairs.
     """
 
     __name__ = "lit_route"  # TRL names reward columns after the function: rewards/lit_route/mean
@@ -46,20 +49,24 @@ class RoutedRewardFunction:
 
     def __call__(self, prompts: list, completions: list, completion_ids=None, trainer_state=None, log_metric=None,
                  log_extra=None, **columns) -> list[float]:
-        groups = contiguous_groups(prompts, self.num_generations)
-        if any(len(g) < 2 for g in groups):
-            raise ValueError("num_generations: a prompt with a single completion has no pairs to compare; "
-                             "pairwise rewards need num_generations >= 2")
+        all_groups = contiguous_groups(prompts, self.num_generations)
+        # a lone completion (evaluation with num_generations_eval=1) has nothing to be compared with: reward 0
+        groups = [g for g in all_groups if len(g) >= 2]
+        lone = [g for g in all_groups if len(g) < 2]
         texts = [completion_text(c) for c in completions]
-        result = self.rewards.score([prompts[g[0]] for g in groups], [[texts[i] for i in g] for g in groups])
-        n = len(prompts)
+        if groups:
+            result = self.rewards.score([prompts[g[0]] for g in groups], [[texts[i] for i in g] for g in groups])
+        else:
+            result = GroupScores([], [], [], {})
+        groups, n = groups + lone, len(prompts)
+        zeros = [[0.0]] * len(lone)
         if log_metric is not None:
-            for name, value in result.stats.items():
+            for name, value in {**result.stats, "singletons": len(lone)}.items():
                 log_metric(f"lit_route/{name}", float(value))
         if log_extra is not None:
-            log_extra("pm_reward", scatter(groups, result.pm_rewards, n))
-            log_extra("judged_pairs", scatter(groups, result.judged, n))
-        return scatter(groups, result.rewards, n)
+            log_extra("pm_reward", scatter(groups, result.pm_rewards + zeros, n))
+            log_extra("judged_pairs", scatter(groups, result.judged + [[0]] * len(lone), n))
+        return scatter(groups, result.rewards + zeros, n)
 
     # --- checkpointed state ------------------------------------------------------------------------------------
     def state_path(self, checkpoint_dir: str | Path, process_index: int = 0, world_size: int = 1) -> Path:
