@@ -37,7 +37,7 @@ def rollout(prompt_id: int) -> tuple[str, list[str]]:
 
 
 def batch_body(prompt_ids) -> dict:
-    """OpenRLHF <= 0.9.4: one request per rollout batch, the samples of a prompt one after another."""
+    """OpenRLHF <= 0.9.0: one request per rollout batch, the samples of a prompt one after another."""
     queries, prompts = [], []
     for pid in prompt_ids:
         prompt, responses = rollout(pid)
@@ -63,7 +63,7 @@ def test_concurrent_openrlhf_clients_lose_no_verdict(tiny_pm, monkeypatch):
                         ids = [100 * worker + 10 * r + i for i in range(2)]
                         answers[tuple(ids)] = session.post(url, json=batch_body(ids), timeout=60).json()
 
-            async def per_sample(pid: int):  # aiohttp, as OpenRLHF 0.9.5+ does: each sample its own request
+            async def per_sample(pid: int):  # aiohttp, as OpenRLHF 0.9.1+ does: each sample its own request
                 import aiohttp
 
                 prompt, responses = rollout(pid)

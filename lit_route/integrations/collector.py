@@ -1,8 +1,8 @@
 """``GroupCollector``: gathers the samples of a prompt from concurrent requests into groups, scores each group once.
 
 The pairwise reward of a sample needs the other completions of its prompt. When a request carries whole groups
-(OpenRLHF up to 0.9.4: a rollout batch per request) they are scored at once, in the request's own thread; when
-the samples of a group arrive in separate requests (OpenRLHF 0.9.5+: one request per sample, all of a prompt's
+(OpenRLHF up to 0.9.0: a rollout batch per request) they are scored at once, in the request's own thread; when
+the samples of a group arrive in separate requests (OpenRLHF 0.9.1+: one request per sample, all of a prompt's
 samples in flight together), each request waits until ``group_size`` samples of its prompt have arrived, and the
 request that completes the group scores it for all of them. A group still short after ``wait_s`` is scored as it
 is (a lone sample gets reward 0: it has nothing to be compared with, and the count says so in ``/stats``).

@@ -2,7 +2,7 @@
 
 Trainers hand a reward function one flat list per batch: TRL repeats each prompt ``num_generations`` times in a
 row (its ``RepeatSampler``), OpenRLHF sends ``n_samples_per_prompt`` samples of a prompt one after another (or,
-since 0.9.5, one request per sample). The pairwise reward needs the group of a sample: the other completions of
+since 0.9.1, one request per sample). The pairwise reward needs the group of a sample: the other completions of
 the same prompt. These are pure functions on lists: indices in, indices out.
 """
 

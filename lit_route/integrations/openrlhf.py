@@ -1,12 +1,13 @@
 """OpenRLHF's remote reward-model protocol: the request and response bodies, and the response inside a query.
 
-OpenRLHF (``--remote_rm_url``, ``--reward.remote_url`` in 0.9.6+) POSTs JSON to the URL it is given::
+OpenRLHF (``--remote_rm_url``; ``--reward.remote_url`` on its main branch after 0.9.10) POSTs JSON to the URL it
+is given::
 
     {"query": [full text of prompt + response, special tokens kept], "prompts": [prompt text], "labels": [...]}
 
 and reads ``rewards`` (one per query) from the answer; ``scores`` (dynamic filtering) and ``extra_logs``
-(per-sample logged values) are read when present, as OpenRLHF's own ``serve_rm`` returns them. Up to 0.9.4 one
-request carries a rollout batch (``n_samples_per_prompt`` samples of each prompt one after another); from 0.9.5
+(per-sample logged values) are read when present, as OpenRLHF's own ``serve_rm`` returns them. Up to 0.9.0 one
+request carries a rollout batch (``n_samples_per_prompt`` samples of each prompt one after another); from 0.9.1
 each sample is its own request, so a group only exists across requests (see :mod:`lit_route.integrations.server`).
 """
 

@@ -221,7 +221,7 @@ def serve(
         host: Interface to listen on (``0.0.0.0``: every interface).
         port: Port to listen on.
         group_size: OpenRLHF's ``n_samples_per_prompt``: samples of a prompt sent in separate requests (OpenRLHF
-            0.9.5+) are scored together once all have arrived. ``None``: each request carries whole groups.
+            0.9.1+) are scored together once all have arrived. ``None``: each request carries whole groups.
         group_wait_s: Longest wait for the rest of a group before it is scored short.
         strip: End-of-turn markers cut from each response's end (the policy's EOS text, e.g. ``<|im_end|>``).
         state_file: JSON file of the budget spent and the controller; read at start, rewritten after each request.
