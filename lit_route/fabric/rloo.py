@@ -68,7 +68,8 @@ def fit_rloo(fabric, module, datamodule, loop: LoopSettings | None = None, callb
     state: dict[str, Any] = {"state_dict": model, "optimizer": optimizer, "global_step": 0, "callbacks": {},
                              data_key: {}}
     if ckpt_path:
-        load_checkpoint(fabric, ckpt_path, state)
+        rest = load_checkpoint(fabric, ckpt_path, state)
+        module.on_load_checkpoint(rest)
         for cb in hooks:
             if cb.state_key in state["callbacks"]:
                 cb.load_state_dict(state["callbacks"][cb.state_key])
@@ -78,6 +79,8 @@ def fit_rloo(fabric, module, datamodule, loop: LoopSettings | None = None, callb
     # loader is not handed to Fabric, whose wrapper would reset the sampler's epoch; batches are moved below
     loader = datamodule.train_dataloader()
     view.global_step = state["global_step"]
+    if module.batches_sampled is None:  # a fresh run, or a checkpoint from before batches were counted
+        module.batches_sampled = view.global_step * hp.accumulate_batches
     max_steps = loop.max_steps if loop.max_steps >= 0 else float("inf")
     epochs = loop.max_epochs if loop.max_epochs is not None else (
         DEFAULT_MAX_EPOCHS if loop.max_steps < 0 else 10**9)  # with max_steps, epochs until the steps are done
@@ -97,7 +100,7 @@ def fit_rloo(fabric, module, datamodule, loop: LoopSettings | None = None, callb
             datamodule.sampler.set_epoch(epoch)
             for i, batch in enumerate(loader):
                 batch = datamodule.on_after_batch_transfer(fabric.to_device(batch), 0)  # counts the prompts used
-                rollout = module.rollout(batch, view.global_step, hooks, view)
+                rollout = module.rollout(batch, module.next_batch(), hooks, view)
                 with rollout.ctx.timer("update"):
                     for update in range(hp.updates_per_batch):
                         accumulating = update == 0 and (i + 1) % hp.accumulate_batches != 0

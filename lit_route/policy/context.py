@@ -22,6 +22,7 @@ class RewardContext:
         judged: (B, K, K) boolean, True where a hook replaced the score.
         timings: seconds per phase of the step.
         stats: numbers hooks want logged.
+        key: The batch's number among the run's sampled batches (set by the routing hook; keys its judge calls).
     """
 
     prompts: list
@@ -32,6 +33,7 @@ class RewardContext:
     judged: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
+    key: int | None = None
 
     @contextmanager
     def timer(self, name: str):

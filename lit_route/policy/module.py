@@ -92,7 +92,8 @@ class RLOOPolicyModule(L.LightningModule):
             batch for PPO-style updates steps the optimiser on every reuse).
         pm_batch_size: Pairs per PM forward pass.
         separate_reference: Keep a full frozen reference copy even with LoRA.
-        sample_seed: Seed added to the global step for sampling (reproducible runs).
+        sample_seed: Seed added to the number of the sampled batch for sampling (reproducible runs; batches,
+            not optimiser steps, so that accumulated batches each draw their own samples).
         pm_share_prefix: Score each group's pairs from the keys and values of the prompt prefix they share (the
             prompt is read once per group instead of once per ordered pair; the same numbers up to rounding).
         split_forward: With LoRA on the top layers only, run the frozen layers below once per batch and only the
@@ -144,6 +145,7 @@ class RLOOPolicyModule(L.LightningModule):
         eos = [self.tokenizer.eos_token_id]
         self.eos_ids = [e for e in eos if e is not None]
         self.strict_loading = False
+        self.batches_sampled: int | None = None  # None: not known yet (a checkpoint without it: see next_batch)
 
     @property
     def pm(self):
@@ -188,7 +190,7 @@ class RLOOPolicyModule(L.LightningModule):
 
         Args:
             batch: A batch of :class:`~lit_route.policy.data.PromptDataModule`.
-            step: The optimiser step (seeds the sampling).
+            step: The number of the batch among the run's sampled batches (seeds the sampling).
             hooks: Reward hooks (``on_pairwise_scores`` / ``on_before_rewards``).
             trainer: What the hooks receive as ``trainer`` (a Trainer, or the Fabric engine's view of one).
         """
@@ -244,9 +246,16 @@ class RLOOPolicyModule(L.LightningModule):
         return policy_loss(logp, r.old_logp, r.advantages, r.completion_mask,
                            self.hparams.clip_eps if update > 0 else None)
 
+    def next_batch(self) -> int:
+        """The number of the batch about to be sampled (seeds its sampling), counting on from there."""
+        if self.batches_sampled is None:  # a fresh run, or a checkpoint written before batches were counted
+            self.batches_sampled = self.global_step * self.hparams.accumulate_batches
+        self.batches_sampled += 1
+        return self.batches_sampled - 1
+
     def training_step(self, batch: dict, batch_idx: int):
         hooks = self.reward_hooks()
-        rollout = self.rollout(batch, self.global_step, hooks, self.trainer if hooks else None)
+        rollout = self.rollout(batch, self.next_batch(), hooks, self.trainer if hooks else None)
         with rollout.ctx.timer("update"):
             loss = self._update(rollout, batch_idx)
         self.log_step(rollout, loss)
@@ -310,7 +319,11 @@ class RLOOPolicyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = self._kept_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["lit_route"] = {"base_model": describe(self.policy_spec), "pm_ckpt": self.hparams.pm_ckpt}
+        checkpoint["lit_route"] = {"base_model": describe(self.policy_spec), "pm_ckpt": self.hparams.pm_ckpt,
+                                   "batches_sampled": self.batches_sampled}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.batches_sampled = checkpoint.get("lit_route", {}).get("batches_sampled")
 
 
 def _check_options(generation, beta, kl_estimator, updates_per_batch, clip_eps, lr, max_grad_norm, accumulate_batches,
