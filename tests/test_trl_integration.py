@@ -170,3 +170,23 @@ def test_routed_reward_factory_with_a_verdict_cache(tmp_path):
     assert first == pytest.approx(hand_rewards(completions), abs=1e-6)
     assert reward(prompts, completions) == first and judge.stats.billed == 6  # 3 pairs x 2 orders, once
     assert reward.rewards.stats()["cached"] == 6 and reward.rewards.stats()["billed"] == 6
+
+
+def test_the_trainer_step_reaches_the_decision_for_spend_pacing(tiny_pm):
+    """A spend target paces over optimiser steps: the decision must get TRL's global_step as ``step`` (and the
+    time between batches as ``step_seconds``), not one in place of the other."""
+    pm, encoder = tiny_pm
+    decision = build_decision(FunctionJudge(greater_wins), fraction=0.5)
+    seen = []
+    route = decision.route
+
+    def spy(d, u, key, step=None, step_seconds=0.0):
+        seen.append((key, step, step_seconds))
+        return route(d, u, key, step=step, step_seconds=step_seconds)
+
+    decision.route = spy
+    function = RoutedRewardFunction(RoutedRewards(pm, encoder, decision), num_generations=2)
+    for global_step in (7, 8):
+        function(["p", "p"], ["a", "b"], trainer_state=SimpleNamespace(global_step=global_step))
+    assert [(key, step) for key, step, _ in seen] == [(0, 7), (1, 8)]
+    assert seen[0][2] == 0.0 and seen[1][2] >= 0.0

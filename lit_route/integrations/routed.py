@@ -102,9 +102,10 @@ class RoutedRewards:
             return score_groups(self.pm, self.encoder, list(prompts), [list(c) for c in completions],
                                 self.pm_batch_size)
 
-    def score(self, prompts: Sequence, completions: Sequence[Sequence[str]]) -> GroupScores:
+    def score(self, prompts: Sequence, completions: Sequence[Sequence[str]], step: int | None = None) -> GroupScores:
         """Routed pairwise rewards of B groups (prompt ``prompts[b]``, completions ``completions[b]``; groups may
-        differ in size, each at least 2)."""
+        differ in size, each at least 2). ``step``: the trainer's optimiser step, which a spend target paces
+        over (default: the count of scored batches)."""
         by_size: dict[int, list[int]] = {}
         for b, group in enumerate(completions):
             if len(group) < 2:
@@ -121,7 +122,7 @@ class RoutedRewards:
             pm_s = s.clone()
             judged = torch.zeros_like(s, dtype=torch.bool)
             if self.decision is not None:
-                for name, value in self._route(p, c, s, u, pm_s, judged).items():
+                for name, value in self._route(p, c, s, u, pm_s, judged, step).items():
                     stats[name] = stats.get(name, 0.0) + value if _additive(name) else value
             for row, b in enumerate(rows):
                 rewards[b] = pairwise_rewards(s[row : row + 1])[0].tolist()
@@ -134,7 +135,7 @@ class RoutedRewards:
             self.groups += len(completions)
         return GroupScores(rewards, pm_rewards, judged_counts, stats)
 
-    def _route(self, prompts, completions, s, u, pm_s, judged) -> dict[str, float]:
+    def _route(self, prompts, completions, s, u, pm_s, judged, step: int | None = None) -> dict[str, float]:
         """One batch (B, K, K) through the decision: route and reserve (locked), judge (unlocked, on the judge
         loop), merge and charge (locked). ``s`` and ``judged`` are changed in place."""
         decision = self.decision
@@ -147,7 +148,8 @@ class RoutedRewards:
             self._last_batch = now
             key = self.batches
             self.batches += 1
-            assignment = decision.route(s[:, ii, jj].float(), u[:, ii, jj].float(), key, step_seconds)
+            assignment = decision.route(s[:, ii, jj].float(), u[:, ii, jj].float(), key, step=step,
+                                        step_seconds=step_seconds)
             reserved = decision.reserve(assignment)
         try:
             plan = decision.plan(assignment, pairs, prompts, completions)

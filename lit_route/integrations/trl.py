@@ -55,7 +55,8 @@ class RoutedRewardFunction:
         lone = [g for g in all_groups if len(g) < 2]
         texts = [completion_text(c) for c in completions]
         if groups:
-            result = self.rewards.score([prompts[g[0]] for g in groups], [[texts[i] for i in g] for g in groups])
+            step = getattr(trainer_state, "global_step", None)
+            result = self.rewards.score([prompts[g[0]] for g in groups], [[texts[i] for i in g] for g in groups], step)
         else:
             result = GroupScores([], [], [], {})
         groups, n = groups + lone, len(prompts)
