@@ -195,3 +195,38 @@ def test_serve_command_errors_are_one_line(tmp_path, capsys):
     assert err == f"lit-route: error: pm_ckpt: {tmp_path / 'missing.ckpt'} does not exist  (--debug shows the traceback)"
     with RewardServer(RoutedRewards(None, None), port=0) as taken, pytest.raises(ValueError, match="port: cannot listen"):
         RewardServer(RoutedRewards(None, None), port=int(taken.url.rsplit(":", 1)[1]))
+
+
+def test_lit_route_serve_with_the_shipped_debug_config(tmp_path, monkeypatch):
+    """The user's path, in-process: `lit-route serve --config configs/serve/debug_tiny.yaml` through the CLI's
+    main, a request, /stats, shutdown; the budget spent is in the state file afterwards."""
+    from pathlib import Path
+
+    from lit_route.cli import main
+
+    started: list = []
+    serve_forever = RewardServer.serve_forever
+
+    def record(self):
+        started.append(self)
+        serve_forever(self)
+
+    monkeypatch.setattr(RewardServer, "serve_forever", record)
+    state = tmp_path / "state.json"
+    config = Path(__file__).resolve().parents[1] / "configs" / "serve" / "debug_tiny.yaml"
+    thread = threading.Thread(target=main, args=(["serve", "--config", str(config), "--port", "0",
+                                                  "--state_file", str(state)],), daemon=True)
+    thread.start()
+    for _ in range(600):
+        if started:
+            break
+        thread.join(timeout=0.1)
+    server = started[0]
+    body = {"query": ["Hi! a", "Hi! bb", "Hi! ccc", "Hi! dddd"], "prompts": ["Hi!"] * 4}
+    rewards = requests.post(f"{server.url}/get_reward", json=body, timeout=120).json()["rewards"]
+    stats = requests.get(f"{server.url}/stats", timeout=5).json()
+    server.httpd.shutdown()  # what Ctrl-C does to serve_forever; main then saves the state and returns
+    thread.join(timeout=30)
+    assert len(rewards) == 4 and abs(sum(rewards)) < 1e-5 and not thread.is_alive()
+    assert stats["pairs_seen"] == 6 and stats["pairs_routed"] == 2 and stats["billed"] == 2  # 25% of 6 pairs
+    assert json.loads(state.read_text())["decision"]["ledger"]["calls"] == 2
