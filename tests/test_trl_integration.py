@@ -190,3 +190,33 @@ def test_the_trainer_step_reaches_the_decision_for_spend_pacing(tiny_pm):
         function(["p", "p"], ["a", "b"], trainer_state=SimpleNamespace(global_step=global_step))
     assert [(key, step) for key, step, _ in seen] == [(0, 7), (1, 8)]
     assert seen[0][2] == 0.0 and seen[1][2] >= 0.0
+
+
+class RaisingJudge:
+    """A backend whose calls raise (a locked cache, a local model out of memory), not merely fail."""
+
+    name, model = "raising", "r"
+
+    def __init__(self):
+        from lit_route.judges.base import JudgeStats
+
+        self.stats = JudgeStats()
+
+    async def judge(self, requests):
+        raise MemoryError("judge model out of memory")
+
+
+def test_a_judge_that_raises_keeps_pm_rewards_then_stops_training(tiny_pm):
+    from lit_route.integrations.trl import routed_reward
+
+    pm, encoder = tiny_pm
+    function = routed_reward(judge=RaisingJudge(), pm_backbone=BackboneSpec(), num_generations=2, fraction=1.0,
+                             max_consecutive_errors=1)
+    function.rewards.pm, function.rewards.encoder = pm, encoder
+    s, _ = score_groups(pm, encoder, ["p"], [["a", "b"]])
+    logged: dict = {}
+    assert function(["p", "p"], ["a", "b"], log_metric=logged.__setitem__) == pytest.approx(
+        pairwise_rewards(s)[0].tolist(), abs=1e-6)  # the first batch: PM rewards, the error counted
+    assert logged["lit_route/judge/errors"] == 1.0 and logged["lit_route/judge/failures"] == 1.0
+    with pytest.raises(RuntimeError, match=r"the judge raised in 2 consecutive batches \(max_consecutive_errors=1\)"):
+        function(["p", "p"], ["a", "b"])

@@ -136,7 +136,8 @@ class RoutingStateCallback(_trainer_callback_base()):
 
 
 def routed_reward(pm_ckpt: str | None = None, judge=None, *, num_generations: int | None = None,
-                  pm_backbone=None, device: str = "cpu", pm_batch_size: int = 16, **routing) -> RoutedRewardFunction:
+                  pm_backbone=None, device: str = "cpu", pm_batch_size: int = 16,
+                  max_consecutive_errors: int | None = 3, **routing) -> RoutedRewardFunction:
     """A TRL reward function from a finalised PM checkpoint and a judge.
 
     Args:
@@ -145,11 +146,13 @@ def routed_reward(pm_ckpt: str | None = None, judge=None, *, num_generations: in
         num_generations: The trainer's ``num_generations`` (checks that groups arrive whole).
         pm_backbone: Instead of ``pm_ckpt``, an untrained PM on this backbone (debugging only).
         device: Where the PM runs.
-        pm_batch_size: Ordered pairs per PM forward pass.
+        pm_batch_size: Unordered pairs per PM forward pass.
+        max_consecutive_errors: Batches in a row in which the judge may raise (not merely fail a call) before
+            training stops, as with the routing callback (``None``: never; the PM scores stand either way).
         **routing: The routing decision's settings (``router``, ``fraction``, ``threshold``, caps,
             ``audit_fraction``, ``controller``, ``cascade``, ``order``, ``cache``, ``verdict_logit``, ``seed``), as
             in the ``UncertaintyRouting`` callback.
     """
     rewards = RoutedRewards.build(pm_ckpt, judge, pm_backbone=pm_backbone, device=device, pm_batch_size=pm_batch_size,
-                                  **routing)
+                                  max_consecutive_errors=max_consecutive_errors, **routing)
     return RoutedRewardFunction(rewards, num_generations)
