@@ -193,6 +193,12 @@ def test_serve_command_errors_are_one_line(tmp_path, capsys):
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err == f"lit-route: error: pm_ckpt: {tmp_path / 'missing.ckpt'} does not exist  (--debug shows the traceback)"
+    config = tmp_path / "serve.yaml"
+    config.write_text("pm_ckpt: never_loaded.ckpt\njudge:\n  class_path: lit_route.judges.FunctionJudge\n"
+                      "  init_args:\n    function: json:dumps\nfraction: 1.5\n")
+    with pytest.raises(SystemExit):
+        main(["serve", "--config", str(config)])
+    assert capsys.readouterr().err.startswith("lit-route: error: fraction: expected a number in [0, 1]; got 1.5")
     with RewardServer(RoutedRewards(None, None), port=0) as taken, pytest.raises(ValueError, match="port: cannot listen"):
         RewardServer(RoutedRewards(None, None), port=int(taken.url.rsplit(":", 1)[1]))
 

@@ -81,6 +81,10 @@ class RoutedRewards:
         (an sqlite file) and each cascade stage's ``cache`` put a verdict cache in front of their judge."""
         from lit_route.policy.pm_scoring import load_reward_pm
 
+        decision = None  # first: a wrong setting is reported before the PM is loaded
+        if judge is not None:
+            decision = build_decision(judge, cache=cache, cascade=cascade, max_calls_per_step=max_calls_per_step,
+                                      max_calls_total=max_calls_total, max_spend_usd=max_spend_usd, **routing)
         if pm_ckpt is not None:
             from lit_route.preference.io import load_preference_model
 
@@ -89,10 +93,6 @@ class RoutedRewards:
         else:
             pm, encoder = load_reward_pm(None, pm_backbone)
             pm.to(device)
-        decision = None
-        if judge is not None:
-            decision = build_decision(judge, cache=cache, cascade=cascade, max_calls_per_step=max_calls_per_step,
-                                      max_calls_total=max_calls_total, max_spend_usd=max_spend_usd, **routing)
         return cls(pm, encoder, decision, pm_batch_size, max_consecutive_errors)
 
     # --- scoring -----------------------------------------------------------------------------------------------
