@@ -220,3 +220,19 @@ def test_a_judge_that_raises_keeps_pm_rewards_then_stops_training(tiny_pm):
     assert logged["lit_route/judge/errors"] == 1.0 and logged["lit_route/judge/failures"] == 1.0
     with pytest.raises(RuntimeError, match=r"the judge raised in 2 consecutive batches \(max_consecutive_errors=1\)"):
         function(["p", "p"], ["a", "b"])
+
+
+def test_conversational_batches_score_as_their_text(tiny_pm):
+    """TRL's conversational format (prompts and completions as message lists) gives the rewards of the same
+    single-turn texts: the PM reads a text prompt as one user turn, the judge the message's content."""
+    pm, encoder = tiny_pm
+
+    def function():
+        decision = build_decision(FunctionJudge(greater_wins), fraction=0.5, order="fixed")
+        return RoutedRewardFunction(RoutedRewards(pm, encoder, decision), num_generations=3)
+
+    texts = ["short", "a longer answer", "mid one"]
+    chat_prompt = [{"role": "user", "content": "Say something."}]
+    chat = function()([chat_prompt] * 3, [[{"role": "assistant", "content": t}] for t in texts])
+    plain = function()(["Say something."] * 3, texts)
+    assert chat == pytest.approx(plain, abs=1e-6)  # the same sequences: float rounding at most
