@@ -6,7 +6,7 @@ import pytest
 
 from lit_route.integrations.collector import GroupCollector, Scored
 from lit_route.integrations.groups import completion_text, contiguous_groups, keyed_groups, scatter
-from lit_route.integrations.openrlhf import RequestError, Sample, parse_request, split_query
+from lit_route.integrations.openrlhf import RequestError, Sample, chat_messages, parse_request, split_query
 
 
 def test_contiguous_groups_follow_trl_repeat_order():
@@ -44,6 +44,20 @@ def test_split_query_finds_the_response():
     assert split_query("Q: 2+2? 4<|im_end|>\n", "<s>Q: 2+2?", ("<|im_end|>",)) == (" 4", False)
     assert split_query("BOS Q? yes<|im_end|>\n<pad><pad>", "Q?", ("<|im_end|>", "<pad>")) == (" yes", True)
     assert split_query("Q? keep trailing  ", "Q?") == (" keep trailing  ", True)
+
+
+def test_chat_templated_prompts_are_read_as_their_messages():
+    chatml = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi\nthere<|im_end|>\n<|im_start|>assistant\n"
+    assert chat_messages(chatml) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\nthere"}]
+    llama3 = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert chat_messages(llama3) == [{"role": "user", "content": "What is 2+2?"}]
+    for not_chat in ["What is 2+2?", "<|im_start|>user\nHi<|im_end|>\n",  # no open assistant turn
+                     "Preamble <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"]:  # text outside the turns
+        assert chat_messages(not_chat) is None
+    samples, _ = parse_request({"query": [chatml + "Ok."], "prompts": [chatml]})
+    assert samples[0].response == "Ok." and samples[0].context[-1]["content"] == "Hi\nthere"
+    assert parse_request({"query": [chatml + "Ok."], "prompts": [chatml]}, unwrap_chat=False)[0][0].context == chatml
 
 
 def test_parse_request_shapes_and_errors():

@@ -116,9 +116,11 @@ def test_per_sample_rewards_equal_lit_routes_group_rewards(tiny_pm):
             t.start()
         for t in threads:
             t.join(timeout=60)
-    s, _ = score_groups(pm, encoder, [prompt], [responses])
-    # group order follows arrival; the scores of a pair do not depend on it up to float rounding
-    assert out == pytest.approx(pairwise_rewards(s)[0].tolist(), abs=1e-5)
+    # the ChatML prompt reaches the PM as its messages, rendered by the PM's own template
+    s, _ = score_groups(pm, encoder, [[{"role": "user", "content": "Count to 3."}]], [responses])
+    # group order follows arrival, so the PM's batches differ: float32 rounding (~1e-7) is allowed, not more; the
+    # untrained PM's rewards are ~1e-5, and reading the template as text would move them by ~3e-5
+    assert out == pytest.approx(pairwise_rewards(s)[0].tolist(), abs=2e-6)
 
 
 def test_a_failing_judge_keeps_the_pm_reward_and_bad_requests_get_400(tiny_pm, monkeypatch, tmp_path):

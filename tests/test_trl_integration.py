@@ -109,7 +109,7 @@ def test_grpo_partial_routing_matches_the_lightning_callbacks_rewards(tmp_path, 
         callback.on_pairwise_scores(trainer, None, ctx)
         callback.on_before_rewards(trainer, None, ctx)
         expected = pairwise_rewards(ctx.scores).flatten().tolist()
-        assert out == pytest.approx(expected, abs=1e-5)  # the same PM forward twice: CPU float32 rounding at most
+        assert out == pytest.approx(expected, abs=1e-6)  # the same PM batches twice: CPU float32 rounding at most
     assert rewards.decision.ledger.calls == callback.ledger.calls == 3 * 2 * 3  # half of 2 groups x 6 pairs
 
 

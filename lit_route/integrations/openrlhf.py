@@ -13,16 +13,47 @@ each sample is its own request, so a group only exists across requests (see :mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+
+# the prompt as OpenRLHF sends it with --apply_chat_template: ChatML (Qwen, SmolLM) or Llama 3 turns, ending with
+# the assistant's open header
+_CHATML = re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>\s*", re.S)
+_CHATML_OPEN = re.compile(r"<\|im_start\|>assistant\s*$")
+_LLAMA3 = re.compile(r"<\|start_header_id\|>(\w+)<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>", re.S)
+_LLAMA3_OPEN = re.compile(r"<\|start_header_id\|>assistant<\|end_header_id\|>\s*$")
+
+
+def chat_messages(prompt: str) -> list[dict] | None:
+    """The conversation inside a chat-templated prompt (ChatML or Llama 3), or ``None`` when ``prompt`` is not
+    one whole templated conversation. The PM then renders it with its own template, as in training, instead of
+    reading the policy's template as text."""
+    for turn, open_header, prefix in ((_CHATML, _CHATML_OPEN, ""), (_LLAMA3, _LLAMA3_OPEN, "<|begin_of_text|>")):
+        text = prompt.removeprefix(prefix)
+        end = open_header.search(text)
+        if end is None:
+            continue
+        body, messages, pos = text[: end.start()], [], 0
+        for match in turn.finditer(body):
+            if match.start() != pos:
+                return None
+            messages.append({"role": match.group(1), "content": match.group(2)})
+            pos = match.end()
+        if messages and pos == len(body):
+            return messages
+    return None
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One rollout sample: the prompt, the policy's response, and the optional label."""
+    """One rollout sample: the prompt (as sent: samples of one prompt are grouped by it), the policy's response,
+    the optional label, and ``context``: the prompt as the PM and the judge read it (chat messages when the
+    prompt is a templated conversation, else the text)."""
 
     prompt: str
     response: str
     label: object = None
+    context: object = field(default=None, compare=False)
 
 
 def split_query(query: str, prompt: str, strip: tuple[str, ...] = ()) -> tuple[str, bool]:
@@ -59,8 +90,9 @@ class RequestError(ValueError):
     """A request body that does not follow the protocol (answered with HTTP 400 and this message)."""
 
 
-def parse_request(body: object, strip: tuple[str, ...] = ()) -> tuple[list[Sample], int]:
-    """The samples of one request body and how many prompts were not found in their query.
+def parse_request(body: object, strip: tuple[str, ...] = (), unwrap_chat: bool = True) -> tuple[list[Sample], int]:
+    """The samples of one request body and how many prompts were not found in their query. With
+    ``unwrap_chat``, a chat-templated prompt is read as its messages (:func:`chat_messages`).
 
     Raises:
         RequestError: naming the field, when ``query`` or ``prompts`` is missing, not a list of strings, or when
@@ -82,7 +114,8 @@ def parse_request(body: object, strip: tuple[str, ...] = ()) -> tuple[list[Sampl
     for query, prompt, label in zip(queries, prompts, labels, strict=True):
         response, found = split_query(query, prompt, strip)
         missing += not found
-        samples.append(Sample(prompt, response, label))
+        context = (chat_messages(prompt) if unwrap_chat else None) or prompt
+        samples.append(Sample(prompt, response, label, context))
     return samples, missing
 
 

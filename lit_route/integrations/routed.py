@@ -178,7 +178,7 @@ class RoutedRewards:
         :class:`~lit_route.integrations.collector.Scored`."""
         from lit_route.integrations.collector import Scored
 
-        out = self.score([g[0].prompt for g in groups], [[s.response for s in g] for g in groups])
+        out = self.score([g[0].context or g[0].prompt for g in groups], [[s.response for s in g] for g in groups])
         return [[Scored(r, p, j) for r, p, j in zip(rs, ps, js, strict=True)]
                 for rs, ps, js in zip(out.rewards, out.pm_rewards, out.judged, strict=True)]
 

@@ -44,12 +44,15 @@ class RewardServer:
         strip: End-of-turn markers to cut from the end of each response (the policy's EOS text, say).
         state_file: JSON file of the routing state (budget spent, controller, counters): read at start when it
             exists, rewritten after every answered request.
+        unwrap_chat: Read a chat-templated prompt (ChatML, Llama 3; OpenRLHF's ``--apply_chat_template``) as its
+            messages, so the PM renders them with its own template.
     """
 
     def __init__(self, rewards, host: str = "127.0.0.1", port: int = 5000, group_size: int | None = None,
-                 group_wait_s: float = 60.0, strip: tuple[str, ...] = (), state_file: str | None = None):
+                 group_wait_s: float = 60.0, strip: tuple[str, ...] = (), state_file: str | None = None,
+                 unwrap_chat: bool = True):
         self.rewards = rewards
-        self.strip = tuple(strip)
+        self.strip, self.unwrap_chat = tuple(strip), unwrap_chat
         self.state_file = Path(state_file) if state_file else None
         self._state_lock = threading.Lock()
         if self.state_file is not None and self.state_file.exists():
@@ -112,7 +115,7 @@ class RewardServer:
                 body = json.loads(stream.read(length) or b"null")
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise RequestError(f"body: not JSON ({err})") from err
-            samples, missing = parse_request(body, self.strip)
+            samples, missing = parse_request(body, self.strip, self.unwrap_chat)
         except RequestError as err:
             with self._lock:
                 self.counts["bad_requests"] += 1
@@ -195,6 +198,7 @@ def serve(
     group_wait_s: float = 60.0,
     strip: list[str] | None = None,
     state_file: str | None = None,
+    unwrap_chat: bool = True,
     device: str = "cpu",
     pm_batch_size: int = 16,
     pm_backbone: BackboneSpec | None = None,
@@ -225,6 +229,7 @@ def serve(
         group_wait_s: Longest wait for the rest of a group before it is scored short.
         strip: End-of-turn markers cut from each response's end (the policy's EOS text, e.g. ``<|im_end|>``).
         state_file: JSON file of the budget spent and the controller; read at start, rewritten after each request.
+        unwrap_chat: Read a chat-templated prompt (ChatML, Llama 3) as its messages, rendered by the PM's template.
         device: Where the PM runs (``cpu``, ``cuda``, ``cuda:N``).
         pm_batch_size: Pairs per PM forward pass.
         pm_backbone: Instead of ``pm_ckpt``, an untrained PM on this backbone (debugging only).
@@ -239,7 +244,7 @@ def serve(
         max_calls_per_step=max_calls_per_step, max_calls_total=max_calls_total, max_spend_usd=max_spend_usd,
         router=router, fraction=fraction, threshold=threshold, verdict_logit=verdict_logit, order=order, seed=seed,
         controller=controller, target=target, audit_fraction=audit_fraction)
-    server = RewardServer(rewards, host, port, group_size, group_wait_s, tuple(strip or ()), state_file)
+    server = RewardServer(rewards, host, port, group_size, group_wait_s, tuple(strip or ()), state_file, unwrap_chat)
     if not run:
         return server.start()
     try:
