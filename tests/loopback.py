@@ -45,11 +45,18 @@ def fault_reply(kind: str, timeout_delay_s: float = 1.5) -> Reply | None:
 
 class Loopback:
     """``fault_rate``: share of requests answered with a random fault from ``FAULTS`` (seeded). ``port``: reuse the
-    port of an earlier server, so that a rerun talks to the same ``base_url`` (part of the verdict cache key)."""
+    port of an earlier server, so that a rerun talks to the same ``base_url`` (part of the verdict cache key).
+    ``latency_s``: each answer waits a time drawn uniformly from ``(low, high)`` (seeded), like a slow judge.
+    :meth:`hold` stops answering: requests not yet answered then wait, unbilled, and are dropped on exit (a
+    client killed with calls in flight)."""
 
     def __init__(self, default: Reply | None = None, fault_rate: float = 0.0, seed: int = 0,
-                 timeout_delay_s: float = 1.5, answer=None, port: int = 0):
+                 timeout_delay_s: float = 1.5, answer=None, port: int = 0,
+                 latency_s: tuple[float, float] | None = None):
         import random
+
+        self.latency_s, self.latency_rng = latency_s, random.Random(seed + 1)
+        self.held, self.closing = threading.Event(), threading.Event()
 
         self.script: list[Reply] = []
         self.default = default or Reply()
@@ -86,6 +93,14 @@ class Loopback:
                         reply = owner.answer(body)
                 if reply.delay_s:
                     time.sleep(reply.delay_s)
+                if owner.latency_s is not None:
+                    with owner.lock:
+                        delay = owner.latency_rng.uniform(*owner.latency_s)
+                    time.sleep(delay)
+                if owner.held.is_set():  # never answered, never billed: dropped when the server closes
+                    owner.closing.wait()
+                    self.close_connection = True
+                    return
                 if reply.raw_body is not None:
                     payload = reply.raw_body
                 elif reply.status != 200:
@@ -121,7 +136,12 @@ class Loopback:
         self.thread.start()
         return self
 
+    def hold(self) -> None:
+        """Stops answering (see the class docstring)."""
+        self.held.set()
+
     def __exit__(self, *exc):
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 

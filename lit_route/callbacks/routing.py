@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -17,10 +18,12 @@ from lit_route.checks import check_nonnegative
 from lit_route.eval.export import judged_record
 from lit_route.judges.base import JudgeBackend, check_judge
 from lit_route.judges.cache import CachedJudge
+from lit_route.policy.pipeline import gather_ranks
 from lit_route.rewards.pairwise import upper_pairs
 from lit_route.routing.budget import BudgetLedger
 from lit_route.routing.controller import BudgetTarget, Controller
 from lit_route.routing.decision import ROUTERS, Assignment, JudgePlan, RoutingDecision
+from lit_route.routing.journal import PaidJournal
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,11 @@ class UncertaintyRouting(L.Callback):
         self._step_seconds = 0.0
         self._pending: PendingJudge | None = None
         self._inflight: dict[int, PendingJudge] = {}
+        # pipelined rewards (the module's reward_pipeline > 0): batches' calls stay in flight across steps
+        self.run_id: str | None = None
+        self._pipelined, self._world = False, 1
+        self._journal: PaidJournal | None = None
+        self._restore: list | None = None
 
     # the decision object's state, under the names configs, tests and benchmarks read
     judge = property(lambda self: self.decision.judge)
@@ -179,13 +187,14 @@ class UncertaintyRouting(L.Callback):
             ii, jj = upper_pairs(ctx.uncertainty.shape[1])
             self._control = {}
             key = self._key(trainer, module)
+            self._setup_pipeline(trainer, module)
             assign, routed_mask, audit = self._route(trainer, module, ctx.scores[:, ii, jj].float(),
                                                      ctx.uncertainty[:, ii, jj].float())
             plan = self.decision.plan(Assignment(assign, routed_mask, audit), list(zip(ii.tolist(), jj.tolist(), strict=True)),
                                       ctx.prompts, ctx.completions)
             reserved = self.decision.reserve(self._assignment)
             seed = self.decision.seed + key * 1009 + trainer.global_rank
-            future = self.decision.submit(plan, seed)
+            future = self.decision.submit(plan, seed, self._metered(key))
             self.batches = key + 1
             ctx.key = key
             self._pending = PendingJudge(future, plan.keys, time.perf_counter(), plan, key, seed, reserved,
@@ -211,7 +220,8 @@ class UncertaintyRouting(L.Callback):
                 log.warning("judge raised %s: %s; the %d routed pairs keep their PM scores",
                             type(err).__name__, err, len(pending.routed))
         ctx.stats["judge_elapsed_s"] = time.perf_counter() - pending.started
-        merged = self.decision.apply(pending.plan, result, ctx.scores, ctx.pm_scores, ctx.judged)
+        paid = self._journal.take(pending.key) if self._journal is not None else None
+        merged = self.decision.apply(pending.plan, result, ctx.scores, ctx.pm_scores, ctx.judged, paid)
         self._export([judged_record(ctx.prompts[bi], ctx.completions[bi][i], ctx.completions[bi][j], score,
                                     f"step{trainer.global_step}-rank{trainer.global_rank}-{bi}-{i}-{j}", "rloo",
                                     str(self.judge.model))
@@ -240,14 +250,59 @@ class UncertaintyRouting(L.Callback):
         with open(path, "a", encoding="utf-8") as fh:  # appended per step: a killed run keeps what it paid for
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
+    # --- pipelined rewards -------------------------------------------------------------------------------------
+    def _setup_pipeline(self, trainer, module) -> None:
+        """At the first batch of a pipelined run: the run's id (rank 0's), its paid-calls journal, and the calls of
+        batches that were pending in the checkpoint, asked again (the cache answers those the killed process got;
+        the journal charges what it paid)."""
+        hparams = getattr(module, "hparams", None)
+        if self._journal is not None or not (hparams is not None and hparams.get("reward_pipeline", 0)):
+            return
+        self._pipelined, self._world = True, trainer.world_size
+        rank = trainer.global_rank if trainer.world_size > 1 else 0
+        if self.run_id is None:
+            ident = torch.tensor([secrets.randbits(62)])
+            if trainer.world_size > 1:
+                ident = trainer.strategy.all_gather(ident.to(module.device)).cpu().flatten()
+            self.run_id = f"{int(ident[0]):016x}"
+        root = Path(getattr(trainer, "default_root_dir", None) or ".")
+        self._journal = PaidJournal(root / "judge_journal" / f"{self.run_id}.rank{rank}.jsonl")
+        restored = self._restore[rank] if self._restore and rank < len(self._restore) else []
+        owed, first_new = {int(r["key"]) for r in restored}, self._key(trainer, module)
+        self._journal.load(lambda key: key in owed or key >= first_new)
+        for r in restored:
+            plan = JudgePlan([tuple(k) for k in r["keys"]], {tuple(k[:3]): (k[3], k[4], k[5]) for k in r["kinds"]},
+                             [[tuple(item) for item in items] for items in r["items"]])
+            key = int(r["key"])
+            future = self.decision.submit(plan, int(r["seed"]), self._metered(key))
+            self._inflight[key] = PendingJudge(future, plan.keys, time.perf_counter(), plan, key, int(r["seed"]),
+                                               int(r["reserved"]), dict(r["control"]))
+            self.decision.reserved += int(r["reserved"])
+        self._restore = None
+
+    def _metered(self, key: int) -> list | None:
+        return [self._journal.meter(j, key) for j in self.decision.judges] if self._journal is not None else None
+
+    def _inflight_state(self) -> list[dict]:
+        return [{"key": p.key, "seed": p.seed, "reserved": p.reserved, "control": p.control,
+                 "keys": [list(k) for k in p.plan.keys],
+                 "kinds": [[*k, *v] for k, v in p.plan.kinds.items()],
+                 "items": [[list(item) for item in items] for items in p.plan.items]}
+                for p in self._inflight.values()]
+
     # --- checkpointed state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {**self.decision.state_dict(), "consecutive_errors": self.consecutive_errors, "batches": self.batches}
+        state = {**self.decision.state_dict(), "consecutive_errors": self.consecutive_errors, "batches": self.batches}
+        if self._pipelined:  # every rank's batches in flight (rank 0 writes the checkpoint)
+            state.update(run_id=self.run_id, inflight=gather_ranks(self._inflight_state(), self._world))
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.decision.load_state_dict(state_dict)
         self.consecutive_errors = int(state_dict.get("consecutive_errors", 0))
         self.batches = state_dict.get("batches")
+        self.run_id = state_dict.get("run_id")
+        self._restore = state_dict.get("inflight")
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         for pending in self._inflight.values():

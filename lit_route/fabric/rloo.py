@@ -63,6 +63,7 @@ def fit_rloo(fabric, module, datamodule, loop: LoopSettings | None = None, callb
     model.mark_forward_method("update_loss")
     module.on_fit_start()  # the reward PM to the module's device
     view = FabricTrainerView(fabric, callbacks)
+    view.default_root_dir = loop.default_root_dir
     hp = module.hparams
     data_key = type(datamodule).__qualname__  # where the Trainer keeps a datamodule's state
     state: dict[str, Any] = {"state_dict": model, "optimizer": optimizer, "global_step": 0, "callbacks": {},
@@ -95,37 +96,54 @@ def fit_rloo(fabric, module, datamodule, loop: LoopSettings | None = None, callb
                         callbacks={cb.state_key: cb.state_dict() for cb in hooks},
                         **{data_key: datamodule.state_dict()})
 
+    def train(rollout, i: int):
+        with rollout.ctx.timer("update"):
+            for update in range(hp.updates_per_batch):
+                accumulating = update == 0 and (i + 1) % hp.accumulate_batches != 0
+                with fabric.no_backward_sync(model, enabled=accumulating):
+                    loss = model.update_loss(rollout, update)
+                    fabric.backward(loss / hp.accumulate_batches)
+                if accumulating:
+                    continue
+                if hp.max_grad_norm is not None:
+                    fabric.clip_gradients(model, optimizer, max_norm=hp.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+                view.global_step += 1
+        module.log_step(rollout, loss.detach())
+
+    def train_due(i: int, last_batch: bool = False) -> None:
+        # pipelined: train on the batches whose turn has come (their verdicts are waited for here)
+        for pending in module.pipeline.due(module.batches_left(loop.max_steps, view.global_step), last_batch):
+            train(module.finish_rollout(pending, hooks, view, view.global_step), i)
+
     try:
         while epoch < epochs and view.global_step < max_steps:
             datamodule.sampler.set_epoch(epoch)
             for i, batch in enumerate(loader):
                 batch = datamodule.on_after_batch_transfer(fabric.to_device(batch), 0)  # counts the prompts used
-                rollout = module.rollout(batch, module.next_batch(), hooks, view)
-                with rollout.ctx.timer("update"):
-                    for update in range(hp.updates_per_batch):
-                        accumulating = update == 0 and (i + 1) % hp.accumulate_batches != 0
-                        with fabric.no_backward_sync(model, enabled=accumulating):
-                            loss = model.update_loss(rollout, update)
-                            fabric.backward(loss / hp.accumulate_batches)
-                        if accumulating:
-                            continue
-                        if hp.max_grad_norm is not None:
-                            fabric.clip_gradients(model, optimizer, max_norm=hp.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad()
-                        view.global_step += 1
-                module.log_step(rollout, loss.detach())
+                before = view.global_step
+                if hp.get("reward_pipeline", 0):
+                    module.pipeline.push(module.start_rollout(batch, module.next_batch(), hooks, view,
+                                                              view.global_step))
+                    train_due(i)
+                else:
+                    train(module.rollout(batch, module.next_batch(), hooks, view), i)
                 step = view.global_step
+                if step == before:  # the pipeline is filling: nothing trained yet
+                    continue
                 if step % loop.log_every_n_steps == 0 or step >= max_steps:
                     last = module.last_step
                     fabric.print(f"step {step} judged {last['judge/fraction']:.3f} kl {last['kl/mean']:.4f} "
-                                 f"reward_std {last['reward/std']:.3f} loss {last['train/loss']:.4f}")
+                                     f"reward_std {last['reward/std']:.3f} loss {last['train/loss']:.4f}")
                 if loop.checkpoint_every_n_steps and step % loop.checkpoint_every_n_steps == 0:
                     save_last()
                 if step >= max_steps:
                     break
             else:
                 epoch += 1
+        if len(module.pipeline):  # the data ended with batches still pending: train on them too
+            train_due(0, last_batch=True)
         save_last()
     finally:
         for cb in hooks:

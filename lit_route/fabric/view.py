@@ -37,6 +37,7 @@ class FabricTrainerView:
         self.strategy = _StrategyView(fabric)
         self.callbacks = list(callbacks)
         self.global_step = 0
+        self.default_root_dir: str | None = None  # the run's folder (the routing hook keeps its journal there)
 
     @property
     def world_size(self) -> int:

@@ -20,6 +20,7 @@ from lit_route.models.backbone import (
 from lit_route.models.split import Trunk
 from lit_route.policy.context import RewardContext
 from lit_route.policy.loss import policy_loss
+from lit_route.policy.pipeline import PendingBatch, RewardPipeline, gather_ranks
 from lit_route.policy.pm_scoring import load_reward_pm, score_groups
 from lit_route.policy.sampling import (
     GenerationConfig,
@@ -50,6 +51,7 @@ class Rollout:
         ctx: The step's scores, routing marks, timings and statistics.
         trunk_hidden: (B·K, L, H) the hidden state entering the lowest adapted layer, when the frozen bottom
             is run once per batch (see :mod:`lit_route.models.split`); ``None`` otherwise.
+        staleness: Optimiser steps taken since the batch was sampled (> 0 with a reward pipeline).
     """
 
     prompt_ids: torch.Tensor
@@ -62,6 +64,7 @@ class Rollout:
     kl: torch.Tensor
     ctx: RewardContext
     trunk_hidden: torch.Tensor | None = None
+    staleness: int = 0
 
 
 class RLOOPolicyModule(L.LightningModule):
@@ -98,6 +101,9 @@ class RLOOPolicyModule(L.LightningModule):
             prompt is read once per group instead of once per ordered pair; the same numbers up to rounding).
         split_forward: With LoRA on the top layers only, run the frozen layers below once per batch and only the
             adapted ones for the old log-probabilities and the update (the same numbers, less compute).
+        reward_pipeline: s: batches whose judge calls may be in flight while the policy trains (0: each step
+            waits for its own verdicts). Step t samples batch t and updates on batch t − s with the PPO-clipped
+            loss against the log-probabilities stored at sampling (see ``docs/pipeline.md``).
     """
 
     def __init__(
@@ -120,6 +126,7 @@ class RLOOPolicyModule(L.LightningModule):
         sample_seed: int = 0,
         pm_share_prefix: bool = True,
         split_forward: bool = True,
+        reward_pipeline: int = 0,
     ):
         super().__init__()
         if policy is None:
@@ -128,6 +135,7 @@ class RLOOPolicyModule(L.LightningModule):
         self.generation = generation or GenerationConfig()
         _check_options(self.generation, beta, kl_estimator, updates_per_batch, clip_eps, lr, max_grad_norm,
                        accumulate_batches, pm_batch_size)
+        _check_pipeline(reward_pipeline, accumulate_batches)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.policy_spec = policy
@@ -146,6 +154,7 @@ class RLOOPolicyModule(L.LightningModule):
         self.eos_ids = [e for e in eos if e is not None]
         self.strict_loading = False
         self.batches_sampled: int | None = None  # None: not known yet (a checkpoint without it: see next_batch)
+        self.pipeline = RewardPipeline(reward_pipeline)
 
     @property
     def pm(self):
@@ -183,7 +192,8 @@ class RLOOPolicyModule(L.LightningModule):
             return self._logprobs(self.policy, *args)
 
     def rollout(self, batch: dict, step: int, hooks=(), trainer=None) -> Rollout:
-        """Samples K completions per prompt, scores them, lets ``hooks`` edit the scores, forms the advantages.
+        """Samples K completions per prompt, scores them, lets ``hooks`` edit the scores, forms the advantages:
+        :meth:`start_rollout` then :meth:`finish_rollout`.
 
         No gradients flow here: an engine runs it on the bare module and only :meth:`update_loss` through its
         distributed wrapper.
@@ -194,6 +204,12 @@ class RLOOPolicyModule(L.LightningModule):
             hooks: Reward hooks (``on_pairwise_scores`` / ``on_before_rewards``).
             trainer: What the hooks receive as ``trainer`` (a Trainer, or the Fabric engine's view of one).
         """
+        return self.finish_rollout(self.start_rollout(batch, step, hooks, trainer), hooks, trainer)
+
+    def start_rollout(self, batch: dict, step: int, hooks=(), trainer=None, version: int = 0) -> PendingBatch:
+        """Sampling, PM scores, the hooks' ``on_pairwise_scores`` (judge calls start) and the log-probabilities
+        of the sampling policy and the reference: a batch waiting for its verdicts (``version``: optimiser steps
+        done so far)."""
         k = self.generation.num_samples
         b = batch["prompt_ids"].shape[0]
         ctx = RewardContext(batch["messages"], [], torch.empty(0), torch.empty(0), torch.empty(0), torch.empty(0))
@@ -224,27 +240,36 @@ class RLOOPolicyModule(L.LightningModule):
             else:
                 ref_logp = self._reference_logprobs(prompt_ids, prompt_mask, comps, cmask)
                 old_logp = self._logprobs(self.policy, prompt_ids, prompt_mask, comps, cmask)
+        return PendingBatch(prompt_ids, prompt_mask, comps, cmask, old_logp, ref_logp, ctx, hidden, version)
+
+    def finish_rollout(self, pending: PendingBatch, hooks=(), trainer=None, version: int | None = None) -> Rollout:
+        """The hooks' ``on_before_rewards`` (verdicts merged into S), then KL, rewards and advantages
+        (``version``: optimiser steps done now, for the staleness)."""
+        p, ctx = pending, pending.ctx
+        b, k = ctx.scores.shape[:2]
         for hook in hooks:
             hook.on_before_rewards(trainer, self, ctx)
-        kl = kl_per_sequence(old_logp, ref_logp, cmask, self.hparams.kl_estimator).view(b, k)
+        kl = kl_per_sequence(p.old_logp, p.ref_logp, p.completion_mask, self.hparams.kl_estimator).view(b, k)
         pm_reward = pairwise_rewards(ctx.scores.to(kl.device))
         advantages = rloo_advantages(pm_reward - self.hparams.beta * kl)
         if self.hparams.whiten_advantages:
             advantages = whiten(advantages)
         if not torch.isfinite(advantages).all():
             raise FloatingPointError("non-finite advantages: check the PM checkpoint (scores must be finite)")
-        return Rollout(prompt_ids, prompt_mask, comps, cmask, old_logp, advantages.flatten(), pm_reward, kl, ctx, hidden)
+        staleness = 0 if version is None else version - p.version
+        return Rollout(p.prompt_ids, p.prompt_mask, p.completions, p.completion_mask, p.old_logp, advantages.flatten(),
+                       pm_reward, kl, ctx, p.trunk_hidden, staleness)
 
     def update_loss(self, rollout: Rollout, update: int) -> torch.Tensor:
         """The policy loss of update number ``update`` on ``rollout`` (the forward pass that gradients flow
-        through; from the second update on the same rollout, the PPO-clipped loss)."""
+        through; from the second update on the same rollout, or on a stale one, the PPO-clipped loss)."""
         r = rollout
         if r.trunk_hidden is not None:
             logp = self._top_logprobs(r.trunk_hidden, r.prompt_ids, r.prompt_mask, r.completions, r.completion_mask)
         else:
             logp = self._logprobs(self.policy, r.prompt_ids, r.prompt_mask, r.completions, r.completion_mask)
         return policy_loss(logp, r.old_logp, r.advantages, r.completion_mask,
-                           self.hparams.clip_eps if update > 0 else None)
+                           self.hparams.clip_eps if update > 0 or r.staleness > 0 else None)
 
     def next_batch(self) -> int:
         """The number of the batch about to be sampled (seeds its sampling), counting on from there."""
@@ -255,11 +280,34 @@ class RLOOPolicyModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         hooks = self.reward_hooks()
+        if self.hparams.get("reward_pipeline", 0):
+            return self._pipelined_step(batch, batch_idx, hooks)
         rollout = self.rollout(batch, self.next_batch(), hooks, self.trainer if hooks else None)
         with rollout.ctx.timer("update"):
             loss = self._update(rollout, batch_idx)
         self.log_step(rollout, loss)
         return loss
+
+    def _pipelined_step(self, batch: dict, batch_idx: int, hooks):
+        """Samples this batch, then trains on the batches that are due (none while the pipeline fills)."""
+        trainer = self.trainer
+        self.pipeline.push(self.start_rollout(batch, self.next_batch(), hooks, trainer if hooks else None,
+                                              self.global_step))
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+        last = trainer.is_last_batch and max_epochs is not None and trainer.current_epoch + 1 >= max_epochs
+        loss = None
+        for pending in self.pipeline.due(self.batches_left(trainer.max_steps, self.global_step), last):
+            rollout = self.finish_rollout(pending, hooks, trainer if hooks else None, self.global_step)
+            with rollout.ctx.timer("update"):
+                loss = self._update(rollout, batch_idx)
+            self.log_step(rollout, loss)
+        return loss
+
+    def batches_left(self, max_steps: int | None, global_step: int) -> float:
+        """Batches the run may still train on before ``max_steps`` optimiser steps (``inf``: no step limit)."""
+        if max_steps is None or max_steps < 0:
+            return float("inf")
+        return -(-(max_steps - global_step) // self.hparams.updates_per_batch)
 
     def _update(self, rollout: Rollout, batch_idx: int) -> torch.Tensor:
         opt = self.optimizers()
@@ -277,13 +325,16 @@ class RLOOPolicyModule(L.LightningModule):
     def log_step(self, rollout: Rollout, loss: torch.Tensor) -> None:
         """Logs the step's metrics and keeps them in ``last_step``."""
         r = rollout
-        self._log_step(r.ctx, loss, r.pm_reward, r.kl, r.advantages.view_as(r.pm_reward), r.completion_mask)
+        self._log_step(r.ctx, loss, r.pm_reward, r.kl, r.advantages.view_as(r.pm_reward), r.completion_mask,
+                       r.staleness)
 
-    def _log_step(self, ctx, loss, pm_reward, kl, advantages, cmask) -> None:
+    def _log_step(self, ctx, loss, pm_reward, kl, advantages, cmask, staleness: int = 0) -> None:
         b, k, _ = ctx.scores.shape
         n_pairs = b * k * (k - 1) / 2
         metrics = {
             "train/loss": loss,
+            **({"pipeline/staleness": staleness, "pipeline/pending": len(self.pipeline)}
+               if self.hparams.get("reward_pipeline", 0) else {}),
             "reward/mean": pm_reward.mean(),
             "reward/std": pm_reward.std(),
             "kl/mean": kl.mean(),
@@ -321,9 +372,26 @@ class RLOOPolicyModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["lit_route"] = {"base_model": describe(self.policy_spec), "pm_ckpt": self.hparams.pm_ckpt,
                                    "batches_sampled": self.batches_sampled}
+        if self.hparams.get("reward_pipeline", 0):  # every rank's pending batches (rank 0 writes the file)
+            world = self._trainer.world_size if self._trainer is not None else getattr(self._fabric, "world_size", 1)
+            checkpoint["lit_route"]["pending"] = gather_ranks(self.pipeline.state_dict(), world)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.batches_sampled = checkpoint.get("lit_route", {}).get("batches_sampled")
+        state = checkpoint.get("lit_route", {})
+        self.batches_sampled = state.get("batches_sampled")
+        pending = state.get("pending")
+        if pending:
+            import torch.distributed as dist
+
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            self.pipeline.load_state_dict(pending[rank] if rank < len(pending) else [], self.device)
+
+
+def _check_pipeline(reward_pipeline: int, accumulate_batches: int) -> None:
+    check_nonnegative("reward_pipeline", reward_pipeline, integer=True)
+    if reward_pipeline and accumulate_batches > 1:
+        raise ValueError("reward_pipeline: trains on one batch per optimiser step; set accumulate_batches: 1 "
+                         "(or reward_pipeline: 0)")
 
 
 def _check_options(generation, beta, kl_estimator, updates_per_batch, clip_eps, lr, max_grad_norm, accumulate_batches,

@@ -274,9 +274,11 @@ class RoutingDecision:
 
     # --- merge -------------------------------------------------------------------------------------------------
     def apply(self, plan: JudgePlan, result: list[list[PairJudgement]] | BaseException, scores: torch.Tensor,
-              pm_scores: torch.Tensor, judged: torch.Tensor) -> Merged:
+              pm_scores: torch.Tensor, judged: torch.Tensor, paid: tuple[int, float] | None = None) -> Merged:
         """Verdicts into ``scores`` (B, K, K) (``S_ij = ±c`` or 0, ``S_ji = −S_ij``) and ``judged``; a failed pair or a
-        judge that raised (``result`` is the exception) leaves the PM's score and is counted."""
+        judge that raised (``result`` is the exception) leaves the PM's score and is counted. ``paid``: billed calls
+        and spend from a :class:`~lit_route.routing.journal.PaidJournal`, charged instead of the verdicts' own
+        (it also holds what a killed process paid for the batch)."""
         error = result if isinstance(result, BaseException) else None
         judgements = [] if error is not None else [jd for per_judge in result for jd in per_judge]
         failures = billed = requests = cached = 0
@@ -292,9 +294,9 @@ class RoutingDecision:
             cached += jd.cached
             spend += jd.cost_usd
             tokens += jd.tokens
-            paid = [v.latency_s for v in jd.verdicts if not v.cached]
-            if paid:
-                latencies.append(sum(paid))
+            call_seconds = [v.latency_s for v in jd.verdicts if not v.cached]
+            if call_seconds:
+                latencies.append(sum(call_seconds))
             self.inconsistent += int(jd.inconsistent)
             if jd.score is None:
                 failures += 1
@@ -309,6 +311,8 @@ class RoutingDecision:
             scores[bi, i, j] = value
             scores[bi, j, i] = -value
             judged[bi, i, j] = judged[bi, j, i] = True
+        if paid is not None:
+            billed, spend = paid
         totals = torch.tensor([len(plan.keys), failures, billed, requests, cached, spend, tokens, error is not None,
                                *stage_counts, *self.audit.step_counts()], dtype=torch.float64)
         return Merged(totals, decisive, latencies, error)

@@ -1,0 +1,111 @@
+"""Pipelined rewards: batches sampled and scored ahead, trained on once their judge verdicts are in.
+
+With ``reward_pipeline: s`` step t samples batch t (its PM scores and routing start the judge calls) and updates
+on batch t − s, whose verdicts have had s steps to arrive. A :class:`PendingBatch` is everything the update needs
+that was computed when the batch was sampled: the prompts, completions, the sampling policy's log-probabilities
+(the PPO ratio's denominator for the stale update), the reference's, and the reward context with the PM's scores
+(the routing hook merges the verdicts into it when the batch is due). Pending batches are saved in checkpoints
+(:meth:`RewardPipeline.state_dict`); their judge calls are the routing hook's state.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, fields
+
+import torch
+
+from lit_route.policy.context import RewardContext
+
+_CTX_FIELDS = [f.name for f in fields(RewardContext)]
+
+
+@dataclass
+class PendingBatch:
+    """A sampled, scored batch waiting for its verdicts.
+
+    Attributes:
+        prompt_ids: (B·K, P) left-padded prompts, each repeated K times.
+        prompt_mask: (B·K, P).
+        completions: (B·K, T) sampled tokens.
+        completion_mask: (B·K, T).
+        old_logp: (B·K, T) the sampling policy's token log-probabilities.
+        ref_logp: (B·K, T) the reference's.
+        ctx: The batch's reward context (PM scores; verdicts are merged into it when it is due).
+        trunk_hidden: (B·K, L, H) the frozen bottom's output (not checkpointed: recomputed by a full pass).
+        version: Optimiser steps done when the batch was sampled (its staleness at update is measured from it).
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completions: torch.Tensor
+    completion_mask: torch.Tensor
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    ctx: RewardContext
+    trunk_hidden: torch.Tensor | None = None
+    version: int = 0
+
+    _TENSORS = ("prompt_ids", "prompt_mask", "completions", "completion_mask", "old_logp", "ref_logp")
+
+    def state_dict(self) -> dict:
+        """Plain containers and CPU tensors (a checkpoint loads them with ``weights_only``)."""
+        state = {name: getattr(self, name).detach().cpu() for name in self._TENSORS}
+        state["ctx"] = {name: getattr(self.ctx, name) for name in _CTX_FIELDS}
+        state["ctx"] = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state["ctx"].items()}
+        state["version"] = self.version
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device | str = "cpu") -> PendingBatch:
+        tensors = {name: state[name].to(device) for name in cls._TENSORS}
+        return cls(**tensors, ctx=RewardContext(**state["ctx"]), version=int(state["version"]))
+
+
+class RewardPipeline:
+    """The queue of pending batches, oldest first.
+
+    Args:
+        stages: s, the number of batches whose judge calls may be in flight while the policy trains.
+    """
+
+    def __init__(self, stages: int = 0):
+        self.stages = stages
+        self.queue: deque[PendingBatch] = deque()
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def push(self, pending: PendingBatch) -> None:
+        self.queue.append(pending)
+
+    def due(self, batches_left: float = float("inf"), last_batch: bool = False) -> list[PendingBatch]:
+        """The batches to train on now: the oldest once more than s are pending; all of them when the run has no
+        more updates to give than batches pending (``batches_left``) or the data ends (``last_batch``), so every
+        sampled batch is trained on exactly once."""
+        if last_batch or len(self.queue) >= batches_left:
+            out = list(self.queue)
+            self.queue.clear()
+            return out
+        out = []
+        while len(self.queue) > self.stages:
+            out.append(self.queue.popleft())
+        return out
+
+    def state_dict(self) -> list[dict]:
+        return [p.state_dict() for p in self.queue]
+
+    def load_state_dict(self, state: list[dict], device: torch.device | str = "cpu") -> None:
+        self.queue = deque(PendingBatch.from_state(s, device) for s in state or [])
+
+
+def gather_ranks(local, world_size: int):
+    """Every rank's ``local`` object as a list indexed by rank (only rank 0's checkpoint is written, so per-rank
+    state travels in it as this list); ``[local]`` on one process."""
+    import torch.distributed as dist
+
+    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return [local]
+    out: list = [None] * world_size
+    dist.all_gather_object(out, local)
+    return out
