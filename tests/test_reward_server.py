@@ -238,3 +238,30 @@ def test_lit_route_serve_with_the_shipped_debug_config(tmp_path, monkeypatch):
     assert len(rewards) == 4 and abs(sum(rewards)) < 1e-5 and not thread.is_alive()
     assert stats["pairs_seen"] == 6 and stats["pairs_routed"] == 2 and stats["billed"] == 2  # 25% of 6 pairs
     assert json.loads(state.read_text())["decision"]["ledger"]["calls"] == 2
+
+
+def test_calls_billed_before_a_kill_are_charged_on_restart(tiny_pm, monkeypatch, tmp_path):
+    """A server killed after its judge calls returned but before it saved its state: the restarted server's
+    ledger still equals what the judge server billed (the journal beside the state file holds those calls)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    pm, encoder = tiny_pm
+    state = tmp_path / "state.json"
+
+    def start(judge_url):
+        judge = OpenAICompatibleJudge("m", base_url=f"{judge_url}/v1", policy=POLICY)
+        return RewardServer(RoutedRewards(pm, encoder, build_decision(judge, fraction=1.0, order="fixed")), port=0,
+                            strip=(EOS,), state_file=str(state))
+
+    with Loopback(answer=longer_is_better) as judge_server:
+        with start(judge_server.url) as first:
+            requests.post(first.url, json=batch_body([1]), timeout=60)
+            on_disk = state.read_text()  # the state a kill during the next request leaves behind
+            requests.post(first.url, json=batch_body([2]), timeout=60)
+        state.write_text(on_disk)
+        assert judge_server.completions == 12  # two groups of 4: 6 pairs each, one call per pair
+        with start(judge_server.url) as restarted:
+            assert restarted.stats()["billed"] == 12  # 6 from the saved state + 6 from the journal
+            requests.post(restarted.url, json=batch_body([3]), timeout=60)
+            stats = restarted.stats()
+    assert stats["billed"] == judge_server.completions == 18 and stats["batches"] == 3
+    assert json.loads(state.read_text())["decision"]["ledger"]["calls"] == 18

@@ -70,6 +70,9 @@ class RoutedRewards:
         self.groups = 0
         self.consecutive_errors = 0
         self._last_batch: float | None = None
+        self.journal = None  # a PaidJournal: every billed call written down as it returns (see use_journal)
+        self._in_flight: set[int] = set()  # batches routed, not yet charged
+        self._owed: set[int] = set()  # batches in flight when the loaded state was saved
 
     @classmethod
     def build(cls, pm_ckpt: str | None = None, judge=None, *, pm_backbone=None, device: str = "cpu",
@@ -148,12 +151,14 @@ class RoutedRewards:
             self._last_batch = now
             key = self.batches
             self.batches += 1
+            self._in_flight.add(key)
             assignment = decision.route(s[:, ii, jj].float(), u[:, ii, jj].float(), key, step=step,
                                         step_seconds=step_seconds)
             reserved = decision.reserve(assignment)
         try:
             plan = decision.plan(assignment, pairs, prompts, completions)
-            future = decision.submit(plan, seed=decision.seed + key * 1009)
+            judges = [self.journal.meter(j, key) for j in decision.judges] if self.journal is not None else None
+            future = decision.submit(plan, seed=decision.seed + key * 1009, judges=judges)
             try:
                 result = future.result() if future is not None else [[] for _ in decision.judges]
             except Exception as err:  # a judge that raises (local model error, locked cache): the PM scores stand
@@ -161,12 +166,15 @@ class RoutedRewards:
                             len(plan.keys))
                 result = err
             with self._lock:
-                stats = decision.close(decision.apply(plan, result, s, pm_s, judged).totals)
+                paid = self.journal.take(key) if self.journal is not None else None
+                stats = decision.close(decision.apply(plan, result, s, pm_s, judged, paid).totals)
+                self._in_flight.discard(key)  # charged and no longer in flight in one step: a saved state has both
                 self.consecutive_errors = self.consecutive_errors + 1 if isinstance(result, BaseException) else 0
                 errors = self.consecutive_errors
         finally:
             with self._lock:
                 decision.release(reserved)
+                self._in_flight.discard(key)
         stats.update(assignment.control)
         if self.max_consecutive_errors is not None and errors > self.max_consecutive_errors:
             raise RuntimeError(f"the judge raised in {errors} consecutive batches "
@@ -200,14 +208,44 @@ class RoutedRewards:
     def state_dict(self) -> dict:
         with self._lock:
             return {"batches": self.batches, "groups": self.groups, "consecutive_errors": self.consecutive_errors,
+                    "in_flight": sorted(self._in_flight),
                     "decision": self.decision.state_dict() if self.decision is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         with self._lock:
             self.batches, self.groups = int(state["batches"]), int(state["groups"])
             self.consecutive_errors = int(state.get("consecutive_errors", 0))
+            self._owed = {int(k) for k in state.get("in_flight", ())}
             if self.decision is not None and state.get("decision") is not None:
                 self.decision.load_state_dict(state["decision"])
+
+
+    def use_journal(self, path) -> int:
+        """Writes every billed judge call to ``path`` the moment it returns, and first charges the ledger with
+        what an earlier process wrote there for batches it never charged (killed with calls in flight: batches in
+        flight when its last state was saved, or routed after it). Returns those calls. Call it after
+        :meth:`load_state_dict`, and save the state right after."""
+        from lit_route.routing.journal import PaidJournal
+
+        if self.decision is None:
+            return 0
+        journal = PaidJournal(path)
+        with self._lock:
+            keys: set[int] = set()
+
+            def owed(key: int) -> bool:
+                if key in self._owed or key >= self.batches:
+                    keys.add(key)
+                    return True
+                return False
+
+            calls = journal.load(owed)
+            for key in keys:
+                self.decision.ledger.charge(*journal.take(key))
+            self.batches = max([self.batches, *(k + 1 for k in keys)])  # new batches never reuse a journaled key
+            self._owed = set()
+            self.journal = journal
+        return calls
 
 
 def _additive(name: str) -> bool:

@@ -43,7 +43,8 @@ class RewardServer:
         group_wait_s: How long a sample waits for the rest of its group before its group is scored short.
         strip: End-of-turn markers to cut from the end of each response (the policy's EOS text, say).
         state_file: JSON file of the routing state (budget spent, controller, counters): read at start when it
-            exists, rewritten after every answered request.
+            exists, rewritten after every answered request. Beside it, ``<state_file>.journal.jsonl`` records each
+            billed judge call as it returns, so calls in flight when a server is killed are charged on restart.
         unwrap_chat: Read a chat-templated prompt (ChatML, Llama 3; OpenRLHF's ``--apply_chat_template``) as its
             messages, so the PM renders them with its own template.
     """
@@ -61,10 +62,15 @@ class RewardServer:
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"state_file: {self.state_file} is not a lit-route routing state ({err})") from err
             log.info("routing state (budget spent so far) restored from %s", self.state_file)
+        if self.state_file is not None:  # calls billed while a killed server had them in flight are charged too
+            owed = rewards.use_journal(self.state_file.with_name(self.state_file.name + ".journal.jsonl"))
+            if owed:
+                log.warning("%d judge calls billed to batches a previous server never finished are charged", owed)
         self.collector = GroupCollector(rewards.score_samples, group_size, group_wait_s)
         self._lock = threading.Lock()
         self.counts = {"requests": 0, "samples": 0, "bad_requests": 0, "errors": 0, "prompt_not_in_query": 0}
         owner = self
+        self.save_state()
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive: trainer workers reuse their connections
