@@ -27,6 +27,7 @@ commands:
   export --ckpt CKPT --output_dir DIR [--merge true]
                                     a PM or policy checkpoint as peft adapters (+ head) in save_pretrained form
   fabric pm|rloo --config CONFIG    the same configs on the Fabric engine (explicit loops; torchrun, SLURM)
+  serve --config CONFIG             routed pairwise rewards over HTTP (OpenRLHF's --remote_rm_url protocol)
 
 Each command takes --help. Errors are one line; --debug (or LIT_ROUTE_DEBUG=1) shows the traceback.
 """
@@ -300,6 +301,10 @@ def _dispatch(argv: list[str]) -> None:
         from lit_route.fabric.cli import main as fabric_main
 
         fabric_main(rest)
+    elif command == "serve":
+        from lit_route.integrations.server import serve_cli
+
+        serve_cli(rest)
     elif command == "evaluate":
         from lit_route.eval.run import evaluate_cli
 

@@ -29,7 +29,7 @@ def test_pm_configs_parse(path):
 
 
 def test_every_config_is_covered():
-    known = {"pm", "rloo", "eval", "trainer"}
+    known = {"pm", "rloo", "eval", "trainer", "serve"}
     assert CONFIGS and all(p.parent.name in known for p in CONFIGS)
 
 
@@ -40,6 +40,14 @@ def test_eval_configs_parse(path):
     cfg = evaluate_cli(["--config", str(path)], run=False)
     assert cfg.judge.class_path.startswith("lit_route.judges.")
     assert cfg.data and cfg.order in ("both", "random", "fixed")
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent.name == "serve"], ids=lambda p: p.name)
+def test_serve_configs_parse(path):
+    from lit_route.integrations.server import serve_cli
+
+    cfg = serve_cli(["--config", str(path)], run=False)
+    assert cfg.judge.class_path.startswith("lit_route.judges.") and 0 < cfg.fraction <= 1
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent.name == "rloo"], ids=lambda p: p.name)
