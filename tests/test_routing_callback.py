@@ -154,6 +154,7 @@ def test_controller_and_audit_from_yaml_log_their_state_and_resume(tmp_path):
     rows = [r for r in csv.DictReader(metrics.read_text().splitlines()) if r.get("judge/tau")]
     assert len(rows) == 4 and all(float(r["judge/target_fraction"]) == 0.25 for r in rows)
     assert any(r.get("audit/agreement") for r in rows) and all("cascade/judged_by_1" in r for r in rows)
+    assert any(r.get("audit/gain_lo") and r.get("audit/gain_hi") for r in rows)  # the PPI estimate with its interval
     (ckpt,) = root.rglob("*.ckpt")
     state = torch.load(ckpt, weights_only=False)
     routing = next(v for k, v in state["callbacks"].items() if "UncertaintyRouting" in k)

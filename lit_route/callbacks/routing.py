@@ -243,6 +243,7 @@ class UncertaintyRouting(L.Callback):
             self._control = {}
             assign, routed_mask, audit = self._route(trainer, module, ctx.scores[:, ii, jj].float(),
                                                      ctx.uncertainty[:, ii, jj].float())
+            self.audit.observe_pool(ctx.scores[:, ii, jj], routed_mask)  # the pool of the audit's PPI estimates
             # (pair) -> (routed to the main judge, drawn for the audit, which judge)
             self._kinds = {(bi, int(ii[p]), int(jj[p])): (bool(routed_mask[bi, p]), bool(audit[bi, p]),
                                                           int(assign[bi, p]))

@@ -24,11 +24,13 @@ from lit_route.eval.curves import (
 )
 from lit_route.eval.export import write_judged_pairs
 from lit_route.eval.report import console_table, write_results
+from lit_route.eval.stats import cluster_ids, risk_split_test, routing_intervals
 from lit_route.judges.base import JudgeBackend, check_judge
 from lit_route.judges.cache import CachedJudge
 from lit_route.judges.loop import run_sync
 from lit_route.judges.pairwise import ORDERS, judge_pairs
 from lit_route.preference.metrics import PreferenceMetrics
+from lit_route.routing.risk import check_risk
 from lit_route.routing.routers import count_for_fraction
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,12 @@ def evaluate(
     cheap_judge: JudgeBackend | None = None,
     export_judged: str | None = None,
     export_fraction: float = 1.0,
+    n_boot: int = 1000,
+    bootstrap_by: str = "auto",
+    interval_level: float = 0.95,
+    risk_alpha: float | None = None,
+    risk_delta: float = 0.1,
+    risk_splits: int = 200,
 ) -> dict:
     """Accuracy against judge budget for uncertainty, random, margin and oracle routing.
 
@@ -132,6 +140,15 @@ def evaluate(
             (``prompt``, ``chosen``, ``rejected``: the judge's verdict is the label) for ``pm fit``.
         export_fraction: Export only the most uncertain share of pairs: those uncertainty routing judges at
             that budget.
+        n_boot: Bootstrap redraws of the intervals (``results["intervals"]``); 0 skips them.
+        bootstrap_by: Redraw ``pair``s or ``prompt``s (pairs of one prompt are not independent); ``auto``: by
+            prompt when any prompt has more than one pair.
+        interval_level: Coverage of the intervals.
+        risk_alpha: Adds risk-controlled routing (``results["risk"]``): τ chosen on a random half of the pairs (by
+            prompt) so that the PM's disagreement with the judge among the pairs it keeps is ≤ ``risk_alpha`` with
+            probability ≥ 1 − ``risk_delta``, measured on the other half, over ``risk_splits`` splits.
+        risk_delta: See ``risk_alpha``.
+        risk_splits: See ``risk_alpha``.
     """
     check_judge(judge)
     check_choice("order", order, ORDERS)
@@ -139,6 +156,12 @@ def evaluate(
     check_fraction("max_failed_fraction", max_failed_fraction)
     check_nonnegative("batch_size", batch_size, integer=True, positive=True)
     check_fraction("export_fraction", export_fraction)
+    check_nonnegative("n_boot", n_boot, integer=True)
+    check_choice("bootstrap_by", bootstrap_by, ("auto", "pair", "prompt"))
+    check_fraction("interval_level", interval_level, open_low=True)
+    check_nonnegative("risk_splits", risk_splits, integer=True, positive=True)
+    if risk_alpha is not None:
+        check_risk("risk_", risk_alpha, risk_delta, "hb")
     if cheap_judge is not None:
         check_judge(cheap_judge, "cheap_judge")
     if (pm_ckpt is None) == (scores is None):
@@ -215,6 +238,14 @@ def evaluate(
         "by_subset": by_subset,
         "provenance": provenance(pm_ckpt=pm_ckpt, data=data, judge=judge, scores=scores),
     }
+    prompts = cluster_ids([p.prompt_text() for p in pairs])
+    by_prompt = bootstrap_by == "prompt" or (bootstrap_by == "auto" and int(prompts.max()) + 1 < n if n else False)
+    clusters = prompts if by_prompt else None
+    if n_boot and n > 1:
+        results["intervals"] = routing_intervals(d, u, judge_score, fractions, clusters, n_boot, interval_level, seed)
+    if risk_alpha is not None and n > 1:
+        results["risk"] = risk_split_test(d, u, judge_score, risk_alpha, risk_delta, risk_splits, clusters=clusters,
+                                          seed=seed)
     groups = _difficulty_groups(subsets)
     if groups:
         results["by_group"] = {name: {k: _group_accuracy(g, v) for k, v in

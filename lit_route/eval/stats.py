@@ -12,6 +12,7 @@ pairs are hard for the judge) cancels, and its interval is narrower than the two
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -201,3 +202,64 @@ def routing_intervals(d: torch.Tensor, u: torch.Tensor, judge_score: torch.Tenso
     return {"level": level, "n_boot": n_boot, "resampled": "prompt" if clusters is not None else "pair",
             "units": units, "upto": upto, **{k: unpack_statistics(boot[k], f) for k in ("point", "lo", "hi")},
             "separated": separated}
+
+
+def risk_split_test(d: torch.Tensor, u: torch.Tensor, judge_score: torch.Tensor, alpha: float, delta: float,
+                    splits: int = 200, calibration_share: float = 0.5, clusters: torch.Tensor | None = None,
+                    seed: int = 0, method: str = "hb") -> dict:
+    """Risk-controlled routing measured on random calibration/test splits of one labelled set.
+
+    On each split, τ is chosen on the calibration part by :func:`lit_route.routing.risk.risk_threshold`, and on the
+    test part are measured: the share judged (ū > τ), the disagreement between PM and judge among the pairs left to
+    the PM (the risk held at α), the routed system's accuracy, and random routing's expected accuracy with as many
+    judge calls.
+
+    Args:
+        d, u, judge_score: (N,) as in :func:`routing_statistics`.
+        alpha, delta: The risk level and the tolerated chance of exceeding it.
+        splits: Number of random splits.
+        calibration_share: Share of the pairs (or of the clusters) used for calibration.
+        clusters: (N,) cluster ids: a split keeps each cluster (prompt) on one side.
+        seed: Seed of the splits.
+        method: p-value of the test (``hb`` or ``binomial``).
+
+    Returns:
+        ``held`` (share of splits whose realised disagreement is ≤ α: the guarantee asks ≥ 1 − δ), the means over
+        splits of ``judged_fraction``, ``disagreement_left``, ``accuracy`` and ``random_accuracy_same_calls``, the
+        2.5–97.5% range of ``judged_fraction`` over splits, and ``no_threshold`` (splits where no τ passed: every
+        pair judged).
+    """
+    from lit_route.routing.risk import risk_threshold
+
+    n = d.numel()
+    pm_correct = (d > 0).double()
+    judge_score = judge_score.double()
+    loss = (pm_correct - judge_score).abs()
+    ids = clusters if clusters is not None else torch.arange(n)
+    _, inverse = torch.unique(ids, return_inverse=True)
+    n_units = int(inverse.max()) + 1 if n else 0
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(splits):
+        calibration_units = torch.randperm(n_units, generator=generator)[: round(calibration_share * n_units)]
+        cal = torch.zeros(n_units, dtype=torch.bool).index_fill_(0, calibration_units, True)[inverse]
+        test = ~cal
+        choice = risk_threshold(u[cal], loss[cal], alpha, delta, method=method)
+        tau = choice.tau if choice.tau is not None else -math.inf
+        judged = u > tau
+        left = test & ~judged
+        share = float(judged[test].double().mean())
+        rows.append({
+            "judged_fraction": share,
+            "disagreement_left": float(loss[left].mean()) if bool(left.any()) else 0.0,
+            "accuracy": float(torch.where(judged, judge_score, pm_correct)[test].mean()),
+            "random_accuracy_same_calls": float(pm_correct[test].mean() + share * (judge_score - pm_correct)[test].mean()),
+            "none": choice.tau is None,
+        })
+    mean = {k: sum(r[k] for r in rows) / splits for k in ("judged_fraction", "disagreement_left", "accuracy",
+                                                           "random_accuracy_same_calls")}
+    fractions = torch.tensor([r["judged_fraction"] for r in rows], dtype=torch.float64)
+    lo, hi = percentile_interval(fractions.unsqueeze(1))
+    return {"alpha": alpha, "delta": delta, "method": method, "splits": splits, "calibration_share": calibration_share,
+            "held": sum(r["disagreement_left"] <= alpha + 1e-12 for r in rows) / splits, **mean,
+            "judged_fraction_range": [float(lo), float(hi)], "no_threshold": sum(r["none"] for r in rows)}

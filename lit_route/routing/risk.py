@@ -71,12 +71,12 @@ def pvalue(losses: torch.Tensor, alpha: float, method: str = "hb") -> float:
     return hb_pvalue(float(losses.double().mean()) if n else 0.0, n, alpha)
 
 
-def _check(prefix: str, alpha: float, delta: float, method: str) -> None:
+def check_risk(prefix: str, alpha: float, delta: float, method: str) -> None:
     for name, value in (("alpha", alpha), ("delta", delta)):
-        check_fraction(f"{prefix}.{name}", value, open_low=True)
+        check_fraction(f"{prefix}{name}", value, open_low=True)
         if value >= 1:
-            raise ValueError(f"{prefix}.{name}: expected a number in (0, 1); got {value!r}")
-    check_choice(f"{prefix}.method", method, METHODS)
+            raise ValueError(f"{prefix}{name}: expected a number in (0, 1); got {value!r}")
+    check_choice(f"{prefix}method", method, METHODS)
 
 
 @functools.lru_cache(maxsize=64)
@@ -138,7 +138,7 @@ def risk_threshold(u: torch.Tensor, loss: torch.Tensor, alpha: float, delta: flo
     Returns:
         A :class:`RiskChoice`.
     """
-    _check("risk", alpha, delta, method)
+    check_risk("risk.", alpha, delta, method)
     if u.numel() != loss.numel():
         raise ValueError(f"risk: {u.numel()} uncertainties but {loss.numel()} losses")
     u, loss = u.double().flatten(), loss.double().flatten()
@@ -193,7 +193,7 @@ class RiskController:
 
     def __init__(self, alpha: float = 0.1, delta: float = 0.1, method: str = "hb", window: int = 4096,
                  min_calibration: int | None = None):
-        _check("controller", alpha, delta, method)
+        check_risk("controller.", alpha, delta, method)
         check_nonnegative("controller.window", window, integer=True, positive=True)
         self.alpha, self.delta, self.method, self.window = alpha, delta, method, window
         self.min_calibration = min_calibration if min_calibration is not None else start_pairs(alpha, delta, method)
