@@ -239,3 +239,27 @@ def test_risk_controller_follows_the_budget_until_calibrated_then_the_risk_and_r
     ctrl.observe(torch.rand(5000, generator=g), torch.zeros(5000))  # the judge now disagrees everywhere
     ctrl.update(u, 0.25)
     assert ctrl.tau < float(u.min())  # no τ passes: every pair goes to the judge
+
+
+def test_risk_controller_in_the_routing_callbacks_controller_slot():
+    from types import SimpleNamespace
+
+    from lit_route.callbacks import UncertaintyRouting
+    from lit_route.judges import HFLocalJudge
+    from lit_route.routing import RiskController
+
+    ctrl = RiskController(alpha=0.1, delta=0.1)
+    cb = UncertaintyRouting(HFLocalJudge(model_path="builtin:tiny-llama", gguf_file=None), controller=ctrl,
+                            fraction=0.5)
+    u = torch.linspace(0, 1, 400).view(4, 100)
+    d = torch.ones_like(u)
+    step = SimpleNamespace(world_size=1, global_step=0, global_rank=0, strategy=None)
+    module = SimpleNamespace(device=torch.device("cpu"))
+    _, routed, _ = cb._route(step, module, d, u)
+    assert int(routed.sum()) == 200  # no audit pairs seen yet: the budget target (half)
+    audit_u = torch.rand(2000, generator=torch.Generator().manual_seed(6))
+    ctrl.observe(audit_u, (audit_u <= 0.8).double())  # what the decision code passes for the audited pairs
+    for t in (1, 2):  # the callback moves τ after routing a step: the risk's τ routes the step after
+        _, routed, _ = cb._route(SimpleNamespace(**{**vars(step), "global_step": t}), module, d, u)
+    # now by the risk: disagreement below τ is (τ − 0.8)/τ, ≤ 0.1 up to τ = 0.89, so ~11–20% are judged
+    assert 0.1 <= float(routed.double().mean()) <= 0.2

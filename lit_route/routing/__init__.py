@@ -9,6 +9,7 @@ from lit_route.routing.controller import (
     QuantileTracker,
     target_fraction,
 )
+from lit_route.routing.risk import RiskController, risk_threshold
 from lit_route.routing.routers import (
     BudgetRouter,
     MarginRouter,
@@ -31,9 +32,11 @@ __all__ = [
     "PIController",
     "QuantileTracker",
     "RandomRouter",
+    "RiskController",
     "Router",
     "ThresholdRouter",
     "count_for_fraction",
+    "risk_threshold",
     "target_fraction",
     "threshold_for_fraction",
 ]
