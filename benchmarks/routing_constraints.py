@@ -9,7 +9,9 @@
 3. The judge is the task's verifier (``lit_route.tasks.verify.judge_pair``). Every number gets a 95% interval by
    the cluster bootstrap over held-out prompts (pairs of one prompt share it), and the paired difference
    uncertainty − random per budget with its interval.
-4. Controls: *shuffled ū* (each method's ū permuted across pairs, the PM's scores kept: any "gain" is noise, and
+4. Risk-controlled routing (each α of ``--risk-alpha``, δ = 0.1) per method over 200 calibration/test splits of the
+   held-out prompts (``lit_route.eval.stats.risk_split_test``).
+5. Controls: *shuffled ū* (each method's ū permuted across pairs, the PM's scores kept: any "gain" is noise, and
    the intervals should cover 0), and *length* routers (judge the pairs with the longest / shortest responses
    first), on the real PM and on a shuffled PM (its scores permuted across pairs): a router that does as well on
    a shuffled PM exploits the verifier's labels correlating with length, not the PM's errors.
@@ -32,7 +34,7 @@ from lit_route.callbacks.finalize import FinalizeCovariance
 from lit_route.data.datamodule import PreferenceDataModule
 from lit_route.data.encoding import PairEncoder
 from lit_route.data.readers import load_pairs
-from lit_route.eval.stats import cluster_ids, routing_intervals
+from lit_route.eval.stats import cluster_ids, risk_split_test, routing_intervals
 from lit_route.preference.head_configs import LaplaceConfig, MCDropoutConfig, SNGPConfig
 from lit_route.preference.metrics import auroc
 from lit_route.preference.module import OptimConfig, PreferenceModule
@@ -137,7 +139,10 @@ def run(args) -> None:
         _, options, module = best
         d, u = score_pairs(module, heldout, encoder, batch_size=32, progress=False)
         entry = {"chosen": describe(options), "grid": tried, "intervals": intervals(d, u),
-                 "shuffled": intervals(d, u[perm])}
+                 "shuffled": intervals(d, u[perm]),
+                 "risk": [risk_split_test(d, u, credit, a, 0.1, 200, clusters=clusters, seed=args.seed)
+                          for a in args.risk_alpha],
+                 "scores": {"d": d.tolist(), "u": u.tolist()}}
         if method == "margin":  # the length controls, on the PM's real and shuffled scores
             results["controls"]["length: longest first"] = {"real": intervals(d, lengths),
                                                              "shuffled": intervals(d[perm], lengths)}
@@ -185,4 +190,13 @@ def markdown(results: dict) -> str:
     for name, c in results["controls"].items():
         lines.append(_row(f"control: {name}", c["real"]))
         lines.append(_row(f"control: {name}, shuffled PM", c["shuffled"]))
+    lines += ["", "Risk-controlled routing (δ = 0.1): τ chosen on a random half of the held-out prompts, measured on "
+              "the other half, 200 splits.", "",
+              "| router | α | share judged (2.5–97.5% of splits) | disagreement left to the PM | ≤ α in | accuracy | random, "
+              "same calls |", "|---|---|---|---|---|---|---|"]
+    for name, m in results["methods"].items():
+        for r in m["risk"]:
+            lines.append(f"| {name} | {r['alpha']} | {r['judged_fraction']:.1%} ({r['judged_fraction_range'][0]:.1%}–"
+                         f"{r['judged_fraction_range'][1]:.1%}) | {r['disagreement_left']:.3f} | {r['held']:.1%} of splits | "
+                         f"{r['accuracy']:.3f} | {r['random_accuracy_same_calls']:.3f} |")
     return "\n".join(lines) + "\n"

@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task", choices=("llmbar", "constraints"), default="llmbar")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap redraws of the 95%% intervals")
+    parser.add_argument("--risk-alpha", type=float, nargs="+", default=[0.1, 0.2],
+                        help="constraints: α of the risk-controlled rows")
     parser.add_argument("--val-share", type=float, default=0.2, help="constraints: validation share of training prompts")
     args = parser.parse_args()
     if args.task == "constraints":
