@@ -36,6 +36,8 @@ def console_table(results: dict, show=(0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)) ->
         lines += ["", *interval_lines(results, show)]
     if "risk" in results:
         lines += ["", risk_line(results["risk"])]
+    if results.get("cascade", {}).get("risk_escalation"):
+        lines.append(escalation_line(results["cascade"]["risk_escalation"], results))
     if "cascade" in results:
         lines.append(f"cascade with {results['cascade']['cheap_judge']}: best accuracy at a share of the cost of "
                      f"judging every pair with {results.get('judge_model')}")
@@ -82,6 +84,13 @@ def risk_line(risk: dict) -> str:
             f"vs random at the same calls {risk['random_accuracy_same_calls']:.3f}")
 
 
+def escalation_line(esc: dict, results: dict) -> str:
+    return (f"cascade escalation by the cheap judge's bidirectional entropy (α={esc['alpha']}, δ={esc['delta']}, "
+            f"{esc['splits']} splits): {esc['judged_fraction']:.1%} of its verdicts escalated to "
+            f"{results.get('judge_model')}, disagreement kept {esc['disagreement_left']:.3f}, ≤ α in {esc['held']:.1%} "
+            f"of splits; accuracy {esc['accuracy']:.3f} vs random escalation {esc['random_accuracy_same_calls']:.3f}")
+
+
 def markdown_table(results: dict, show=(0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)) -> str:
     """``results.md``: accuracy per router and budget with intervals, and the paired difference."""
     fr, iv = results["fractions"], results.get("intervals")
@@ -102,6 +111,9 @@ def markdown_table(results: dict, show=(0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)) -
                   f"(oracle − random) area on [0, {iv['upto']:.0%}] {cell('recovered_share')}."]
     if "risk" in results:
         lines += ["", risk_line(results["risk"]) + "."]
+    esc = results.get("cascade", {}).get("risk_escalation")
+    if esc:
+        lines += ["", escalation_line(esc, results) + "."]
     return "\n".join(lines) + "\n"
 
 

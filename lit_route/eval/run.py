@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from lit_route.artefacts.provenance import provenance
 from lit_route.checks import check_choice, check_fraction, check_nonnegative
 from lit_route.data.readers import load_pairs
-from lit_route.eval.cascade import cascade_report
+from lit_route.eval.cascade import bidirectional_entropy, cascade_report
 from lit_route.eval.curves import (
     area_under_curve,
     curve_for_order,
@@ -25,6 +25,7 @@ from lit_route.eval.curves import (
 from lit_route.eval.export import write_judged_pairs
 from lit_route.eval.report import console_table, write_results
 from lit_route.eval.stats import cluster_ids, risk_split_test, routing_intervals
+from lit_route.eval.stats import risk_splits as split_risk
 from lit_route.judges.base import JudgeBackend, check_judge
 from lit_route.judges.cache import CachedJudge
 from lit_route.judges.loop import run_sync
@@ -146,7 +147,10 @@ def evaluate(
         interval_level: Coverage of the intervals.
         risk_alpha: Adds risk-controlled routing (``results["risk"]``): τ chosen on a random half of the pairs (by
             prompt) so that the PM's disagreement with the judge among the pairs it keeps is ≤ ``risk_alpha`` with
-            probability ≥ 1 − ``risk_delta``, measured on the other half, over ``risk_splits`` splits.
+            probability ≥ 1 − ``risk_delta``, measured on the other half, over ``risk_splits`` splits. With a
+            ``cheap_judge``, also ``results["cascade"]["risk_escalation"]``: the cheap judge's verdicts whose
+            bidirectional preference entropy exceeds a τ chosen the same way go to ``judge``, so that the cheap
+            judge's disagreement with ``judge`` on the verdicts it keeps is ≤ ``risk_alpha``.
         risk_delta: See ``risk_alpha``.
         risk_splits: See ``risk_alpha``.
     """
@@ -263,6 +267,12 @@ def evaluate(
         results["cascade"]["cheap_judge"] = str(getattr(cheap_judge, "model", repr(cheap_judge)))
         results["cascade"]["cheap_accuracy"] = float(cheap_score.mean())
         results["cascade"]["cheap_judge_stats"] = cheap_backend.stats.summary()
+        if risk_alpha is not None and n > 1:  # escalate the cheap judge's unsure verdicts, at a controlled risk
+            entropy = torch.tensor([bidirectional_entropy(j) for j in cheap], dtype=torch.float64)
+            results["cascade"]["risk_escalation"] = {
+                "ranked_by": "bidirectional preference entropy of the cheap judge",
+                **split_risk(entropy, (cheap_score - judge_score).abs(), cheap_score, judge_score, risk_alpha,
+                             risk_delta, risk_splits, clusters=clusters, seed=seed)}
     if export_judged is not None:
         top = orders["uncertainty"][: count_for_fraction(n, export_fraction)].tolist()
         results["exported_pairs"] = write_judged_pairs(export_judged, [pairs[i] for i in top],

@@ -229,12 +229,23 @@ def risk_split_test(d: torch.Tensor, u: torch.Tensor, judge_score: torch.Tensor,
         2.5–97.5% range of ``judged_fraction`` over splits, and ``no_threshold`` (splits where no τ passed: every
         pair judged).
     """
-    from lit_route.routing.risk import risk_threshold
-
-    n = d.numel()
     pm_correct = (d > 0).double()
     judge_score = judge_score.double()
-    loss = (pm_correct - judge_score).abs()
+    return risk_splits(u, (pm_correct - judge_score).abs(), pm_correct, judge_score, alpha, delta, splits,
+                       calibration_share, clusters, seed, method)
+
+
+def risk_splits(u: torch.Tensor, loss: torch.Tensor, kept_credit: torch.Tensor, escalated_credit: torch.Tensor,
+                alpha: float, delta: float, splits: int = 200, calibration_share: float = 0.5,
+                clusters: torch.Tensor | None = None, seed: int = 0, method: str = "hb") -> dict:
+    """:func:`risk_split_test` for any first answer and escalation: pairs with ``u`` (N,) ≤ τ keep their first
+    answer (credit ``kept_credit`` (N,)), the rest get ``escalated_credit`` (N,); ``loss`` (N,) in [0, 1] is the
+    first answer's disagreement with the escalated one. For the PM and a judge, or a cheap judge (ranked by its
+    bidirectional entropy) and a strong one."""
+    from lit_route.routing.risk import risk_threshold
+
+    n = u.numel()
+    pm_correct, judge_score = kept_credit.double(), escalated_credit.double()
     ids = clusters if clusters is not None else torch.arange(n)
     _, inverse = torch.unique(ids, return_inverse=True)
     n_units = int(inverse.max()) + 1 if n else 0
