@@ -263,3 +263,14 @@ def test_risk_controller_in_the_routing_callbacks_controller_slot():
         _, routed, _ = cb._route(SimpleNamespace(**{**vars(step), "global_step": t}), module, d, u)
     # now by the risk: disagreement below τ is (τ − 0.8)/τ, ≤ 0.1 up to τ = 0.89, so ~11–20% are judged
     assert 0.1 <= float(routed.double().mean()) <= 0.2
+
+
+def test_paired_t_interval_and_seeds_needed_by_hand():
+    from lit_route.eval.stats import paired_t_interval, seeds_needed
+
+    # differences 1, 2, 3: mean 2, sd 1, half-width t(2)·1/√3 = 4.303/1.732 = 2.484
+    iv = paired_t_interval([1.0, 2.0, 3.0])
+    assert iv["mean"] == 2.0 and iv["sd"] == pytest.approx(1.0) and iv["hi"] - 2.0 == pytest.approx(2.4844, abs=1e-4)
+    assert paired_t_interval([0.5])["lo"] is None
+    # (1.96 + 0.8416)² · (sd/effect)² = 7.849 · 4 = 31.4 -> 32 seeds for an effect of half the spread
+    assert seeds_needed(0.01, 0.02) == 32 and seeds_needed(0.0, 0.02) is None

@@ -274,3 +274,39 @@ def risk_splits(u: torch.Tensor, loss: torch.Tensor, kept_credit: torch.Tensor, 
     return {"alpha": alpha, "delta": delta, "method": method, "splits": splits, "calibration_share": calibration_share,
             "held": sum(r["disagreement_left"] <= alpha + 1e-12 for r in rows) / splits, **mean,
             "judged_fraction_range": [float(lo), float(hi)], "no_threshold": sum(r["none"] for r in rows)}
+
+
+# two-sided 97.5% quantiles of Student's t by degrees of freedom (standard tables); beyond 30 the normal's 1.96
+# is within 0.05 of them
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+         29: 2.045, 30: 2.042}
+
+
+def paired_t_interval(differences: Sequence[float]) -> dict:
+    """95% t interval of the mean of paired differences (one per seed: arm A − arm B on the same seed).
+
+    Returns ``{"mean", "lo", "hi", "sd", "n"}``; with one difference the interval is unbounded (``None``).
+    """
+    n = len(differences)
+    if n == 0:
+        raise ValueError("paired_t_interval: no differences")
+    mean = sum(differences) / n
+    if n == 1:
+        return {"mean": mean, "lo": None, "hi": None, "sd": None, "n": 1}
+    sd = math.sqrt(sum((x - mean) ** 2 for x in differences) / (n - 1))
+    half = _T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "sd": sd, "n": n}
+
+
+def seeds_needed(effect: float, sd: float, power: float = 0.8, level: float = 0.95) -> int | None:
+    """Paired runs (seeds) for a two-sided test at ``level`` to detect a mean difference ``effect`` with
+    ``power``, given the differences' spread ``sd``: ``⌈((z_{1−α/2} + z_power)·sd / effect)²⌉`` (normal
+    approximation; ``None`` when the effect is 0)."""
+    from statistics import NormalDist
+
+    if effect == 0:
+        return None
+    z = NormalDist().inv_cdf(0.5 + level / 2) + NormalDist().inv_cdf(power)
+    return max(2, math.ceil((z * sd / abs(effect)) ** 2))
