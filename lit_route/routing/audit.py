@@ -84,8 +84,8 @@ class AuditTally:
         reported or while fewer than two audited pairs were left to the PM."""
         t = self.totals
         left_n = t["pool_n"] - t["pool_routed"]
-        if not t["pool_n"] or t["lab_n"] < 2 or left_n <= 0:
-            return None
+        if not t["pool_n"] or t["lab_n"] < 2 or left_n <= 0 or (t["pool_routed"] and not t["routed_n"]):
+            return None  # (routed pairs but no verdict on any of them: their agreement is unknown)
         sums = PPISums(pool_n=left_n, pool_f=t["left_f"], pool_f2=t["left_f2"], n=t["lab_n"], y=t["lab_y"],
                        y2=t["lab_y2"], f=t["lab_f"], f2=t["lab_f2"], yf=t["lab_yf"])
         left = ppi_mean(sums, self.level)
