@@ -367,3 +367,5 @@ class UncertaintyRouting(L.Callback):
         if self._pending is not None and self._pending[0] is not None:
             self._pending[0].cancel()  # a step that raised left its judge call behind
         self._pending = None
+        if stage == "fit" and self.audit_fraction > 0:  # the run's answer to "did routing pay off?"
+            L.pytorch.utilities.rank_zero_info(f"routing audit: {self.audit.verdict()}")
