@@ -179,7 +179,7 @@ def test_audit_tally_logs_the_gain_interval_from_a_simulated_run():
     assert restored.metrics() == m
     old = AuditTally()  # a checkpoint from before the PPI sums still loads, and gives no estimate
     old.load_state_dict({"routed_n": 4.0, "routed_dis": 3.0, "audit_n": 4.0, "audit_dis": 1.0})
-    assert "audit/gain" not in old.metrics() and old.verdict().startswith("no verdict yet")
+    assert "audit/gain" not in old.metrics() and old.verdict().startswith("no verdict yet: 0 audited pairs")
 
 
 # --- risk-controlled routing -------------------------------------------------------------------------------------
@@ -274,3 +274,19 @@ def test_paired_t_interval_and_seeds_needed_by_hand():
     assert paired_t_interval([0.5])["lo"] is None
     # (1.96 + 0.8416)² · (sd/effect)² = 7.849 · 4 = 31.4 -> 32 seeds for an effect of half the spread
     assert seeds_needed(0.01, 0.02) == 32 and seeds_needed(0.0, 0.02) is None
+
+
+def test_ppi_does_not_claim_certainty_when_every_audited_pair_agreed():
+    # 5 audited pairs, all agreeing: the plug-in variance is 0; Agresti–Coull's (5 + 2)/(5 + 4) = 7/9 gives
+    # a half-width of 1.96·sqrt(7/9 · 2/9 · 5/4)/sqrt(5) = 0.408 (clipped at 1 above)
+    s = PPISums(pool_n=100, pool_f=90, pool_f2=81.5, n=5, y=5, y2=5, f=4.5, f2=4.1, yf=4.5)
+    est, lo, _ = ppi_mean(s)
+    assert est == pytest.approx(1.0) and lo == pytest.approx(1.0 - 1.959964 * math.sqrt(7 / 9 * 2 / 9 * 5 / 4 / 5))
+    tally = AuditTally()
+    tally.observe_pool(torch.tensor([2.0] * 10), torch.tensor([True] * 2 + [False] * 8))
+    for _ in range(2):
+        tally.add(True, False, 2.0, 0.0)
+    for _ in range(3):
+        tally.add(False, True, 2.0, 1.0)
+    tally.close_step(tally.step_counts())
+    assert tally.metrics()["audit/pays_off"] == 0.0 and tally.verdict().startswith("no verdict yet: 3 audited")

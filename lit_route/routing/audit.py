@@ -39,10 +39,12 @@ class AuditTally:
 
     Args:
         level: Coverage of the intervals.
+        min_verdict_pairs: Audited pairs left to the PM before a verdict is given (normal intervals on fewer
+            are not to be trusted).
     """
 
-    def __init__(self, level: float = 0.95):
-        self.level = level
+    def __init__(self, level: float = 0.95, min_verdict_pairs: int = 30):
+        self.level, self.min_verdict_pairs = level, min_verdict_pairs
         self.totals = dict.fromkeys(KEYS, 0.0)
         self._step = dict.fromkeys(self.totals, 0.0)
 
@@ -97,8 +99,9 @@ class AuditTally:
     def verdict(self) -> str:
         """"routing pays off: +x ± y ...", "not distinguishable from random: ...", or why there is no verdict yet."""
         est = self.estimates()
-        if est is None:
-            return "no verdict yet: needs the audit share (audit_fraction > 0) and at least two audited pairs"
+        if est is None or self.totals["lab_n"] < self.min_verdict_pairs:
+            return (f"no verdict yet: {self.totals['lab_n']:.0f} audited pairs left to the PM, a verdict needs "
+                    f"{self.min_verdict_pairs} (audit_fraction > 0)")
         return verdict(est["gain"], self.level)
 
     def metrics(self) -> dict[str, float]:
@@ -115,7 +118,8 @@ class AuditTally:
                 value, lo, hi = est[name]
                 out.update({f"audit/{key}": value, f"audit/{key}_lo": lo, f"audit/{key}_hi": hi})
             lo, hi = est["gain"][1:]
-            out["audit/pays_off"] = 1.0 if lo > 0 else -1.0 if hi < 0 else 0.0
+            enough = t["lab_n"] >= self.min_verdict_pairs
+            out["audit/pays_off"] = (1.0 if lo > 0 else -1.0 if hi < 0 else 0.0) if enough else 0.0
         return out
 
     def summary(self) -> dict:

@@ -45,7 +45,8 @@ def ppi_mean(s: PPISums, level: float = 0.95) -> tuple[float, float, float]:
 
     With ``N`` pool and ``n`` labelled pairs: ``λ = cov(y, f) / ((1 + n/N)·var(f))`` clipped to [0, 1],
     ``θ̂ = λ·f̄_N + ȳ_n − λ·f̄_n``, ``Var θ̂ = λ²·var_N(f)/N + var_n(y − λf)/n``. Needs ``n ≥ 2``. With labels in
-    [0, 1] the interval is clipped to [0, 1].
+    [0, 1] the interval is clipped to [0, 1]. When every labelled pair has the same label, the variance of the
+    labels is taken from the Agresti–Coull proportion ``(Σy + 2)/(n + 4)`` rather than 0.
     """
     if s.n < 2:
         raise ValueError("ppi: need at least two labelled pairs")
@@ -54,6 +55,9 @@ def ppi_mean(s: PPISums, level: float = 0.95) -> tuple[float, float, float]:
     var_y = max(s.y2 / n - y_bar**2, 0.0)
     var_f_lab = max(s.f2 / n - f_bar**2, 0.0)
     cov = s.yf / n - y_bar * f_bar
+    if var_y < 1e-12:  # every audited pair agreed (or none did): the plug-in variance 0 would claim certainty;
+        smoothed = (s.y + 2.0) / (n + 4.0)  # use the Agresti–Coull proportion's instead (labels in [0, 1])
+        var_y, cov = smoothed * (1 - smoothed), 0.0
     pool_f_bar = s.pool_f / big if s.pool_n else f_bar
     var_f_pool = max(s.pool_f2 / big - pool_f_bar**2, 0.0) if s.pool_n else var_f_lab
     var_f = 0.5 * (var_f_lab + var_f_pool)
