@@ -166,7 +166,7 @@ def risk_threshold(u: torch.Tensor, loss: torch.Tensor, alpha: float, delta: flo
     return choice
 
 
-def quantile_grid(u: torch.Tensor, size: int = 200) -> torch.Tensor:
+def quantile_grid(u: torch.Tensor, size: int = 100) -> torch.Tensor:
     """``size`` evenly spaced quantiles of ``u`` (any shape): a label-free grid of candidate τ (G,)."""
     flat = u.detach().double().flatten()
     return torch.quantile(flat, torch.linspace(0, 1, size, dtype=torch.float64)) if flat.numel() else flat
