@@ -290,3 +290,25 @@ def test_ppi_does_not_claim_certainty_when_every_audited_pair_agreed():
         tally.add(False, True, 2.0, 1.0)
     tally.close_step(tally.step_counts())
     assert tally.metrics()["audit/pays_off"] == 0.0 and tally.verdict().startswith("no verdict yet: 3 audited")
+
+
+def test_risk_controller_online_holds_the_risk_step_by_step():
+    # 200 simulated runs of 16 steps, 256 pairs a step, a 10% audit share observed by the controller; P(disagree |
+    # ū) = 0.02 + 0.4·ū², so the risk left to the PM below τ is 0.02 + 0.133·τ² (≤ α = 0.1 up to τ = 0.77)
+    g = torch.Generator().manual_seed(8)
+    held = total = 0
+    for _ in range(200):
+        ctrl = RiskController(alpha=0.1, delta=0.1)
+        for _step in range(16):
+            u = torch.rand(256, generator=g)
+            if ctrl.tau is None:
+                ctrl.calibrate(u, 0.25)
+            if len(ctrl.u_cal) >= ctrl.min_calibration:  # τ set by the risk test, not the warm-up budget
+                tau = min(max(ctrl.threshold(u), 0.0), 1.0)
+                held += 0.02 + 0.4 * tau**2 / 3 <= 0.1
+                total += 1
+            audit = torch.randperm(256, generator=g)[:26]
+            agree = (torch.rand(26, generator=g) >= 0.02 + 0.4 * u[audit] ** 2).double()
+            ctrl.observe(u[audit], agree)
+            ctrl.update(u, 0.25)
+    assert total > 1000 and held / total >= 0.9
