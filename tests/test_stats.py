@@ -312,3 +312,28 @@ def test_risk_controller_online_holds_the_risk_step_by_step():
             ctrl.observe(u[audit], agree)
             ctrl.update(u, 0.25)
     assert total > 1000 and held / total >= 0.9
+
+
+def test_risk_controller_from_yaml_runs_rloo_and_checkpoints_its_calibration(tmp_path):
+    import yaml
+
+    from lit_route.cli import main
+
+    override = tmp_path / "risk.yaml"
+    override.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
+        "class_path": "lit_route.callbacks.UncertaintyRouting",
+        "init_args": {"judge": {"class_path": "lit_route.judges.HFLocalJudge",
+                                "init_args": {"model_path": "builtin:tiny-llama", "mode": "logprob",
+                                              "max_prompt_tokens": 512}},
+                      "controller": {"class_path": "lit_route.routing.RiskController",
+                                     "init_args": {"alpha": 0.2, "delta": 0.1}},
+                      "target": {"kind": "fraction", "fraction": 0.25}, "audit_fraction": 0.25}}]}}))
+    root = tmp_path / "run"
+    main(["rloo", "fit", "--config", "configs/rloo/debug_tiny_budget.yaml", "--config", str(override),
+          "--trainer.default_root_dir", str(root), "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"])
+    (ckpt,) = root.rglob("*.ckpt")
+    state = torch.load(ckpt, weights_only=False)
+    routing = next(v for k, v in state["callbacks"].items() if "UncertaintyRouting" in k)
+    # τ set (from the budget target until enough audited pairs are observed); the calibration is in the checkpoint
+    ctrl = routing["controller"]
+    assert ctrl["tau"] is not None and len(ctrl["u_cal"]) == len(ctrl["loss_cal"])
