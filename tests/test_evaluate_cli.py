@@ -166,3 +166,34 @@ def test_evaluate_refuses_a_risk_level_outside_0_1_in_one_line(tmp_path, capsys)
     assert exit_.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lit-route: error: risk_alpha: expected a number in (0, 1")
+
+
+def test_evaluate_takes_the_risk_threshold_from_a_labelled_calibration_file(tmp_path, capsys):
+    from lit_route.data import load_pairs
+
+    pairs = load_pairs("bundled:llmbar/Natural.json", limit=40)
+    scores = write_scores(tmp_path / "s.jsonl", pairs, score=lambda i: 1.0, uncertainty=lambda i: i / 40)
+    # calibration: 400 labelled pairs whose PM is wrong exactly when ū > 0.5
+    calibration = tmp_path / "cal.jsonl"
+    calibration.write_text("".join(json.dumps({"uncertainty": i / 400, "correct": i / 400 <= 0.5}) + "\n"
+                                   for i in range(400)))
+    out = tmp_path / "e"
+    main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm_ckpt", "null", "--scores", str(scores),
+          "--data", "[bundled:llmbar/Natural.json]", "--limit_per_file", "40", "--output_dir", str(out),
+          "--n_boot", "0", "--risk_alpha", "0.1", "--risk_splits", "5", "--risk_calibration", str(calibration),
+          "--cache", "null"])
+    row = _strict((out / "results.json").read_text())["risk"]["from_file"]
+    # the risk among ū ≤ τ is (τ − 0.5)/τ past 0.5: τ lands in [0.5, 0.556], so pairs with ū above it are judged
+    assert row["calibration_pairs"] == 400 and 0.5 <= row["tau"] <= 0.5 / 0.9
+    assert row["judged_fraction"] == pytest.approx(sum(i / 40 > row["tau"] for i in range(40)) / 40)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"uncertainty": 1.0}\n')
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm_ckpt", "null", "--scores",
+              str(scores), "--data", "[bundled:llmbar/Natural.json]", "--limit_per_file", "40", "--output_dir",
+              str(tmp_path / "e2"), "--n_boot", "0", "--risk_alpha", "0.1", "--risk_calibration", str(bad),
+              "--cache", "null"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lit-route: error: {bad}:1: not a score line")
+    assert not (tmp_path / "e2" / "results.json").exists()  # refused before judging anything

@@ -31,7 +31,7 @@ from lit_route.judges.cache import CachedJudge
 from lit_route.judges.loop import run_sync
 from lit_route.judges.pairwise import ORDERS, judge_pairs
 from lit_route.preference.metrics import PreferenceMetrics
-from lit_route.routing.risk import check_risk
+from lit_route.routing.risk import check_risk, risk_threshold
 from lit_route.routing.routers import count_for_fraction
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ def evaluate(
     risk_alpha: float | None = None,
     risk_delta: float = 0.1,
     risk_splits: int = 200,
+    risk_calibration: str | None = None,
 ) -> dict:
     """Accuracy against judge budget for uncertainty, random, margin and oracle routing.
 
@@ -153,6 +154,9 @@ def evaluate(
             judge's disagreement with ``judge`` on the verdicts it keeps is ≤ ``risk_alpha``.
         risk_delta: See ``risk_alpha``.
         risk_splits: See ``risk_alpha``.
+        risk_calibration: A labelled calibration set instead of splits: a ``pm score`` file of other pairs (its
+            ``uncertainty`` and ``correct``: the PM against the pairs' labels). τ is chosen on it once and applied
+            to every evaluated pair (``results["risk"]["from_file"]``).
     """
     check_judge(judge)
     check_choice("order", order, ORDERS)
@@ -166,6 +170,8 @@ def evaluate(
     check_nonnegative("risk_splits", risk_splits, integer=True, positive=True)
     if risk_alpha is not None:
         check_risk("risk_", risk_alpha, risk_delta, "hb")
+    # read before any judge call is paid for
+    calibration = _read_calibration(risk_calibration) if risk_calibration is not None and risk_alpha else None
     if cheap_judge is not None:
         check_judge(cheap_judge, "cheap_judge")
     if (pm_ckpt is None) == (scores is None):
@@ -250,6 +256,9 @@ def evaluate(
     if risk_alpha is not None and n > 1:
         results["risk"] = risk_split_test(d, u, judge_score, risk_alpha, risk_delta, risk_splits, clusters=clusters,
                                           seed=seed)
+        if risk_calibration is not None:
+            results["risk"]["from_file"] = _risk_from_file(risk_calibration, calibration, risk_alpha, risk_delta, u,
+                                                           pm_correct, judge_score)
     groups = _difficulty_groups(subsets)
     if groups:
         results["by_group"] = {name: {k: _group_accuracy(g, v) for k, v in
@@ -287,6 +296,40 @@ def evaluate(
         raise RuntimeError(f"judge: {failed} of {n} pairs got no verdict ({reasons}), more than "
                            f"max_failed_fraction={max_failed_fraction}; results written to {out_dir}")
     return results
+
+
+def _read_calibration(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A labelled ``pm score`` file -> (ū, loss) (M,) each, loss 1 where the PM is wrong."""
+    cal_u, cal_loss = [], []
+    with open(path) as fh:
+        for number, line in enumerate(fh, start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    value = float(row["uncertainty"])
+                    correct = bool(row["correct"]) if "correct" in row else float(row["score"]) > 0
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                    raise ValueError(f"{path}:{number}: not a score line with uncertainty and correct ({err})") from err
+                if not math.isfinite(value):
+                    raise ValueError(f"{path}:{number}: field 'uncertainty': not a finite number ({value})")
+                cal_u.append(value)
+                cal_loss.append(0.0 if correct else 1.0)
+    if not cal_u:
+        raise ValueError(f"risk_calibration: {path} has no score lines")
+    return torch.tensor(cal_u, dtype=torch.float64), torch.tensor(cal_loss, dtype=torch.float64)
+
+
+def _risk_from_file(path: str, calibration, alpha: float, delta: float, u, pm_correct, judge_score) -> dict:
+    """τ chosen on a labelled calibration set (``calibration``: ū and loss), applied to the evaluated pairs."""
+    cal_u, cal_loss = calibration
+    choice = risk_threshold(cal_u, cal_loss, alpha, delta)
+    tau = choice.tau if choice.tau is not None else -math.inf
+    judged = u.double() > tau
+    left = ~judged
+    return {"calibration": path, "calibration_pairs": cal_u.numel(), "tau": choice.tau,
+            "judged_fraction": float(judged.double().mean()),
+            "disagreement_left": float((pm_correct - judge_score).abs()[left].mean()) if bool(left.any()) else 0.0,
+            "accuracy": float(torch.where(judged, judge_score, pm_correct).mean())}
 
 
 def _judge_all(judge, cache, items, order, seed, progress, desc):
