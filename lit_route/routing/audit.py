@@ -63,8 +63,8 @@ class AuditTally:
 
     def observe_pool(self, pm_scores: torch.Tensor, routed: torch.Tensor) -> None:
         """Every pair of the step (this rank's): PM scores d (any shape) and the router's mask (same shape)."""
-        d = pm_scores.detach().double().flatten()
-        mask = routed.detach().flatten().bool()
+        d = pm_scores.detach().double().flatten().cpu()  # the mask is on the CPU; these are a few numbers
+        mask = routed.detach().flatten().bool().cpu()
         f = torch.sigmoid(d[~mask].abs())
         self._step["pool_n"] += d.numel()
         self._step["pool_routed"] += float(mask.sum())

@@ -204,7 +204,8 @@ class RiskController:
 
     def observe(self, u, agree) -> None:
         """Audit pairs' ū and agreement with the judge (1 agree, 0.5 tie, 0 disagree): scalars or tensors."""
-        u_t, a_t = torch.as_tensor(u, dtype=torch.float64).flatten(), torch.as_tensor(agree, dtype=torch.float64).flatten()
+        u_t = torch.as_tensor(u, dtype=torch.float64).detach().flatten().cpu()
+        a_t = torch.as_tensor(agree, dtype=torch.float64).detach().flatten().cpu()
         self.u_cal.extend(u_t.tolist())
         self.loss_cal.extend((1.0 - a_t).clamp(0.0, 1.0).tolist())
         del self.u_cal[: -self.window], self.loss_cal[: -self.window]
@@ -218,6 +219,7 @@ class RiskController:
         return self.tau
 
     def update(self, u: torch.Tensor, target: float) -> None:
+        u = u.detach().double().cpu()  # the calibration lives on the CPU; a step's ū may not
         if len(self.u_cal) < self.min_calibration:
             self.calibrate(u, target)
             return
