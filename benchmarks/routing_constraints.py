@@ -124,6 +124,9 @@ def run(args) -> None:
         return routing_intervals(d, u, credit, FRACTIONS, clusters, args.n_boot, seed=args.seed)
 
     for method in args.methods:
+        if method not in GRIDS:  # the linear head has no ū: nothing to route by
+            print(f"  {method}: no uncertainty, skipped", flush=True)
+            continue
         tried = []
         best = None
         for i, options in enumerate(GRIDS[method]):

@@ -22,7 +22,7 @@ def test_constraints_routing_table_runs_with_every_row(tmp_path, monkeypatch):
     monkeypatch.setattr(rc, "GRIDS", {k: v[:2] for k, v in rc.GRIDS.items()})
     args = argparse.Namespace(work=str(tmp_path), out=str(tmp_path / "out"), cache=str(tmp_path / "cache"),
                               val_share=0.2, seed=0, max_length=64, epochs=1, n_boot=50, risk_alpha=[0.2],
-                              methods=["margin", "sngp"])
+                              methods=["linear", "margin", "sngp"])
     rc.run(args)
     results = json.loads((tmp_path / "out" / "routing_quality_constraints.json").read_text())
     assert results["setup"]["heldout_pairs"] == 669 and results["setup"]["fit_pairs"] + results["setup"]["val_pairs"] == 776
@@ -30,6 +30,7 @@ def test_constraints_routing_table_runs_with_every_row(tmp_path, monkeypatch):
     assert len(sngp["grid"]) == 2 and sngp["intervals"]["resampled"] == "prompt"
     assert sngp["risk"][0]["splits"] == 200 and len(sngp["scores"]["d"]) == 669
     assert set(results["controls"]) == {"length: longest first", "length: shortest first"}
+    assert set(results["methods"]) == {"margin", "sngp"}  # the linear head has no ū to route by
     table = (tmp_path / "out" / "routing_quality_constraints.md").read_text()
     assert "ū shuffled across pairs" in table and "Risk-controlled routing" in table
     sys.modules.pop("routing_constraints", None)
