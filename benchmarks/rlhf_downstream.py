@@ -8,7 +8,13 @@ sampling and every setting of ``configs/rloo/constraints.yaml``; only the reward
 - ``pm_only``: the PM's scores alone (no judge);
 - ``random``: the PM, and a random ``--fraction`` of each step's pairs judged (the routing callback's random router);
 - ``uncertainty``: the PM, and the ``--fraction`` most uncertain pairs judged (the method);
-- ``judge_all``: the verifier judges every pair.
+- ``judge_all``: the verifier judges every pair;
+- ``risk`` (``--arms ... risk``): τ chosen each step so that the PM's disagreement with the verifier on the pairs
+  it keeps is ≤ 0.1 with probability 0.9, calibrated on a 10% audit share (``lit_route.routing.RiskController``).
+
+With several seeds the summary gives the paired difference uncertainty − random (same seed, same prompts) with
+its 95% t interval, and the number of seeds a two-sided test would need to detect the measured difference with
+80% power.
 
 Logged per step: KL to the reference and judge calls so far; every ``--eval-every`` steps (and before the first)
 the greedy policy's verifier accuracy on the held-out prompts. Writes
@@ -33,11 +39,14 @@ from pathlib import Path
 import torch
 import yaml
 
+from lit_route.eval.stats import paired_t_interval, seeds_needed
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BASE_CONFIG = ROOT / "configs" / "rloo" / "constraints.yaml"
 PM_CONFIG = ROOT / "configs" / "pm" / "constraints_sngp.yaml"
 ARMS = ("pm_only", "random", "uncertainty", "judge_all")
+EXTRA_ARMS = ("risk",)  # τ by lit_route.routing.RiskController from a 10% audit share (needs its observe() wired)
 JUDGE = {"class_path": "lit_route.judges.FunctionJudge", "init_args": {"function": "lit_route.tasks.verify:judge_pair"}}
 
 log = logging.getLogger("rlhf_downstream")
@@ -54,6 +63,9 @@ def arm_callbacks(arm: str, fraction: float, seed: int, eval_every: int, heldout
     routing = {"class_path": "lit_route.callbacks.UncertaintyRouting",
                "init_args": {"judge": JUDGE, "router": router, "fraction": 1.0 if arm == "judge_all" else fraction,
                              "order": "fixed", "seed": seed}}
+    if arm == "risk":  # the PM's disagreement with the verifier on the pairs it keeps ≤ 0.1 w.p. 0.9
+        routing["init_args"].update({"audit_fraction": 0.1, "controller": {
+            "class_path": "lit_route.routing.RiskController", "init_args": {"alpha": 0.1, "delta": 0.1}}})
     return [routing, evaluation]
 
 
@@ -176,6 +188,10 @@ def summarise(runs: list[dict], arms: list[str]) -> dict:
             "random_final_calls": r["judge_calls"],
             "calls_ratio": None if reach is None or not r["judge_calls"] else u["mean_calls"][reach] / r["judge_calls"],
         }
+        paired_iv = paired_t_interval(paired)
+        out["uncertainty_vs_random"]["paired_interval"] = paired_iv
+        out["uncertainty_vs_random"]["seeds_needed_80pct_power"] = (
+            seeds_needed(paired_iv["mean"], paired_iv["sd"]) if paired_iv["sd"] else None)
     if "judge_all" in table:
         out["judge_all_gain_points"] = 100 * table["judge_all"]["gain"]
     if "pm_only" in table:
@@ -204,6 +220,13 @@ def markdown(summary: dict, pm: dict, settings: dict) -> str:
         lines += ["", f"Uncertainty − random: {100 * cmp['gap']:+.1f} points (seed spread {100 * cmp['seed_spread']:.1f}; "
                   f"paired by seed: {', '.join(f'{100 * g:+.1f}' for g in cmp['paired_gap_by_seed'])}); calls for "
                   f"uncertainty routing to reach random's final accuracy: {ratio} of random's."]
+        iv = cmp.get("paired_interval")
+        if iv and iv["lo"] is not None:
+            verdict = "separates from 0" if iv["lo"] > 0 or iv["hi"] < 0 else "does not separate from 0"
+            need = cmp.get("seeds_needed_80pct_power")
+            lines.append(f"Paired difference over {iv['n']} seeds: {100 * iv['mean']:+.1f} points, 95% t interval "
+                         f"[{100 * iv['lo']:+.1f}, {100 * iv['hi']:+.1f}] ({verdict}); detecting a difference this "
+                         f"size with 80% power would take about {need if need is not None else '—'} seeds.")
     return "\n".join(lines) + "\n"
 
 
@@ -238,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--judge-all-from", default=None,
                         help="work dir of another run of this benchmark whose judge_all results to reuse: that arm "
                              "never reads the PM's scores (every pair is judged), so it is the same for any PM")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS + EXTRA_ARMS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--fraction", type=float, default=0.25, help="judge fraction of the routed arms")

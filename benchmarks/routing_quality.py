@@ -1,6 +1,7 @@
 """Which uncertainty finds the PM's errors? Every method trained on the same cached features, routed on LLMBar.
 
     python benchmarks/routing_quality.py            # ../shared/data must exist (RMB is not bundled)
+    python benchmarks/routing_quality.py --task constraints   # bundled data only (benchmarks/routing_constraints.py)
 
 1. Training mix (documented in benchmarks/README.md): HH-RLHF harmless-base (bundled, MIT) and a seeded sample
    of RMB pairwise (helpfulness and harmlessness), 10% held out for validation. No LLMBar-family pair is in
@@ -35,6 +36,7 @@ from lit_route.data.datamodule import PreferenceDataModule
 from lit_route.data.encoding import PairEncoder
 from lit_route.data.readers import load_pairs, pairs_from_dataset
 from lit_route.eval.curves import curve_for_order, oracle_order, random_expected_curve, uncertainty_order
+from lit_route.eval.stats import cluster_ids, routing_intervals
 from lit_route.judges.loop import run_sync
 from lit_route.judges.pairwise import judge_pairs
 from lit_route.judges.replay import ReplayJudge
@@ -76,7 +78,7 @@ def judge_credit(name: str, pairs) -> torch.Tensor:
     return torch.tensor([j.score if j.score is not None else float("nan") for j in out], dtype=torch.float64)
 
 
-def routing_numbers(d: torch.Tensor, u: torch.Tensor, judge: torch.Tensor) -> dict:
+def routing_numbers(d: torch.Tensor, u: torch.Tensor, judge: torch.Tensor, clusters=None, n_boot: int = 1000) -> dict:
     pm = (d > 0).double()
     judge = torch.where(torch.isnan(judge), pm, judge)  # an unanswered pair keeps the PM's answer
     n = len(d)
@@ -102,7 +104,8 @@ def routing_numbers(d: torch.Tensor, u: torch.Tensor, judge: torch.Tensor) -> di
             "random_at": {f"{int(f * 100)}%": curves["random"][FRACTIONS.index(f)] for f in (0.05, 0.1, 0.25, 0.5)},
             "oracle_at": {f"{int(f * 100)}%": curves["oracle"][FRACTIONS.index(f)] for f in (0.05, 0.1, 0.25, 0.5)},
             "calls_to_target": calls, "random_calls_to_target": round(0.25 * n), "target_accuracy": target,
-            "above_random_5_to_50": above, "judge_accuracy": float(judge.mean())}
+            "above_random_5_to_50": above, "judge_accuracy": float(judge.mean()),
+            "intervals": routing_intervals(d, u, judge, [round(i / 20, 2) for i in range(21)], clusters, n_boot)}
 
 
 def head_seconds_per_pair(module, feats: torch.Tensor, repeats: int = 5) -> float:
@@ -133,7 +136,17 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--weak-judge", default="ChatGPT")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task", choices=("llmbar", "constraints"), default="llmbar")
+    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap redraws of the 95%% intervals")
+    parser.add_argument("--risk-alpha", type=float, nargs="+", default=[0.1, 0.2],
+                        help="constraints: α of the risk-controlled rows")
+    parser.add_argument("--val-share", type=float, default=0.2, help="constraints: validation share of training prompts")
     args = parser.parse_args()
+    if args.task == "constraints":
+        from routing_constraints import run
+
+        run(args)
+        return
     torch.manual_seed(args.seed)
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,6 +181,8 @@ def main() -> None:
     del extractor
 
     judges = {"GPT-4": judge_credit("GPT-4", eval_pairs), args.weak_judge: judge_credit(args.weak_judge, eval_pairs)}
+    prompts = cluster_ids([p.prompt_text() for p in eval_pairs])
+    clusters = prompts if int(prompts.max()) + 1 < len(eval_pairs) else None  # by prompt where prompts repeat
     results = {"setup": {"train_pairs": len(train_pairs), "hh": args.hh, "rmb": args.rmb, "eval_pairs": len(eval_pairs),
                          "max_length": args.max_length, "epochs": args.epochs, "backbone": "SmolLM2-135M-Instruct (frozen)",
                          "train_tokens": tokens, "extraction": extraction,
@@ -195,7 +210,7 @@ def main() -> None:
         head_s = head_seconds_per_pair(module, eval_feats)
         entry = {"fit_seconds": fit_s, "train_pairs_per_s_cached": n_train * args.epochs / fit_s,
                  "head_ms_per_pair": 1e3 * head_s, **quality,
-                 "judges": {name: routing_numbers(d, u, credit) for name, credit in judges.items()}}
+                 "judges": {name: routing_numbers(d, u, credit, clusters, args.n_boot) for name, credit in judges.items()}}
         results["methods"][method] = entry
         g4 = entry["judges"]["GPT-4"]
         print(f"{method}: acc {quality['accuracy']:.3f} ECE {quality['ece']:.3f} AUROC {quality['auroc_uncertainty']:.3f} "
@@ -211,7 +226,7 @@ def main() -> None:
             results["methods"][f"{method} → P(wrong)"] = {
                 **{k: v for k, v in entry.items() if k not in ("judges", "auroc_uncertainty", "spearman_uncertainty")},
                 **{k: v for k, v in metrics.compute(with_uncertainty=True).items() if k != "ece"},
-                "judges": {name: routing_numbers(d, u_del, credit) for name, credit in judges.items()},
+                "judges": {name: routing_numbers(d, u_del, credit, clusters, args.n_boot) for name, credit in judges.items()},
                 "error_model": params.tolist(), "held_out_pairs": len(val_pairs)}
         (out / "routing_quality.json").write_text(json.dumps(results, indent=2))
     linear_s = results["methods"].get("linear", {}).get("head_ms_per_pair")
@@ -254,10 +269,18 @@ def markdown(results: dict, judges: list[str]) -> str:
             lines.append(
                 f"| {name} | {m['accuracy']:.3f} | {m['ece']:.3f} | {m['auroc_uncertainty']:.3f} | "
                 + " | ".join(f"{v:.3f}" for v in r["at"].values())
-                + f" | {r['recovered_share']:.1%} | {r['calls_to_target'] if r['calls_to_target'] is not None else '—'} | "
+                + f" | {_recovered(r)} | {r['calls_to_target'] if r['calls_to_target'] is not None else '—'} | "
                 f"{'yes' if r['above_random_5_to_50'] else 'no'} | {m['extra_ms_per_pair_vs_linear']:.3f} | {m['fit_seconds']:.0f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _recovered(r: dict) -> str:
+    """The recovered share with its 95% interval where the results carry one."""
+    iv = r.get("intervals")
+    if not iv or iv["lo"]["recovered_share"] is None:
+        return f"{r['recovered_share']:.1%}"
+    return f"{r['recovered_share']:.1%} [{iv['lo']['recovered_share']:.1%}, {iv['hi']['recovered_share']:.1%}]"
 
 
 def plot(results: dict, judges: list[str], path: Path) -> None:

@@ -65,3 +65,41 @@ def test_evaluate_with_a_cheap_judge_reports_cost_curves_and_exports_labels(tmp_
     assert 0 < len(rows) == results["exported_pairs"] <= 20  # decisive verdicts among the top half
     assert {"prompt", "chosen", "rejected", "id", "source"} <= set(rows[0]) and rows[0]["source"] == "GPT-4"
     assert load_pairs(str(exported))  # the export reads back as preference pairs
+
+
+def test_bidirectional_entropy_by_hand():
+    from lit_route.eval.cascade import bidirectional_entropy
+    from lit_route.judges.pairwise import PairJudgement
+    from lit_route.types import Preference, Verdict
+
+    def pair(*verdicts):
+        return PairJudgement(1.0, verdicts=verdicts)
+
+    a, b, tie = Verdict(Preference.A), Verdict(Preference.B), Verdict(Preference.TIE)
+    # x first: A; x second: B; both say x (p is kept 1e-12 inside (0, 1), so H is ~4e-11, not 0)
+    assert bidirectional_entropy(pair(a, b)) == pytest.approx(0.0, abs=1e-9)
+    assert bidirectional_entropy(pair(a, a)) == pytest.approx(1.0)  # position bias: the orders contradict
+    # one order sure, the other a tie: p = (1 + 0.5)/2 = 0.75, H = −0.75·log2 0.75 − 0.25·log2 0.25 = 0.8113
+    assert bidirectional_entropy(pair(a, tie)) == pytest.approx(0.811278, abs=1e-6)
+    # log-prob judges: P(A) 0.9 shown first, P(A) 0.3 shown second → p = (0.9 + 0.7)/2 = 0.8, H = 0.7219
+    assert bidirectional_entropy(pair(Verdict(Preference.A, prob_a=0.9), Verdict(Preference.B, prob_a=0.3))) == \
+        pytest.approx(0.721928, abs=1e-6)
+    assert bidirectional_entropy(pair(Verdict(None, failure="timeout"))) == 1.0
+
+
+def test_evaluate_escalates_the_cheap_judges_unsure_verdicts_at_a_controlled_risk(tmp_path):
+    from lit_route.cli import main
+    from lit_route.data import load_pairs
+
+    pairs = load_pairs("bundled:llmbar/Natural.json")
+    scores = tmp_path / "s.jsonl"
+    scores.write_text("".join(json.dumps({"id": p.id, "score": 0.2 - (i % 3) * 0.2, "uncertainty": 1 + i / 40}) + "\n"
+                              for i, p in enumerate(pairs)))
+    out = tmp_path / "e"
+    main(["evaluate", "--config", "configs/eval/llmbar_cascade.yaml", "--pm_ckpt", "null", "--scores", str(scores),
+          "--data", "[bundled:llmbar/Natural.json]", "--output_dir", str(out), "--progress", "false",
+          "--risk_alpha", "0.3", "--risk_splits", "20", "--n_boot", "50"])
+    esc = json.loads((out / "results.json").read_text())["cascade"]["risk_escalation"]
+    assert esc["splits"] == 20 and esc["alpha"] == 0.3 and 0.0 <= esc["judged_fraction"] <= 1.0
+    assert esc["ranked_by"].startswith("bidirectional preference entropy")
+    assert "escalated to" in (out / "results.md").read_text()

@@ -131,3 +131,69 @@ def test_pm_fit_logs_to_tensorboard_through_the_extra(tmp_path, tiny_model_dir):
           "--trainer.enable_progress_bar", "false", "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
           "--trainer.logger.save_dir", str(root)])
     assert list(root.rglob("events.out.tfevents.*"))
+
+
+def test_evaluate_writes_intervals_the_paired_difference_and_the_risk_row(tmp_path, capsys):
+    from lit_route.data import load_pairs
+
+    pairs = load_pairs("bundled:llmbar/Natural.json", limit=60)
+    # the PM is wrong on the pairs it is least sure of (ū falls with |d|)
+    scores = write_scores(tmp_path / "s.jsonl", pairs, score=lambda i: (i % 5) - 1.0,
+                          uncertainty=lambda i: 1.0 + 1.0 / (0.5 + abs((i % 5) - 1.0)))
+    out = tmp_path / "e"
+    main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm_ckpt", "null", "--scores", str(scores),
+          "--data", "[bundled:llmbar/Natural.json]", "--limit_per_file", "60", "--output_dir", str(out),
+          "--n_boot", "200", "--risk_alpha", "0.2", "--risk_splits", "20", "--cache", "null"])
+    results = _strict((out / "results.json").read_text())
+    iv = results["intervals"]
+    assert iv["resampled"] == "pair" and iv["units"] == 60 and iv["n_boot"] == 200  # one pair per prompt
+    assert iv["point"]["curves"] == results["curves"]
+    f = len(results["fractions"])
+    for lo, hi in zip(iv["lo"]["difference_uncertainty_random"], iv["hi"]["difference_uncertainty_random"], strict=True):
+        assert lo <= hi
+    assert len(iv["separated"]) == f and iv["lo"]["auroc_uncertainty"] <= results["metrics"]["auroc_uncertainty"]
+    assert results["risk"]["splits"] == 20 and 0 <= results["risk"]["held"] <= 1
+    table = (out / "results.md").read_text()
+    assert "uncertainty − random" in table and "risk-controlled routing" in table
+    assert (out / "difference.png").exists()
+    assert "95% intervals, 200 bootstrap redraws of 60 pairs" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_a_risk_level_outside_0_1_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm_ckpt", "null", "--scores", "x",
+              "--risk_alpha", "1.5", "--output_dir", str(tmp_path)])
+    assert exit_.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lit-route: error: risk_alpha: expected a number in (0, 1")
+
+
+def test_evaluate_takes_the_risk_threshold_from_a_labelled_calibration_file(tmp_path, capsys):
+    from lit_route.data import load_pairs
+
+    pairs = load_pairs("bundled:llmbar/Natural.json", limit=40)
+    scores = write_scores(tmp_path / "s.jsonl", pairs, score=lambda i: 1.0, uncertainty=lambda i: i / 40)
+    # calibration: 400 labelled pairs whose PM is wrong exactly when ū > 0.5
+    calibration = tmp_path / "cal.jsonl"
+    calibration.write_text("".join(json.dumps({"uncertainty": i / 400, "correct": i / 400 <= 0.5}) + "\n"
+                                   for i in range(400)))
+    out = tmp_path / "e"
+    main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm_ckpt", "null", "--scores", str(scores),
+          "--data", "[bundled:llmbar/Natural.json]", "--limit_per_file", "40", "--output_dir", str(out),
+          "--n_boot", "0", "--risk_alpha", "0.1", "--risk_splits", "5", "--risk_calibration", str(calibration),
+          "--cache", "null"])
+    row = _strict((out / "results.json").read_text())["risk"]["from_file"]
+    # the risk among ū ≤ τ is (τ − 0.5)/τ past 0.5: τ lands in [0.5, 0.556], so pairs with ū above it are judged
+    assert row["calibration_pairs"] == 400 and 0.5 <= row["tau"] <= 0.5 / 0.9
+    assert row["judged_fraction"] == pytest.approx(sum(i / 40 > row["tau"] for i in range(40)) / 40)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"uncertainty": 1.0}\n')
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm_ckpt", "null", "--scores",
+              str(scores), "--data", "[bundled:llmbar/Natural.json]", "--limit_per_file", "40", "--output_dir",
+              str(tmp_path / "e2"), "--n_boot", "0", "--risk_alpha", "0.1", "--risk_calibration", str(bad),
+              "--cache", "null"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lit-route: error: {bad}:1: not a score line")
+    assert not (tmp_path / "e2" / "results.json").exists()  # refused before judging anything

@@ -141,19 +141,24 @@ def test_local_judge_loads_a_plain_model_folder_without_naming_a_file(tiny_model
     assert verdict.ok and verdict.billed == 1
 
 
-def test_controller_and_audit_from_yaml_log_their_state_and_resume(tmp_path):
+def test_controller_and_audit_from_yaml_log_their_state_and_resume(tmp_path, caplog):
     import csv
+    import logging
 
     from lit_route.cli import main
 
     root = tmp_path / "run"
     args = ["rloo", "fit", "--config", "configs/rloo/debug_tiny_budget.yaml", "--trainer.default_root_dir", str(root),
             "--trainer.enable_progress_bar", "false"]
-    main([*args, "--trainer.max_steps", "4"])
+    with caplog.at_level(logging.INFO):
+        main([*args, "--trainer.max_steps", "4"])
+    # the run ends with the audit's verdict on routing (or why it has none yet)
+    assert any(r.getMessage().startswith("routing audit: ") for r in caplog.records)
     (metrics,) = root.rglob("metrics.csv")
     rows = [r for r in csv.DictReader(metrics.read_text().splitlines()) if r.get("judge/tau")]
     assert len(rows) == 4 and all(float(r["judge/target_fraction"]) == 0.25 for r in rows)
     assert any(r.get("audit/agreement") for r in rows) and all("cascade/judged_by_1" in r for r in rows)
+    assert any(r.get("audit/gain_lo") and r.get("audit/gain_hi") for r in rows)  # the PPI estimate with its interval
     (ckpt,) = root.rglob("last.ckpt")  # every RLOO run keeps checkpoints/last.ckpt
     state = torch.load(ckpt, weights_only=False)
     routing = next(v for k, v in state["callbacks"].items() if "UncertaintyRouting" in k)

@@ -137,3 +137,25 @@ def test_accumulated_batches_each_draw_their_own_samples_and_routes(tmp_path):
         assert cb.completions[a] != cb.completions[b]
         assert cb.draws[a] != cb.draws[b]
     assert cb.state_dict()["batches"] == 4
+
+
+def test_a_risk_controller_learns_from_every_audited_pair():
+    """The risk controller calibrates τ on audited pairs: each one the main judge decides reaches its ``observe``
+    with ū and the PM–judge agreement, and its mean loss is the audit's disagreement (the same pairs, so the two
+    agree to float rounding). With a window larger than the run and a low ``min_calibration`` the risk test sets τ."""
+    from lit_route.routing import RiskController
+
+    truth = TruthJudge()
+    risk = RiskController(alpha=0.3, delta=0.1, window=10_000, min_calibration=20)
+    cb = UncertaintyRouting(FunctionJudge(truth, max_concurrency=64), controller=risk, audit_fraction=0.25, seed=1)
+    rng, module = random.Random(1), SimpleNamespace(device=torch.device("cpu"), hparams={})
+    for step in range(12):
+        ctx, _ = batch(rng, step, truth)
+        trainer = SimpleNamespace(world_size=1, global_step=step, global_rank=0, strategy=None)
+        cb.on_pairwise_scores(trainer, module, ctx)
+        cb.on_before_rewards(trainer, module, ctx)
+    metrics = cb.audit.metrics()
+    assert len(risk.u_cal) == metrics["audit/pairs"] == 12 * 12
+    assert all(1.0 <= u <= 2.0 for u in risk.u_cal)  # the batches' ū lie in [1, 2)
+    assert abs((1 - sum(risk.loss_cal) / len(risk.loss_cal)) - metrics["audit/agreement"]) < 1e-9
+    assert risk.last is not None  # τ came from the risk test once calibration pairs were in

@@ -215,6 +215,7 @@ class UncertaintyRouting(L.Callback):
             self._setup_pipeline(trainer, module)
             assign, routed_mask, audit = self._route(trainer, module, ctx.scores[:, ii, jj].float(),
                                                      ctx.uncertainty[:, ii, jj].float())
+            self.audit.observe_pool(ctx.scores[:, ii, jj], routed_mask)  # the pool of the audit's PPI estimates
             plan = self.decision.plan(Assignment(assign, routed_mask, audit), list(zip(ii.tolist(), jj.tolist(), strict=True)),
                                       ctx.prompts, ctx.completions)
             reserved = self.decision.reserve(self._assignment)
@@ -250,7 +251,10 @@ class UncertaintyRouting(L.Callback):
                             type(err).__name__, err, len(pending.routed))
         ctx.stats["judge_elapsed_s"] = time.perf_counter() - pending.started
         paid = self._journal.take(pending.key) if self._journal is not None else None
-        merged = self.decision.apply(pending.plan, result, ctx.scores, ctx.pm_scores, ctx.judged, paid)
+        merged = self.decision.apply(pending.plan, result, ctx.scores, ctx.pm_scores, ctx.judged, paid,
+                                     uncertainty=getattr(ctx, "uncertainty", None))
+        if hasattr(self.decision.controller, "observe"):  # every rank's audit, so every rank's τ stays the same
+            self.decision.observe_audit([p for rank in gather_ranks(merged.audited, trainer.world_size) for p in rank])
         self._export([judged_record(ctx.prompts[bi], ctx.completions[bi][i], ctx.completions[bi][j], score,
                                     f"step{trainer.global_step}-rank{trainer.global_rank}-{bi}-{i}-{j}", "rloo",
                                     str(self.judge.model))
@@ -341,6 +345,8 @@ class UncertaintyRouting(L.Callback):
                 pending.future.cancel()  # a step that raised left its judge call behind
         self._inflight.clear()
         self._pending = None
+        if stage == "fit" and self.decision.audit_fraction > 0:  # the run's answer to "did routing pay off?"
+            L.pytorch.utilities.rank_zero_info(f"routing audit: {self.audit.verdict()}")
 
 
 class PendingJudge(NamedTuple):

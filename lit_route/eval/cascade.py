@@ -19,6 +19,7 @@ import torch
 
 from lit_route.routing.cascade import cascade_bands
 from lit_route.routing.routers import count_for_fraction
+from lit_route.types import Preference
 
 
 def single_judge_curve(order, pm_correct, score, cost, fractions: Sequence[float]) -> dict[str, list[float]]:
@@ -102,3 +103,25 @@ def cascade_report(order, priority, pm_correct, strong, cheap, strong_cost, chea
         }
     return {"strong_only": strong_only, "cheap_only": cheap_only, "bands_frontier": frontier, "escalate": escalate,
             "strong_all_cost_usd": full, "at_budget": at_budget}
+
+
+def x_side_probability(verdict, swapped: bool) -> float | None:
+    """P(x better) from one verdict: the judge's ``prob_a`` where it gives one (``1 − prob_a`` when x was shown
+    second), else its label (1, 0.5 for a tie, 0); ``None`` for a failed call."""
+    if verdict.preference is None:
+        return None
+    p_a = verdict.prob_a if verdict.prob_a is not None else {Preference.A: 1.0, Preference.B: 0.0}.get(
+        verdict.preference, 0.5)
+    return 1.0 - p_a if swapped else p_a
+
+
+def bidirectional_entropy(judgement) -> float:
+    """Entropy (bits) of the judge's preference averaged over both display orders (SCOPE, arXiv 2602.13110):
+    ``H((p(x≻y | x first) + p(x≻y | x second)) / 2)``. 0: both orders sure and agreeing; 1: a coin (orders that
+    contradict each other, a tie, or a failed call). ``judgement.verdicts`` in the order ``judge_pairs`` makes
+    them with ``order="both"`` (x first, then x second); with one order it is that order's entropy."""
+    probs = [p for p in (x_side_probability(v, i == 1) for i, v in enumerate(judgement.verdicts)) if p is not None]
+    if not probs:
+        return 1.0
+    p = min(max(sum(probs) / len(probs), 1e-12), 1 - 1e-12)
+    return float(-(p * torch.log2(torch.tensor(p)) + (1 - p) * torch.log2(torch.tensor(1 - p))))

@@ -32,6 +32,12 @@ def console_table(results: dict, show=(0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)) ->
         i = min(range(len(fr)), key=lambda j: abs(fr[j] - f))
         lines.append(f"{fr[i] * 100:>7.0f}% " + " ".join(f"{results['curves'][r][i]:>12.3f}" for r in ROUTERS))
     lines.append(f"{'AUC':>8} " + " ".join(f"{results['area_under_curve'][r]:>12.3f}" for r in ROUTERS))
+    if "intervals" in results:
+        lines += ["", *interval_lines(results, show)]
+    if "risk" in results:
+        lines += ["", risk_line(results["risk"])]
+    if results.get("cascade", {}).get("risk_escalation"):
+        lines.append(escalation_line(results["cascade"]["risk_escalation"], results))
     if "cascade" in results:
         lines.append(f"cascade with {results['cascade']['cheap_judge']}: best accuracy at a share of the cost of "
                      f"judging every pair with {results.get('judge_model')}")
@@ -42,6 +48,73 @@ def console_table(results: dict, show=(0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)) ->
     lines.append(f"judge: {results['judge']}   failures: {failures or 'none'}   inconsistent pairs: "
                  f"{results['judge_inconsistent']}")
     return "\n".join(lines)
+
+
+def _ci(iv: dict, *path) -> str:
+    """``point [lo, hi]`` of one number of ``results["intervals"]`` ("—" where undefined)."""
+    values = []
+    for part in ("point", "lo", "hi"):
+        v = iv[part]
+        for key in path:
+            v = v[key]
+        values.append(v)
+    return "—" if None in values else f"{values[0]:.3f} [{values[1]:.3f}, {values[2]:.3f}]"
+
+
+def interval_lines(results: dict, show=(0.05, 0.1, 0.25, 0.5)) -> list[str]:
+    """Intervals of the headline numbers and of the paired difference uncertainty − random per fraction."""
+    iv, fr = results["intervals"], results["fractions"]
+    lines = [f"{iv['level']:.0%} intervals, {iv['n_boot']} bootstrap redraws of {iv['units']} {iv['resampled']}s:",
+             f"  AUROC(ū→error) {_ci(iv, 'auroc_uncertainty')}   ECE {_ci(iv, 'ece')}   recovered share of "
+             f"(oracle − random) area on [0, {iv['upto']:.0%}] {_ci(iv, 'recovered_share')}",
+             f"{'judged':>8} {'uncertainty':>22} {'random':>22} {'uncertainty − random':>24}"]
+    for f in show:
+        i = min(range(len(fr)), key=lambda j: abs(fr[j] - f))
+        sep = {1: "above", -1: "below", 0: "not separated"}[iv["separated"][i]]
+        lines.append(f"{fr[i] * 100:>7.0f}% {_ci(iv, 'curves', 'uncertainty', i):>22} {_ci(iv, 'curves', 'random', i):>22} "
+                     f"{_ci(iv, 'difference_uncertainty_random', i):>24}  {sep}")
+    return lines
+
+
+def risk_line(risk: dict) -> str:
+    return (f"risk-controlled routing (α={risk['alpha']}, δ={risk['delta']}, {risk['splits']} calibration/test splits): "
+            f"judged {risk['judged_fraction']:.1%} (range {risk['judged_fraction_range'][0]:.1%}–"
+            f"{risk['judged_fraction_range'][1]:.1%}), disagreement left to the PM {risk['disagreement_left']:.3f}, "
+            f"≤ α in {risk['held']:.1%} of splits (needs ≥ {1 - risk['delta']:.0%}); accuracy {risk['accuracy']:.3f} "
+            f"vs random at the same calls {risk['random_accuracy_same_calls']:.3f}")
+
+
+def escalation_line(esc: dict, results: dict) -> str:
+    return (f"cascade escalation by the cheap judge's bidirectional entropy (α={esc['alpha']}, δ={esc['delta']}, "
+            f"{esc['splits']} splits): {esc['judged_fraction']:.1%} of its verdicts escalated to "
+            f"{results.get('judge_model')}, disagreement kept {esc['disagreement_left']:.3f}, ≤ α in {esc['held']:.1%} "
+            f"of splits; accuracy {esc['accuracy']:.3f} vs random escalation {esc['random_accuracy_same_calls']:.3f}")
+
+
+def markdown_table(results: dict, show=(0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)) -> str:
+    """``results.md``: accuracy per router and budget with intervals, and the paired difference."""
+    fr, iv = results["fractions"], results.get("intervals")
+    cell = (lambda *path: _ci(iv, *path)) if iv else None
+    head = ["judged", *ROUTERS] + (["uncertainty − random"] if iv else [])
+    lines = [f"{_short_label(results['benchmark'])}: {results['n_pairs']} pairs, judge {results.get('judge_model')}; "
+             f"PM alone {results['pm_accuracy']:.3f}, judge alone {results['judge_accuracy']:.3f}"
+             + (f"; {iv['level']:.0%} intervals over {iv['n_boot']} bootstrap redraws of {iv['resampled']}s" if iv else ""),
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for f in show:
+        i = min(range(len(fr)), key=lambda j: abs(fr[j] - f))
+        cells = [cell("curves", r, i) if iv else f"{results['curves'][r][i]:.3f}" for r in ROUTERS]
+        if iv:
+            cells.append(cell("difference_uncertainty_random", i))
+        lines.append(f"| {fr[i]:.0%} | " + " | ".join(cells) + " |")
+    if iv:
+        lines += ["", f"AUROC(ū→error) {cell('auroc_uncertainty')}; ECE {cell('ece')}; recovered share of the "
+                  f"(oracle − random) area on [0, {iv['upto']:.0%}] {cell('recovered_share')}."]
+    if "risk" in results:
+        lines += ["", risk_line(results["risk"]) + "."]
+    esc = results.get("cascade", {}).get("risk_escalation")
+    if esc:
+        lines += ["", escalation_line(esc, results) + "."]
+    return "\n".join(lines) + "\n"
 
 
 def _short_label(benchmark: str) -> str:
@@ -65,6 +138,9 @@ def plot(results: dict, output_dir: Path) -> list[str]:
     for name in ROUTERS:
         color, ls = styles[name]
         ax.plot(fr, results["curves"][name], ls, color=color, label=f"{name} (AUC {results['area_under_curve'][name]:.3f})")
+        if "intervals" in results and name in ("uncertainty", "random"):
+            lo, hi = results["intervals"]["lo"]["curves"][name], results["intervals"]["hi"]["curves"][name]
+            ax.fill_between(fr, lo, hi, color=color, alpha=0.15, lw=0)
     ax.axhline(results["judge_accuracy"], color="grey", lw=0.8, ls=":",
                label=f"judge alone ({results['judge_accuracy']:.3f})")
     ax.plot([0], [results["pm_accuracy"]], "ko", ms=5, label=f"PM alone ({results['pm_accuracy']:.3f})")
@@ -90,9 +166,26 @@ def plot(results: dict, output_dir: Path) -> list[str]:
     fig.savefig(decile_path, dpi=120)
     plt.close(fig)
     paths = [str(curve_path), str(decile_path)]
+    if "intervals" in results:
+        paths.append(_plot_difference(results, output_dir, plt))
     if "cascade" in results:
         paths.append(_plot_cascade(results, output_dir, plt))
     return paths
+
+
+def _plot_difference(results: dict, output_dir: Path, plt) -> str:
+    """``difference.png``: accuracy of uncertainty routing minus random routing at each budget, with its band."""
+    iv = results["intervals"]
+    fr = [100 * f for f in results["fractions"]]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot(fr, iv["point"]["difference_uncertainty_random"], "-", color="C0", label="uncertainty − random")
+    ax.fill_between(fr, iv["lo"]["difference_uncertainty_random"], iv["hi"]["difference_uncertainty_random"],
+                    color="C0", alpha=0.2, lw=0, label=f"{iv['level']:.0%} interval ({iv['resampled']} bootstrap)")
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xlabel("pairs sent to the judge (%)")
+    path = _finish(fig, ax, f"{_short_label(results['benchmark'])} (n={results['n_pairs']}): paired difference",
+                   output_dir / "difference.png", plt)
+    return str(path)
 
 
 def _plot_cascade(results: dict, output_dir: Path, plt) -> str:
@@ -130,6 +223,8 @@ def write_results(results: dict, output_dir: Path) -> dict[str, str]:
     with open(paths["results"], "w") as fh:
         json.dump(results, fh, indent=2, allow_nan=False)  # strict JSON: a NaN here is a bug, not a value
     write_curves_csv(output_dir / "curves.csv", results)
+    paths["table"] = str(output_dir / "results.md")
+    Path(paths["table"]).write_text(markdown_table(results))
     for p in plot(results, output_dir):
         paths[Path(p).stem] = p
     return paths

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from lit_route.artefacts.provenance import judge_label, provenance
 from lit_route.checks import check_choice, check_file_path, check_fraction, check_nonnegative
 from lit_route.data.readers import load_pairs
-from lit_route.eval.cascade import cascade_report
+from lit_route.eval.cascade import bidirectional_entropy, cascade_report
 from lit_route.eval.curves import (
     area_under_curve,
     curve_for_order,
@@ -24,11 +24,14 @@ from lit_route.eval.curves import (
 )
 from lit_route.eval.export import write_judged_pairs
 from lit_route.eval.report import console_table, write_results
+from lit_route.eval.stats import cluster_ids, risk_split_test, routing_intervals
+from lit_route.eval.stats import risk_splits as split_risk
 from lit_route.judges.base import JudgeBackend, check_judge
 from lit_route.judges.cache import CachedJudge
 from lit_route.judges.loop import run_sync
 from lit_route.judges.pairwise import ORDERS, judge_pairs
 from lit_route.preference.metrics import PreferenceMetrics
+from lit_route.routing.risk import check_risk, risk_threshold
 from lit_route.routing.routers import count_for_fraction
 
 log = logging.getLogger(__name__)
@@ -103,6 +106,13 @@ def evaluate(
     cheap_judge: JudgeBackend | None = None,
     export_judged: str | None = None,
     export_fraction: float = 1.0,
+    n_boot: int = 1000,
+    bootstrap_by: str = "auto",
+    interval_level: float = 0.95,
+    risk_alpha: float | None = None,
+    risk_delta: float = 0.1,
+    risk_splits: int = 200,
+    risk_calibration: str | None = None,
 ) -> dict:
     """Accuracy against judge budget for uncertainty, random, margin and oracle routing.
 
@@ -132,6 +142,21 @@ def evaluate(
             (``prompt``, ``chosen``, ``rejected``: the judge's verdict is the label) for ``pm fit``.
         export_fraction: Export only the most uncertain share of pairs: those uncertainty routing judges at
             that budget.
+        n_boot: Bootstrap redraws of the intervals (``results["intervals"]``); 0 skips them.
+        bootstrap_by: Redraw ``pair``s or ``prompt``s (pairs of one prompt are not independent); ``auto``: by
+            prompt when any prompt has more than one pair.
+        interval_level: Coverage of the intervals.
+        risk_alpha: Adds risk-controlled routing (``results["risk"]``): τ chosen on a random half of the pairs (by
+            prompt) so that the PM's disagreement with the judge among the pairs it keeps is ≤ ``risk_alpha`` with
+            probability ≥ 1 − ``risk_delta``, measured on the other half, over ``risk_splits`` splits. With a
+            ``cheap_judge``, also ``results["cascade"]["risk_escalation"]``: the cheap judge's verdicts whose
+            bidirectional preference entropy exceeds a τ chosen the same way go to ``judge``, so that the cheap
+            judge's disagreement with ``judge`` on the verdicts it keeps is ≤ ``risk_alpha``.
+        risk_delta: See ``risk_alpha``.
+        risk_splits: See ``risk_alpha``.
+        risk_calibration: A labelled calibration set instead of splits: a ``pm score`` file of other pairs (its
+            ``uncertainty`` and ``correct``: the PM against the pairs' labels). τ is chosen on it once and applied
+            to every evaluated pair (``results["risk"]["from_file"]``).
     """
     check_judge(judge)
     check_choice("order", order, ORDERS)
@@ -141,6 +166,14 @@ def evaluate(
     check_fraction("export_fraction", export_fraction)
     check_file_path("cache", cache, "judge_cache.sqlite")
     check_file_path("export_judged", export_judged, "judged.jsonl")
+    check_nonnegative("n_boot", n_boot, integer=True)
+    check_choice("bootstrap_by", bootstrap_by, ("auto", "pair", "prompt"))
+    check_fraction("interval_level", interval_level, open_low=True)
+    check_nonnegative("risk_splits", risk_splits, integer=True, positive=True)
+    if risk_alpha is not None:
+        check_risk("risk_", risk_alpha, risk_delta, "hb")
+    # read before any judge call is paid for
+    calibration = _read_calibration(risk_calibration) if risk_calibration is not None and risk_alpha else None
     if cheap_judge is not None:
         check_judge(cheap_judge, "cheap_judge")
     if (pm_ckpt is None) == (scores is None):
@@ -217,6 +250,17 @@ def evaluate(
         "by_subset": by_subset,
         "provenance": provenance(pm_ckpt=pm_ckpt, data=data, judge=judge, scores=scores),
     }
+    prompts = cluster_ids([p.prompt_text() for p in pairs])
+    by_prompt = bootstrap_by == "prompt" or (bootstrap_by == "auto" and int(prompts.max()) + 1 < n if n else False)
+    clusters = prompts if by_prompt else None
+    if n_boot and n > 1:
+        results["intervals"] = routing_intervals(d, u, judge_score, fractions, clusters, n_boot, interval_level, seed)
+    if risk_alpha is not None and n > 1:
+        results["risk"] = risk_split_test(d, u, judge_score, risk_alpha, risk_delta, risk_splits, clusters=clusters,
+                                          seed=seed)
+        if risk_calibration is not None:
+            results["risk"]["from_file"] = _risk_from_file(risk_calibration, calibration, risk_alpha, risk_delta, u,
+                                                           pm_correct, judge_score)
     groups = _difficulty_groups(subsets)
     if groups:
         results["by_group"] = {name: {k: _group_accuracy(g, v) for k, v in
@@ -234,6 +278,12 @@ def evaluate(
         results["cascade"]["cheap_judge"] = str(getattr(cheap_judge, "model", judge_label(cheap_judge)))
         results["cascade"]["cheap_accuracy"] = float(cheap_score.mean())
         results["cascade"]["cheap_judge_stats"] = cheap_backend.stats.summary()
+        if risk_alpha is not None and n > 1:  # escalate the cheap judge's unsure verdicts, at a controlled risk
+            entropy = torch.tensor([bidirectional_entropy(j) for j in cheap], dtype=torch.float64)
+            results["cascade"]["risk_escalation"] = {
+                "ranked_by": "bidirectional preference entropy of the cheap judge",
+                **split_risk(entropy, (cheap_score - judge_score).abs(), cheap_score, judge_score, risk_alpha,
+                             risk_delta, risk_splits, clusters=clusters, seed=seed)}
     if export_judged is not None:
         top = orders["uncertainty"][: count_for_fraction(n, export_fraction)].tolist()
         results["exported_pairs"] = write_judged_pairs(export_judged, [pairs[i] for i in top],
@@ -248,6 +298,40 @@ def evaluate(
         raise RuntimeError(f"judge: {failed} of {n} pairs got no verdict ({reasons}), more than "
                            f"max_failed_fraction={max_failed_fraction}; results written to {out_dir}")
     return results
+
+
+def _read_calibration(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A labelled ``pm score`` file -> (ū, loss) (M,) each, loss 1 where the PM is wrong."""
+    cal_u, cal_loss = [], []
+    with open(path) as fh:
+        for number, line in enumerate(fh, start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    value = float(row["uncertainty"])
+                    correct = bool(row["correct"]) if "correct" in row else float(row["score"]) > 0
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                    raise ValueError(f"{path}:{number}: not a score line with uncertainty and correct ({err})") from err
+                if not math.isfinite(value):
+                    raise ValueError(f"{path}:{number}: field 'uncertainty': not a finite number ({value})")
+                cal_u.append(value)
+                cal_loss.append(0.0 if correct else 1.0)
+    if not cal_u:
+        raise ValueError(f"risk_calibration: {path} has no score lines")
+    return torch.tensor(cal_u, dtype=torch.float64), torch.tensor(cal_loss, dtype=torch.float64)
+
+
+def _risk_from_file(path: str, calibration, alpha: float, delta: float, u, pm_correct, judge_score) -> dict:
+    """τ chosen on a labelled calibration set (``calibration``: ū and loss), applied to the evaluated pairs."""
+    cal_u, cal_loss = calibration
+    choice = risk_threshold(cal_u, cal_loss, alpha, delta)
+    tau = choice.tau if choice.tau is not None else -math.inf
+    judged = u.double() > tau
+    left = ~judged
+    return {"calibration": path, "calibration_pairs": cal_u.numel(), "tau": choice.tau,
+            "judged_fraction": float(judged.double().mean()),
+            "disagreement_left": float((pm_correct - judge_score).abs()[left].mean()) if bool(left.any()) else 0.0,
+            "accuracy": float(torch.where(judged, judge_score, pm_correct).mean())}
 
 
 def _judge_all(judge, cache, items, order, seed, progress, desc):

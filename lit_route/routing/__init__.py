@@ -10,6 +10,7 @@ from lit_route.routing.controller import (
     target_fraction,
 )
 from lit_route.routing.decision import Assignment, JudgePlan, RoutingDecision
+from lit_route.routing.risk import RiskController, risk_threshold
 from lit_route.routing.routers import (
     BudgetRouter,
     MarginRouter,
@@ -34,10 +35,12 @@ __all__ = [
     "PIController",
     "QuantileTracker",
     "RandomRouter",
+    "RiskController",
     "Router",
     "RoutingDecision",
     "ThresholdRouter",
     "count_for_fraction",
+    "risk_threshold",
     "target_fraction",
     "threshold_for_fraction",
 ]

@@ -85,12 +85,15 @@ class Merged:
         decisive: ``(b, i, j, score)`` of the main judge's verdicts (for exporting labels).
         latencies: Seconds of each pair's paid judge calls (cached verdicts left out).
         error: The exception the judge raised, if any.
+        audited: ``(ū, agreement)`` of each audited pair the main judge decided (agreement of ``1[d > 0]`` with
+            the verdict: 1, 0.5 for a tie, 0), for a controller that learns from the audit.
     """
 
     totals: torch.Tensor
     decisive: list[tuple[int, int, int, float]]
     latencies: list[float]
     error: BaseException | None = None
+    audited: list[tuple[float, float]] = field(default_factory=list)
 
 
 def prompt_text(messages) -> str:
@@ -283,17 +286,19 @@ class RoutingDecision:
 
     # --- merge -------------------------------------------------------------------------------------------------
     def apply(self, plan: JudgePlan, result: list[list[PairJudgement]] | BaseException, scores: torch.Tensor,
-              pm_scores: torch.Tensor, judged: torch.Tensor, paid: tuple[int, float] | None = None) -> Merged:
+              pm_scores: torch.Tensor, judged: torch.Tensor, paid: tuple[int, float] | None = None,
+              uncertainty: torch.Tensor | None = None) -> Merged:
         """Verdicts into ``scores`` (B, K, K) (``S_ij = ±c`` or 0, ``S_ji = −S_ij``) and ``judged``; a failed pair or a
         judge that raised (``result`` is the exception) leaves the PM's score and is counted. ``paid``: billed calls
         and spend from a :class:`~lit_route.routing.journal.PaidJournal`, charged instead of the verdicts' own
-        (it also holds what a killed process paid for the batch)."""
+        (it also holds what a killed process paid for the batch). ``uncertainty`` (B, K, K): ū, for
+        :attr:`Merged.audited`."""
         error = result if isinstance(result, BaseException) else None
         judgements = [] if error is not None else [jd for per_judge in result for jd in per_judge]
         failures = billed = requests = cached = 0
         spend = tokens = 0.0
         stage_counts = [0] * len(self.judges)
-        decisive, latencies = [], []
+        decisive, latencies, audited_pairs = [], [], []
         if error is not None:
             failures = len(plan.keys)
             self.failures[f"error:{type(error).__name__}"] += len(plan.keys)
@@ -314,6 +319,9 @@ class RoutingDecision:
             routed, audited, stage = plan.kinds[bi, i, j]
             if stage == 0:
                 self.audit.add(routed, audited, pm_score=float(pm_scores[bi, i, j]), judge_score=jd.score)
+                if audited and uncertainty is not None:
+                    pm_prefers = float(pm_scores[bi, i, j] > 0)
+                    audited_pairs.append((float(uncertainty[bi, i, j]), 1.0 - abs(pm_prefers - jd.score)))
                 decisive.append((bi, i, j, jd.score))
             stage_counts[stage] += 1
             value = float(verdict_logits(torch.tensor(jd.score), self.c))
@@ -324,7 +332,15 @@ class RoutingDecision:
             billed, spend = paid
         totals = torch.tensor([len(plan.keys), failures, billed, requests, cached, spend, tokens, error is not None,
                                *stage_counts, *self.audit.step_counts()], dtype=torch.float64)
-        return Merged(totals, decisive, latencies, error)
+        return Merged(totals, decisive, latencies, error, audited_pairs)
+
+    def observe_audit(self, audited: Sequence[tuple[float, float]]) -> None:
+        """Hands the batch's audited ``(ū, agreement)`` pairs (every rank's) to a controller that learns from them
+        (:class:`~lit_route.routing.risk.RiskController`)."""
+        observe = getattr(self.controller, "observe", None)
+        if observe is not None and audited:
+            u, agree = zip(*audited, strict=True)
+            observe(torch.tensor(u, dtype=torch.float64), torch.tensor(agree, dtype=torch.float64))
 
     def close(self, totals: torch.Tensor) -> dict[str, float]:
         """Charges a batch's totals (summed over ranks) and returns its ``judge/*``, ``audit/*``, ``cascade/*``
