@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-import httpx
 import lightning as L
 import pytest
 
@@ -88,9 +90,10 @@ def server(model_dir, tmp_path_factory):
             if proc.poll() is not None:
                 pytest.fail(f"vllm serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"vllm serve did not come up in 600 s:\n{log.read_text()[-3000:]}")
@@ -102,6 +105,11 @@ def server(model_dir, tmp_path_factory):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _models(url: str) -> set[str]:
+    with urllib.request.urlopen(f"{url}/models", timeout=30) as response:
+        return {m["id"] for m in json.load(response)["data"]}
 
 
 class Steps(L.Callback):
@@ -178,10 +186,10 @@ def test_server_engine_loads_and_unloads_adapter_versions(tmp_path, server):
     assert engine.name == "server" and engine.stats["retries"] == 0
     for step in steps:
         assert step["engine/logprob_gap_max"] < GAP_TOL, steps
-    served = {m["id"] for m in httpx.get(f"{server}/models").json()["data"]}
+    served = _models(server)
     assert served == {"smollm2", *engine._names.values()} and len(engine._names) == 2
     engine.close()
-    assert {m["id"] for m in httpx.get(f"{server}/models").json()["data"]} == {"smollm2"}
+    assert _models(server) == {"smollm2"}
 
 
 def test_openai_judge_against_a_real_vllm_server(server):

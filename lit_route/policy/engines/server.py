@@ -14,10 +14,13 @@ Transport failures, timeouts, 429 and 5xx are retried with the judges' policy (e
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from lit_route.judges.limits import CallPolicy, RetryableError, backoff_wait
@@ -47,8 +50,7 @@ class ServerEngine:
         self.options = options
         self.base_url = options.base_url.rstrip("/")
         key = os.environ.get(options.api_key_env) if options.api_key_env else None
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=options.timeout_s)
+        self._headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
         self._policy = CallPolicy(max_attempts=options.max_attempts, timeout_s=options.timeout_s,
                                   deadline_s=max(options.timeout_s * options.max_attempts, 600.0))
         self._versions = AdapterVersions(options.adapter_dir, options.keep_versions)
@@ -58,35 +60,42 @@ class ServerEngine:
         self.stats = {"requests": 0, "retries": 0}
         self.base_model = options.served_model or self._first_model()
 
-    def _post(self, path: str, body: dict) -> httpx.Response:
-        """One POST under the retry policy; a non-retryable refusal raises :class:`ServerError`."""
+    def _once(self, path: str, body: dict | None) -> bytes:
+        """One request (POST with a JSON body, GET without); failures worth retrying raise
+        :class:`RetryableError`, a refusal :class:`ServerError`."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.base_url}{path}", data=data, headers=self._headers,
+                                         method="GET" if body is None else "POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.options.timeout_s) as response:
+                return response.read()
+        except urllib.error.HTTPError as err:
+            text = err.read().decode(errors="replace")[:300]
+            classified = classify_http_error(err.code, err.headers, text)
+            if isinstance(classified, RetryableError):
+                raise classified from err
+            raise ServerError(f"{self.base_url}{path}: HTTP {err.code}: {text}") from err
+        except TimeoutError as err:
+            raise RetryableError("timeout", None, str(err)) from err
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError) as err:
+            raise RetryableError("connection", None, str(err)) from err
+
+    def _request(self, path: str, body: dict | None = None) -> bytes:
+        """:meth:`_once` under the retry policy; every attempt is counted."""
         for attempt in Retrying(stop=stop_after_attempt(self._policy.max_attempts), wait=backoff_wait(self._policy),
                                 retry=retry_if_exception_type(RetryableError), reraise=True):
             with attempt:
                 self.stats["requests"] += 1
                 if attempt.retry_state.attempt_number > 1:
                     self.stats["retries"] += 1
-                try:
-                    response = self._client.post(path, json=body)
-                except httpx.TimeoutException as err:
-                    raise RetryableError("timeout", None, str(err)) from err
-                except httpx.TransportError as err:
-                    raise RetryableError("connection", None, str(err)) from err
-                if response.status_code >= 400:
-                    err = classify_http_error(response.status_code, response.headers, response.text[:300])
-                    if isinstance(err, RetryableError):
-                        raise err
-                    raise ServerError(f"{self.base_url}{path}: HTTP {response.status_code}: {response.text[:300]}")
-                return response
+                return self._once(path, body)
         raise AssertionError("unreachable")
 
+    def _post(self, path: str, body: dict) -> bytes:
+        return self._request(path, body)
+
     def _first_model(self) -> str:
-        for attempt in Retrying(stop=stop_after_attempt(self._policy.max_attempts), wait=backoff_wait(self._policy),
-                                retry=retry_if_exception_type(httpx.TransportError), reraise=True):
-            with attempt:
-                response = self._client.get("/models")
-        response.raise_for_status()
-        return response.json()["data"][0]["id"]
+        return json.loads(self._request("/models"))["data"][0]["id"]
 
     def sync(self, model, version: int) -> None:
         if self._synced == (id(model), version):
@@ -111,7 +120,10 @@ class ServerEngine:
             "top_k": config.top_k, "stop_token_ids": list(eos_ids), "logprobs": 0, "return_token_ids": True,
             "skip_special_tokens": False, "seed": seed,
         }
-        choices = self._post("/completions", body).json().get("choices") or []
+        try:
+            choices = json.loads(self._post("/completions", body)).get("choices") or []
+        except json.JSONDecodeError as err:
+            raise ServerError(f"{self.base_url}/completions: not a JSON answer ({err})") from err
         if len(choices) != config.num_samples:
             raise ServerError(f"{self.base_url}/completions: expected {config.num_samples} choices, got {len(choices)}")
         return choices
@@ -136,4 +148,3 @@ class ServerEngine:
             with contextlib.suppress(ServerError, RetryableError):  # the server may be gone already
                 self._post("/unload_lora_adapter", {"lora_name": name})
         self._versions.close()
-        self._client.close()
