@@ -103,3 +103,12 @@ def test_server_engine_refusal_is_one_clear_error(tmp_path):
         with pytest.raises(ServerError, match=r"load_lora_adapter: HTTP 404.*adapter folder not found"):
             engine.sync(_policy(), 0)
     assert len(server.requests) == 1  # a 4xx is not retried
+
+
+def test_generation_config_of_an_older_checkpoint_gets_engine_defaults():
+    import pickle
+
+    old = GenerationConfig(num_samples=3)
+    del old.__dict__["engine_options"]  # what a checkpoint from before engine options holds
+    restored = pickle.loads(pickle.dumps(old))
+    assert restored.num_samples == 3 and restored.engine_options == EngineOptions()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
@@ -78,6 +78,13 @@ class GenerationConfig:
     top_k: int = 0
     engine: str = "lean"
     engine_options: EngineOptions = field(default_factory=EngineOptions)
+
+    def __setstate__(self, state: dict) -> None:
+        # a checkpoint written before a field existed restores without it: give it the default
+        for f in fields(self):
+            if f.name not in state:
+                state[f.name] = f.default_factory() if f.default is MISSING else f.default
+        self.__dict__.update(state)
 
 
 def completion_mask(completions: torch.Tensor, eos_ids: list[int], pad_id: int) -> torch.Tensor:
