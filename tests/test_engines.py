@@ -112,3 +112,16 @@ def test_generation_config_of_an_older_checkpoint_gets_engine_defaults():
     del old.__dict__["engine_options"]  # what a checkpoint from before engine options holds
     restored = pickle.loads(pickle.dumps(old))
     assert restored.num_samples == 3 and restored.engine_options == EngineOptions()
+
+
+@pytest.mark.parametrize(("generation", "message"), [
+    ({"engine": "vllm2"}, r"generation\.engine: expected one of lean, hf, vllm, server"),
+    ({"engine": "server"}, r"generation\.engine_options\.base_url"),
+    ({"engine": "vllm", "engine_options": EngineOptions(sync="lora")}, r"engine_options\.sync"),
+    ({"engine": "vllm", "engine_options": EngineOptions(importance_sampling_cap=0.5)}, r"importance_sampling_cap"),
+])
+def test_bad_engine_options_are_one_line(generation, message):
+    from lit_route.policy.module import RLOOPolicyModule
+
+    with pytest.raises(ValueError, match=message):
+        RLOOPolicyModule(policy=BackboneSpec(), pm_backbone=BackboneSpec(), generation=GenerationConfig(**generation))

@@ -19,7 +19,7 @@ from lit_route.models.backbone import (
 )
 from lit_route.models.split import Trunk
 from lit_route.policy.context import RewardContext
-from lit_route.policy.engines import ENGINES, SYNC_MODES, build_engine, engine_statistics
+from lit_route.policy.engines import build_engine, check_engine_options, engine_statistics
 from lit_route.policy.loss import policy_loss
 from lit_route.policy.pm_scoring import load_reward_pm, score_groups
 from lit_route.policy.sampling import (
@@ -337,16 +337,7 @@ def _check_options(generation, beta, kl_estimator, updates_per_batch, clip_eps, 
     check_nonnegative("generation.max_new_tokens", generation.max_new_tokens, integer=True, positive=True)
     check_nonnegative("generation.temperature", generation.temperature, positive=True)
     check_nonnegative("generation.top_k", generation.top_k, integer=True)
-    check_choice("generation.engine", generation.engine, ENGINES)
-    check_choice("generation.engine_options.sync", generation.engine_options.sync, SYNC_MODES)
-    check_nonnegative("generation.engine_options.keep_versions", generation.engine_options.keep_versions,
-                      integer=True, positive=True)
-    if generation.engine_options.importance_sampling_cap < 1:
-        raise ValueError("generation.engine_options.importance_sampling_cap: expected >= 1; got "
-                         f"{generation.engine_options.importance_sampling_cap}")
-    if generation.engine == "server" and not generation.engine_options.base_url:
-        raise ValueError("generation.engine_options.base_url: the server engine needs the server's URL, "
-                         "e.g. http://localhost:8000/v1")
+    check_engine_options(generation)
     if not 0 < generation.top_p <= 1:
         raise ValueError(f"generation.top_p: expected a number in (0, 1]; got {generation.top_p}")
     check_nonnegative("beta", beta)

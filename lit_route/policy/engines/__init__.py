@@ -6,13 +6,30 @@
 
 from __future__ import annotations
 
+from lit_route.checks import check_choice, check_nonnegative
 from lit_route.policy.engines.base import EngineOutput, RolloutEngine
 from lit_route.policy.engines.correction import logprob_gap, truncated_is_weights
 
 ENGINES = ("lean", "hf", "vllm", "server")
 SYNC_MODES = ("auto", "adapter", "merged")
 
-__all__ = ["ENGINES", "EngineOutput", "RolloutEngine", "build_engine", "engine_statistics"]
+__all__ = ["ENGINES", "EngineOutput", "RolloutEngine", "build_engine", "check_engine_options", "engine_statistics"]
+
+
+def check_engine_options(config) -> None:
+    """One clear line for a bad ``generation.engine`` or ``generation.engine_options`` setting."""
+    options = config.engine_options
+    check_choice("generation.engine", config.engine, ENGINES)
+    check_choice("generation.engine_options.sync", options.sync, SYNC_MODES)
+    check_nonnegative("generation.engine_options.keep_versions", options.keep_versions, integer=True, positive=True)
+    check_nonnegative("generation.engine_options.max_attempts", options.max_attempts, integer=True, positive=True)
+    check_nonnegative("generation.engine_options.timeout_s", options.timeout_s, positive=True)
+    if not options.importance_sampling_cap >= 1:
+        raise ValueError(f"generation.engine_options.importance_sampling_cap: expected >= 1; got "
+                         f"{options.importance_sampling_cap}")
+    if config.engine == "server" and not options.base_url:
+        raise ValueError("generation.engine_options.base_url: the server engine needs the server's URL, "
+                         "e.g. http://localhost:8000/v1")
 
 
 def build_engine(config, spec, policy) -> RolloutEngine:
