@@ -101,6 +101,11 @@ def trl_vllm(spec: dict) -> dict:
         original(self, *a, **{**kw, "use_vllm": True, "vllm_mode": "colocate"})
 
     RLOOConfig.__init__ = with_vllm
+    if not spec["pm_ckpt"]:  # the same stand-in reward as our runs: an untrained PM on the tiny built-in model
+        from lit_route.models.backbone import BackboneSpec
+        from lit_route.policy.pm_scoring import load_reward_pm
+
+        rloo_vs_trl.load_reward_pm = lambda ckpt: load_reward_pm(None, BackboneSpec())
     try:
         out = rloo_vs_trl.run_trl(args, rloo_vs_trl.bench_prompts(spec["prompts"] * spec["steps"]))
         return {**spec, "step_s": out["median_step_s"], "mean_completion_tokens": out["mean_completion_tokens"]}

@@ -180,14 +180,17 @@ def test_merged_weight_sync_and_importance_weights(tmp_path, colocated):
 
 
 def test_server_engine_loads_and_unloads_adapter_versions(tmp_path, server):
-    options = EngineOptions(base_url=server, served_model="smollm2", adapter_dir=str(tmp_path / "adapters"))
-    module, steps = run_rloo(tmp_path, None, engine="server", engine_options=options)
+    options = EngineOptions(base_url=server, served_model="smollm2", adapter_dir=str(tmp_path / "adapters"),
+                            keep_versions=1)
+    module, steps = run_rloo(tmp_path, None, steps=2, engine="server", engine_options=options)
     engine = module.engine
     assert engine.name == "server" and engine.stats["retries"] == 0
     for step in steps:
         assert step["engine/logprob_gap_max"] < GAP_TOL, steps
     served = _models(server)
-    assert served == {"smollm2", *engine._names.values()} and len(engine._names) == 2
+    # version 0 was unloaded when version 1 came: the server holds the base and the newest adapter only
+    assert served == {"smollm2", *engine._names.values()} and list(engine._names) == [1]
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["v1"]
     engine.close()
     assert _models(server) == {"smollm2"}
 
