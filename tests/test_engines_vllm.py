@@ -7,8 +7,9 @@ test`` installs both, so CI runs them.
 Tolerance of the engine–trainer log-prob check: both run SmolLM2 in float32 and sample the same tokens, so the
 only differences are summation orders in vLLM's CPU kernels against torch's (matmuls, attention, RMSNorm over
 30 layers). Measured here: max |Δ log p| ≈ 3e-5 over every sampled token. ``GAP_TOL = 1e-3`` leaves a margin of
-30x for other x86-64 CPUs (other SIMD widths reorder sums) and is still 10x below what one stale optimiser step
-moves the log-probs at ``LR`` (measured ≥ 1e-2, see ``test_a_stale_adapter_fails_the_check``).
+30x for other x86-64 CPUs (other SIMD widths reorder sums) and is still 50x below what one stale optimiser step
+moves the log-probs at ``LR`` (measured: 5.5e-2 after one missed sync, 1.2e-1 after two; see
+``test_a_stale_adapter_fails_the_check``).
 """
 
 from __future__ import annotations
