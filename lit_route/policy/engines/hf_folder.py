@@ -46,7 +46,9 @@ def engine_model_dir(spec: BackboneSpec, cache: Path | None = None) -> Path:
         raise ValueError("generation.engine: a bitsandbytes-quantised policy cannot be handed to an inference "
                          "engine; use quantization: null (the engine may quantise on its own)")
     if spec.model_path == TINY_SPEC:
-        key = "tiny-llama"
+        import transformers
+
+        key = f"tiny-llama-{transformers.__version__}"  # seeded, but its initialisation is transformers'
     elif spec.gguf_file:
         key = file_sha256(Path(resolve_model_dir(spec.model_path)) / spec.gguf_file)[:32]
     else:
