@@ -125,3 +125,17 @@ def test_bad_engine_options_are_one_line(generation, message):
 
     with pytest.raises(ValueError, match=message):
         RLOOPolicyModule(policy=BackboneSpec(), pm_backbone=BackboneSpec(), generation=GenerationConfig(**generation))
+
+
+def test_engine_folder_is_converted_once_and_plain_folders_pass_through(tmp_path, tiny_model_dir):
+    from lit_route.policy.engines.hf_folder import engine_model_dir
+
+    folder = engine_model_dir(BackboneSpec(), cache=tmp_path)
+    assert (folder / "config.json").exists() and list(folder.glob("*.safetensors"))
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    assert engine_model_dir(BackboneSpec(), cache=tmp_path) == folder  # cached: not written again
+    assert (folder / "config.json").stat().st_mtime_ns == stamp
+    assert not [p for p in folder.parent.iterdir() if ".partial" in p.name]
+    assert engine_model_dir(BackboneSpec(model_path=str(tiny_model_dir)), cache=tmp_path) == tiny_model_dir
+    with pytest.raises(ValueError, match="quantization"):
+        engine_model_dir(BackboneSpec(model_path=str(tiny_model_dir), quantization="4bit"), cache=tmp_path)
