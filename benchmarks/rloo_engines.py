@@ -101,8 +101,14 @@ def trl_vllm(spec: dict) -> dict:
         original(self, *a, **{**kw, "use_vllm": True, "vllm_mode": "colocate"})
 
     RLOOConfig.__init__ = with_vllm
+    from lit_route.models.backbone import BackboneSpec, load_backbone, load_tokenizer
+    from lit_route.policy.engines.hf_folder import engine_model_dir
+
+    # TRL hands the model's folder to vLLM, which cannot read the GGUF one: the same weights as a HF folder
+    folder = BackboneSpec(model_path=str(engine_model_dir(rloo_vs_trl.SMOL)))
+    rloo_vs_trl.load_backbone = lambda spec, causal_lm=False: load_backbone(folder, causal_lm=causal_lm)
+    rloo_vs_trl.load_tokenizer = lambda spec: load_tokenizer(folder)
     if not spec["pm_ckpt"]:  # the same stand-in reward as our runs: an untrained PM on the tiny built-in model
-        from lit_route.models.backbone import BackboneSpec
         from lit_route.policy.pm_scoring import load_reward_pm
 
         rloo_vs_trl.load_reward_pm = lambda ckpt: load_reward_pm(None, BackboneSpec())
