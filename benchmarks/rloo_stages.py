@@ -29,6 +29,7 @@ from rloo_vs_trl import SMOL, TARGETS, bench_prompts
 
 import lit_route.policy.pm_scoring as pm_scoring
 from lit_route.models.backbone import LoraSpec
+from lit_route.models.compat import cache_of, with_cache
 from lit_route.policy.data import PromptDataModule
 from lit_route.policy.module import RLOOPolicyModule
 from lit_route.policy.sampling import GenerationConfig, completion_logprobs, sequence_inputs
@@ -83,8 +84,8 @@ def floors(module: RLOOPolicyModule, keep: KeepRollout) -> dict:
         att, p = mask, pos[:, -1:] + 1
         for t in range(comps.shape[1] - 1):
             att = torch.cat([att, torch.ones_like(att[:, :1])], 1)
-            out = policy(input_ids=comps[:, t : t + 1], attention_mask=att, position_ids=p, cache=out.cache,
-                         use_cache=True)
+            out = policy(input_ids=comps[:, t : t + 1], attention_mask=att, position_ids=p, use_cache=True,
+                         **with_cache(cache_of(out)))
             p = p + 1
 
     pm, encoder = module.pm, module._pm_encoder
@@ -95,12 +96,12 @@ def floors(module: RLOOPolicyModule, keep: KeepRollout) -> dict:
         enc = [encoder.encode_orders(messages, texts[i], texts[j]) for i, j in zip(ii.tolist(), jj.tolist(), strict=True)]
         seqs = [e[0].input_ids for e in enc] + [e[1].input_ids for e in enc]
         n = pm_scoring.common_prefix(seqs)
-        groups.append((seqs, n, pm.backbone(input_ids=torch.tensor([seqs[0][:n]]), use_cache=True).cache))
+        groups.append((seqs, n, cache_of(pm.backbone(input_ids=torch.tensor([seqs[0][:n]]), use_cache=True))))
 
     @torch.no_grad()
     def pm_scoring_floor():
         for seqs, n, _ in groups:
-            cache = pm.backbone(input_ids=torch.tensor([seqs[0][:n]]), use_cache=True).cache
+            cache = cache_of(pm.backbone(input_ids=torch.tensor([seqs[0][:n]]), use_cache=True))
             h = pm_scoring.pooled_with_prefix(pm.backbone, seqs, pm.tokenizer.pad_token_id, cache, n)
             pm.score_pooled(h)
 

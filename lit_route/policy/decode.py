@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from lit_route.models.compat import cache_of, with_cache
+
 
 def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """(N, V) logits -> (N, V) logits of the sampling distribution: divided by the temperature, then all but the
@@ -42,7 +44,7 @@ def lean_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1)
-    cache = out.cache
+    cache = cache_of(out)
     position = position_ids[:, -1:] + 1
     eos = torch.tensor(eos_ids, dtype=torch.long, device=input_ids.device)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -56,7 +58,7 @@ def lean_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        out = model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask, position_ids=position, cache=cache,
-                    use_cache=True)
+        out = model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask, position_ids=position, use_cache=True,
+                    **with_cache(cache))
         position = position + 1
     return torch.stack(tokens, dim=1)

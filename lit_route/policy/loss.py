@@ -6,7 +6,7 @@ import torch
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_eps: float | None = None) -> torch.Tensor:
+                clip_eps: float | None = None, token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Token-level policy-gradient loss.
 
     With ``clip_eps=None`` this is REINFORCE: ``−A · Σ_t log π(y_t)`` averaged over completion tokens (the
@@ -19,6 +19,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         advantages: (N,) sequence advantages.
         mask: (N, T) completion mask.
         clip_eps: PPO clip range, or ``None``.
+        token_weights: (N, T) per-token weights (truncated importance sampling of an engine's samples), or ``None``.
 
     Returns:
         Scalar loss.
@@ -28,4 +29,6 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     surrogate = ratio * adv
     if clip_eps is not None:
         surrogate = torch.minimum(surrogate, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    if token_weights is not None:
+        surrogate = surrogate * token_weights.detach()
     return -(surrogate * mask).sum() / mask.sum().clamp_min(1.0)

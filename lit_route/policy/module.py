@@ -19,13 +19,13 @@ from lit_route.models.backbone import (
 )
 from lit_route.models.split import Trunk
 from lit_route.policy.context import RewardContext
+from lit_route.policy.engines import build_engine, check_engine_options, engine_statistics
 from lit_route.policy.loss import policy_loss
 from lit_route.policy.pipeline import PendingBatch, RewardPipeline, gather_ranks
 from lit_route.policy.pm_scoring import load_reward_pm, score_groups
 from lit_route.policy.sampling import (
     GenerationConfig,
     completion_logprobs,
-    sample,
     sequence_inputs,
     token_logprobs,
 )
@@ -52,6 +52,7 @@ class Rollout:
         trunk_hidden: (B·K, L, H) the hidden state entering the lowest adapted layer, when the frozen bottom
             is run once per batch (see :mod:`lit_route.models.split`); ``None`` otherwise.
         staleness: Optimiser steps taken since the batch was sampled (> 0 with a reward pipeline).
+        is_weights: (B·K, T) truncated importance-sampling weights of an engine's samples, or ``None``.
     """
 
     prompt_ids: torch.Tensor
@@ -65,6 +66,7 @@ class Rollout:
     ctx: RewardContext
     trunk_hidden: torch.Tensor | None = None
     staleness: int = 0
+    is_weights: torch.Tensor | None = None
 
 
 class RLOOPolicyModule(L.LightningModule):
@@ -166,6 +168,17 @@ class RLOOPolicyModule(L.LightningModule):
     def reward_hooks(self):
         return [cb for cb in self.trainer.callbacks if hasattr(cb, "on_pairwise_scores")] if self._trainer else []
 
+    @property
+    def engine(self):
+        """The rollout engine ``generation.engine`` names (built on first use; assignable, e.g. to share one)."""
+        if self.__dict__.get("_engine") is None:
+            self.__dict__["_engine"] = build_engine(self.generation, self.policy_spec, self.policy)
+        return self.__dict__["_engine"]
+
+    @engine.setter
+    def engine(self, engine) -> None:
+        self.__dict__["_engine"] = engine
+
     def _logprobs(self, model, *args) -> torch.Tensor:
         return token_logprobs(model, *args, temperature=self.generation.temperature)
 
@@ -215,8 +228,10 @@ class RLOOPolicyModule(L.LightningModule):
         ctx = RewardContext(batch["messages"], [], torch.empty(0), torch.empty(0), torch.empty(0), torch.empty(0))
         with ctx.timer("generation"):
             self.policy.eval()
-            comps, cmask = sample(self.policy, batch["prompt_ids"], batch["prompt_mask"], self.generation, self.eos_ids,
-                                  self.tokenizer.pad_token_id, self.hparams.sample_seed + step)
+            self.engine.sync(self.policy, step)  # the weights after `step` optimiser steps (no-op if unchanged)
+            out = self.engine.generate(self.policy, batch["prompt_ids"], batch["prompt_mask"], self.generation,
+                                       self.eos_ids, self.tokenizer.pad_token_id, self.hparams.sample_seed + step)
+            comps, cmask = out.completions, out.mask
             self.policy.train()
             texts = self.tokenizer.batch_decode(comps * cmask.long() + self.tokenizer.pad_token_id * (1 - cmask.long()),
                                                 skip_special_tokens=True)
@@ -240,7 +255,9 @@ class RLOOPolicyModule(L.LightningModule):
             else:
                 ref_logp = self._reference_logprobs(prompt_ids, prompt_mask, comps, cmask)
                 old_logp = self._logprobs(self.policy, prompt_ids, prompt_mask, comps, cmask)
-        return PendingBatch(prompt_ids, prompt_mask, comps, cmask, old_logp, ref_logp, ctx, hidden, version)
+        is_weights = engine_statistics(self.engine, out, old_logp, cmask, self.generation.engine_options, ctx.stats)
+        return PendingBatch(prompt_ids, prompt_mask, comps, cmask, old_logp, ref_logp, ctx, hidden, version,
+                            is_weights=is_weights)
 
     def finish_rollout(self, pending: PendingBatch, hooks=(), trainer=None, version: int | None = None) -> Rollout:
         """The hooks' ``on_before_rewards`` (verdicts merged into S), then KL, rewards and advantages
@@ -258,7 +275,7 @@ class RLOOPolicyModule(L.LightningModule):
             raise FloatingPointError("non-finite advantages: check the PM checkpoint (scores must be finite)")
         staleness = 0 if version is None else version - p.version
         return Rollout(p.prompt_ids, p.prompt_mask, p.completions, p.completion_mask, p.old_logp, advantages.flatten(),
-                       pm_reward, kl, ctx, p.trunk_hidden, staleness)
+                       pm_reward, kl, ctx, p.trunk_hidden, staleness, p.is_weights)
 
     def update_loss(self, rollout: Rollout, update: int) -> torch.Tensor:
         """The policy loss of update number ``update`` on ``rollout`` (the forward pass that gradients flow
@@ -269,7 +286,7 @@ class RLOOPolicyModule(L.LightningModule):
         else:
             logp = self._logprobs(self.policy, r.prompt_ids, r.prompt_mask, r.completions, r.completion_mask)
         return policy_loss(logp, r.old_logp, r.advantages, r.completion_mask,
-                           self.hparams.clip_eps if update > 0 or r.staleness > 0 else None)
+                           self.hparams.clip_eps if update > 0 or r.staleness > 0 else None, r.is_weights)
 
     def next_batch(self) -> int:
         """The number of the batch about to be sampled (seeds its sampling), counting on from there."""
@@ -401,7 +418,7 @@ def _check_options(generation, beta, kl_estimator, updates_per_batch, clip_eps, 
     check_nonnegative("generation.max_new_tokens", generation.max_new_tokens, integer=True, positive=True)
     check_nonnegative("generation.temperature", generation.temperature, positive=True)
     check_nonnegative("generation.top_k", generation.top_k, integer=True)
-    check_choice("generation.engine", generation.engine, ("lean", "hf"))
+    check_engine_options(generation)
     if not 0 < generation.top_p <= 1:
         raise ValueError(f"generation.top_p: expected a number in (0, 1]; got {generation.top_p}")
     check_nonnegative("beta", beta)

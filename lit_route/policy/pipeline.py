@@ -34,6 +34,7 @@ class PendingBatch:
         ctx: The batch's reward context (PM scores; verdicts are merged into it when it is due).
         trunk_hidden: (B·K, L, H) the frozen bottom's output (not checkpointed: recomputed by a full pass).
         version: Optimiser steps done when the batch was sampled (its staleness at update is measured from it).
+        is_weights: (B·K, T) truncated importance-sampling weights of an engine's samples, or ``None``.
     """
 
     prompt_ids: torch.Tensor
@@ -45,6 +46,7 @@ class PendingBatch:
     ctx: RewardContext
     trunk_hidden: torch.Tensor | None = None
     version: int = 0
+    is_weights: torch.Tensor | None = None
 
     _TENSORS = ("prompt_ids", "prompt_mask", "completions", "completion_mask", "old_logp", "ref_logp")
 
@@ -54,18 +56,23 @@ class PendingBatch:
         state["ctx"] = {name: getattr(self.ctx, name) for name in _CTX_FIELDS}
         state["ctx"] = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state["ctx"].items()}
         state["version"] = self.version
+        state["is_weights"] = None if self.is_weights is None else self.is_weights.detach().cpu()
         return state
 
     def to(self, device: torch.device | str) -> PendingBatch:
         """The batch's tensors on ``device`` (a restored batch is loaded before the module is placed)."""
         for name in self._TENSORS:
             setattr(self, name, getattr(self, name).to(device))
+        if self.is_weights is not None:
+            self.is_weights = self.is_weights.to(device)
         return self
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device | str = "cpu") -> PendingBatch:
         tensors = {name: state[name].to(device) for name in cls._TENSORS}
-        return cls(**tensors, ctx=RewardContext(**state["ctx"]), version=int(state["version"]))
+        weights = state.get("is_weights")
+        return cls(**tensors, ctx=RewardContext(**state["ctx"]), version=int(state["version"]),
+                   is_weights=None if weights is None else weights.to(device))
 
 
 class RewardPipeline:

@@ -7,6 +7,7 @@ import copy
 import torch
 
 from lit_route.data.encoding import PairEncoder, pad_batch
+from lit_route.models.compat import cache_of, with_cache
 from lit_route.models.pooling import pool_last_token
 from lit_route.rewards.pairwise import upper_pairs
 
@@ -53,7 +54,7 @@ def pooled_with_prefix(backbone, sequences: list[list[int]], pad_id: int, prefix
     mask = torch.cat([torch.ones(n, prefix_len, dtype=torch.long), rest["attention_mask"]], dim=1)
     positions = prefix_len + torch.arange(rest["input_ids"].shape[1]).expand(n, -1)
     out = backbone(input_ids=rest["input_ids"].to(device), attention_mask=mask.to(device),
-                   position_ids=positions.to(device), cache=cache, use_cache=True)
+                   position_ids=positions.to(device), use_cache=True, **with_cache(cache))
     return pool_last_token(out.last_hidden_state, rest["attention_mask"].to(device))
 
 
@@ -81,7 +82,7 @@ def score_groups(pm, encoder: PairEncoder, prompts: list, completions: list[list
         cache = None
         if prefix_len:
             prefix = torch.tensor([sequences[0][:prefix_len]], device=device)
-            cache = pm.backbone(input_ids=prefix, use_cache=True).cache
+            cache = cache_of(pm.backbone(input_ids=prefix, use_cache=True))
         for start in range(0, len(pairs), batch_size):
             stop = min(start + batch_size, len(pairs))
             chunk = sequences[start:stop] + sequences[len(pairs) + start : len(pairs) + stop]

@@ -2,11 +2,55 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
 from lit_route.policy.decode import lean_generate
+
+
+@dataclass
+class EngineOptions:
+    """Options of the ``vllm`` and ``server`` rollout engines (see docs/engines.md).
+
+    Args:
+        sync: How the engine follows the policy after each optimiser step: ``adapter`` (write the LoRA adapter
+            only, as a new versioned peft folder, and sample with a new ``LoRARequest``), ``merged`` (push the
+            merged weights of the adapted layers, or all weights of a policy without LoRA, into the engine) or
+            ``auto`` (``merged`` on a CPU, where an unmerged adapter costs more than the engine saves, and
+            ``adapter`` on a GPU, where it is what scales). ``server`` always syncs adapters.
+        adapter_dir: Where adapter versions are written (a temporary folder when ``None``). The ``server``
+            engine's server must be able to read it.
+        keep_versions: Adapter versions kept on disk and loaded in the engine (older ones are removed).
+        max_model_len: Longest prompt + completion the engine plans for.
+        gpu_memory_utilization: Share of the GPU's memory a colocated engine may take (the trainer needs the rest).
+        cpu_kv_cache_gb: KV-cache size of vLLM's CPU build, in GiB (``VLLM_CPU_KVCACHE_SPACE`` wins if set).
+        enforce_eager: Skip vLLM's graph capture and compilation (``None``: on CPU only, where compiling costs
+            more than a short run gains).
+        base_url: ``server``: the OpenAI-compatible server, e.g. ``http://gpu-node:8000/v1``.
+        served_model: ``server``: the base model's name there (``None``: the first model it lists).
+        api_key_env: ``server``: environment variable holding its key (``None``: no key).
+        timeout_s: ``server``: timeout of one request.
+        max_attempts: ``server``: attempts per request for transport failures, 5xx and 429.
+        importance_sampling: Weight each token's loss by ``min(π_old/μ_engine, importance_sampling_cap)``
+            (truncated importance sampling, TRL's ``vllm_importance_sampling_correction``).
+        importance_sampling_cap: The truncation C.
+    """
+
+    sync: str = "auto"
+    adapter_dir: str | None = None
+    keep_versions: int = 2
+    max_model_len: int = 2048
+    gpu_memory_utilization: float = 0.3
+    cpu_kv_cache_gb: int = 1
+    enforce_eager: bool | None = None
+    base_url: str | None = None
+    served_model: str | None = None
+    api_key_env: str | None = None
+    timeout_s: float = 600.0
+    max_attempts: int = 6
+    importance_sampling: bool = False
+    importance_sampling_cap: float = 3.0
 
 
 @dataclass
@@ -20,8 +64,11 @@ class GenerationConfig:
         top_p: Nucleus sampling threshold.
         top_k: Keep only the k most likely tokens (0: off). Set explicitly because transformers' own default
             (50) would otherwise apply silently.
-        engine: ``lean`` (a minimal cached sampling loop, :mod:`lit_route.policy.decode`) or ``hf``
-            (``model.generate``). Both sample from the same distribution.
+        engine: ``lean`` (a minimal cached sampling loop, :mod:`lit_route.policy.decode`), ``hf``
+            (``model.generate``), ``vllm`` (a vLLM engine in the training process) or ``server`` (an external
+            OpenAI-compatible vLLM server with runtime LoRA loading). All sample from the same distribution; see
+            :mod:`lit_route.policy.engines`.
+        engine_options: Options of the ``vllm`` and ``server`` engines.
     """
 
     num_samples: int = 4
@@ -30,6 +77,14 @@ class GenerationConfig:
     top_p: float = 1.0
     top_k: int = 0
     engine: str = "lean"
+    engine_options: EngineOptions = field(default_factory=EngineOptions)
+
+    def __setstate__(self, state: dict) -> None:
+        # a checkpoint written before a field existed restores without it: give it the default
+        for f in fields(self):
+            if f.name not in state:
+                state[f.name] = f.default_factory() if f.default is MISSING else f.default
+        self.__dict__.update(state)
 
 
 def completion_mask(completions: torch.Tensor, eos_ids: list[int], pad_id: int) -> torch.Tensor:
@@ -143,4 +198,4 @@ def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
     return completion_logprobs(logits, completions, comp_mask, temperature)
 
 
-torch.serialization.add_safe_globals([GenerationConfig])
+torch.serialization.add_safe_globals([GenerationConfig, EngineOptions])
