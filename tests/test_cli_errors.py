@@ -124,6 +124,16 @@ def test_a_cache_path_that_is_a_folder_is_named(tmp_path, capsys):
     assert line.startswith(f"lit-route: error: cache: {folder} is a folder; give a file path")
 
 
+def test_a_routing_cache_path_that_is_a_folder_is_named(tmp_path, capsys):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    # before: the run loaded the policy and the PM, then sqlite said `unable to open database file`
+    argv = ["rloo", "fit", *RLOO[2:], "--trainer.callbacks.init_args.cache", str(folder),
+            "--trainer.default_root_dir", str(tmp_path / "r")]
+    assert one_line(argv, capsys).startswith(f"lit-route: error: cache: {folder} is a folder; give a file path")
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("max_calls_total", "-5", "max_calls_total: expected an integer >= 0; got -5"),
     ("fraction", "-0.5", "fraction: expected a number in [0, 1]; got -0.5"),

@@ -1,4 +1,4 @@
-"""The documented way to load an exported PM without lit-route's modules (docs/export-snippet.md) runs as written on
+"""The documented way to load an exported PM without lit-route's modules (docs/export.md) runs as written on
 a PM trained by `lit-route pm fit` on `builtin:tiny-llama` and exported by `lit-route export`, and gives the scores
 lit-route gives; `base_model.path` in `lit_route.json` is what `from_pretrained` loads, for every kind of base."""
 
@@ -18,7 +18,7 @@ from lit_route.preference.scoring import score_pairs
 from lit_route.types import PreferencePair
 
 ROOT = Path(__file__).resolve().parents[1]
-SNIPPET = ROOT / "docs" / "export-snippet.md"
+SNIPPET = ROOT / "docs" / "export.md"
 
 
 def python_block(path: Path) -> str:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import lightning as L
 import torch
 
-from lit_route.checks import check_nonnegative
+from lit_route.checks import check_file_path, check_nonnegative
 from lit_route.eval.export import judged_record
 from lit_route.judges.base import JudgeBackend, check_judge
 from lit_route.judges.cache import CachedJudge, spent_by_run
@@ -118,8 +118,11 @@ class UncertaintyRouting(L.Callback):
         export_judged: str | None = None,
     ):
         check_judge(judge)
+        check_file_path("cache", cache, "judge_cache.sqlite")
+        check_file_path("export_judged", export_judged, "judged.jsonl")
         for i, stage in enumerate(cascade or []):
             check_judge(stage.judge, f"cascade[{i}].judge")
+            check_file_path(f"cascade[{i}].cache", stage.cache, "judge_cache.sqlite")
         if max_consecutive_errors is not None:
             check_nonnegative("max_consecutive_errors", max_consecutive_errors, integer=True)
         main = CachedJudge(judge, cache) if cache else judge
