@@ -194,7 +194,8 @@ def test_serve_command_errors_are_one_line(tmp_path, capsys):
         main(["serve", "--pm_ckpt", str(tmp_path / "missing.ckpt")])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
-    assert err == f"lit-route: error: pm_ckpt: {tmp_path / 'missing.ckpt'} does not exist  (--debug shows the traceback)"
+    assert err.startswith(f"lit-route: error: pm_ckpt: {tmp_path / 'missing.ckpt'} does not exist; train a PM first")
+    assert err.endswith("(--debug shows the traceback)") and "\n" not in err
     config = tmp_path / "serve.yaml"
     config.write_text("pm_ckpt: never_loaded.ckpt\njudge:\n  class_path: lit_route.judges.FunctionJudge\n"
                       "  init_args:\n    function: json:dumps\nfraction: 1.5\n")

@@ -25,6 +25,8 @@ NEEDS_SOMETHING = {
     "configs/rloo/smollm2_local.yaml": ("rloo fit", PM_CKPT.format("pm_smollm2_sngp")),
     "configs/rloo/constraints.yaml": ("rloo fit", PM_CKPT.format("pm_constraints")),
     "configs/rloo/llama8b_anthropic.yaml": ("rloo fit", PM_CKPT.format("pm_llama8b_sngp")),
+    "configs/rloo/smollm2_vllm.yaml": ("rloo fit", PM_CKPT.format("pm_smollm2_sngp")),
+    "configs/serve/anthropic.yaml": ("serve", "set the environment variable ANTHROPIC_API_KEY"),
     # before: `OSError: We couldn't connect to 'https://huggingface.co' ...`, naming no model
     "configs/pm/llama8b_sngp_lora.yaml": ("pm fit", "model_path: meta-llama/Llama-3.1-8B-Instruct is not a local folder"),
 }
@@ -37,6 +39,7 @@ RUN_ELSEWHERE = {
     "configs/pm/smollm2_sngp.yaml": "bundled data and the installed SmolLM2 (parsed in tests/test_configs.py)",
     "configs/pm/constraints_sngp.yaml": "benchmarks/rlhf_downstream.py (bundled data)",
     "configs/pm/constraints_sngp_shift.yaml": "bundled data (parsed in tests/test_configs.py)",
+    "configs/serve/debug_tiny.yaml": "tests/test_reward_server.py",
     "configs/trainer/ddp_cpu_2.yaml": "tests/test_fabric_pm.py, tests/test_rloo_ddp.py",
     "configs/trainer/fsdp.yaml": "a GPU strategy (parsed in tests/test_configs.py)",
     "configs/trainer/deepspeed_zero2.yaml": "a GPU strategy (parsed in tests/test_configs.py)",
