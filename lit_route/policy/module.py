@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -21,7 +20,7 @@ from lit_route.models.split import Trunk
 from lit_route.policy.context import RewardContext
 from lit_route.policy.engines import build_engine, check_engine_options, engine_statistics
 from lit_route.policy.loss import policy_loss
-from lit_route.policy.pipeline import PendingBatch, RewardPipeline, gather_ranks
+from lit_route.policy.pipeline import PendingBatch, RewardPipeline, Rollout, check_pipeline, gather_ranks
 from lit_route.policy.pm_scoring import load_reward_pm, score_groups
 from lit_route.policy.sampling import (
     GenerationConfig,
@@ -33,40 +32,6 @@ from lit_route.rewards.pairwise import pairwise_rewards
 from lit_route.rewards.rloo import kl_per_sequence, rloo_advantages, whiten
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Rollout:
-    """One sampled batch, scored and turned into advantages.
-
-    Attributes:
-        prompt_ids: (B·K, P) left-padded prompts, each repeated K times.
-        prompt_mask: (B·K, P).
-        completions: (B·K, T) sampled tokens.
-        completion_mask: (B·K, T) real (non-padding) completion tokens.
-        old_logp: (B·K, T) the sampling policy's token log-probabilities.
-        advantages: (B·K,) RLOO advantages.
-        pm_reward: (B, K) mean pairwise scores (after routing).
-        kl: (B, K) per-sequence KL to the reference.
-        ctx: The step's scores, routing marks, timings and statistics.
-        trunk_hidden: (B·K, L, H) the hidden state entering the lowest adapted layer, when the frozen bottom
-            is run once per batch (see :mod:`lit_route.models.split`); ``None`` otherwise.
-        staleness: Optimiser steps taken since the batch was sampled (> 0 with a reward pipeline).
-        is_weights: (B·K, T) truncated importance-sampling weights of an engine's samples, or ``None``.
-    """
-
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    completions: torch.Tensor
-    completion_mask: torch.Tensor
-    old_logp: torch.Tensor
-    advantages: torch.Tensor
-    pm_reward: torch.Tensor
-    kl: torch.Tensor
-    ctx: RewardContext
-    trunk_hidden: torch.Tensor | None = None
-    staleness: int = 0
-    is_weights: torch.Tensor | None = None
 
 
 class RLOOPolicyModule(L.LightningModule):
@@ -137,7 +102,7 @@ class RLOOPolicyModule(L.LightningModule):
         self.generation = generation or GenerationConfig()
         _check_options(self.generation, beta, kl_estimator, updates_per_batch, clip_eps, lr, max_grad_norm,
                        accumulate_batches, pm_batch_size)
-        _check_pipeline(reward_pipeline, accumulate_batches)
+        check_pipeline(reward_pipeline, accumulate_batches)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.policy_spec = policy
@@ -402,13 +367,6 @@ class RLOOPolicyModule(L.LightningModule):
 
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
             self.pipeline.load_state_dict(pending[rank] if rank < len(pending) else [], self.device)
-
-
-def _check_pipeline(reward_pipeline: int, accumulate_batches: int) -> None:
-    check_nonnegative("reward_pipeline", reward_pipeline, integer=True)
-    if reward_pipeline and accumulate_batches > 1:
-        raise ValueError("reward_pipeline: trains on one batch per optimiser step; set accumulate_batches: 1 "
-                         "(or reward_pipeline: 0)")
 
 
 def _check_options(generation, beta, kl_estimator, updates_per_batch, clip_eps, lr, max_grad_norm, accumulate_batches,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from lit_route.checks import check_nonnegative
 from lit_route.policy.context import RewardContext
 
 _CTX_FIELDS = [f.name for f in fields(RewardContext)]
@@ -73,6 +74,48 @@ class PendingBatch:
         weights = state.get("is_weights")
         return cls(**tensors, ctx=RewardContext(**state["ctx"]), version=int(state["version"]),
                    is_weights=None if weights is None else weights.to(device))
+
+
+@dataclass
+class Rollout:
+    """One sampled batch, scored and turned into advantages: a :class:`PendingBatch` once its verdicts are in.
+
+    Attributes:
+        prompt_ids: (B·K, P) left-padded prompts, each repeated K times.
+        prompt_mask: (B·K, P).
+        completions: (B·K, T) sampled tokens.
+        completion_mask: (B·K, T) real (non-padding) completion tokens.
+        old_logp: (B·K, T) the sampling policy's token log-probabilities.
+        advantages: (B·K,) RLOO advantages.
+        pm_reward: (B, K) mean pairwise scores (after routing).
+        kl: (B, K) per-sequence KL to the reference.
+        ctx: The step's scores, routing marks, timings and statistics.
+        trunk_hidden: (B·K, L, H) the hidden state entering the lowest adapted layer, when the frozen bottom
+            is run once per batch (see :mod:`lit_route.models.split`); ``None`` otherwise.
+        staleness: Optimiser steps taken since the batch was sampled (> 0 with a reward pipeline).
+        is_weights: (B·K, T) truncated importance-sampling weights of an engine's samples, or ``None``.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completions: torch.Tensor
+    completion_mask: torch.Tensor
+    old_logp: torch.Tensor
+    advantages: torch.Tensor
+    pm_reward: torch.Tensor
+    kl: torch.Tensor
+    ctx: RewardContext
+    trunk_hidden: torch.Tensor | None = None
+    staleness: int = 0
+    is_weights: torch.Tensor | None = None
+
+
+def check_pipeline(reward_pipeline: int, accumulate_batches: int) -> None:
+    """``reward_pipeline`` (s) against the module's other options."""
+    check_nonnegative("reward_pipeline", reward_pipeline, integer=True)
+    if reward_pipeline and accumulate_batches > 1:
+        raise ValueError("reward_pipeline: trains on one batch per optimiser step; set accumulate_batches: 1 "
+                         "(or reward_pipeline: 0)")
 
 
 class RewardPipeline:
