@@ -1,9 +1,12 @@
 """Downstream proof: does a policy trained with uncertainty-routed rewards beat random routing at equal judge calls?
 
 Task: ``constraints`` (lit_route/tasks/constraints.py), short instructions a program can check. Policy:
-SmolLM2-135M-Instruct with LoRA. Reward: the task's SNGP PM (``configs/pm/constraints_sngp.yaml``), with the
-task's verifier as the judge (a ``FunctionJudge``). Every arm shares the seed, the prompts and their order, the
-sampling and every setting of ``configs/rloo/constraints.yaml``; only the reward differs:
+SmolLM2-135M-Instruct with LoRA. Reward: the task's PM whose ū best found its errors on the task's validation
+prompts (``configs/pm/constraints_laplace.yaml``: frozen SmolLM2 features, Laplace head; chosen by
+``routing_quality.py --task constraints`` before the held-out prompts were looked at), with the task's verifier as
+the judge (a ``FunctionJudge``); ``--pm-config configs/pm/constraints_sngp.yaml`` rewards with the LoRA + SNGP PM
+instead. Every arm shares the seed, the prompts and their order, the sampling and every setting of
+``configs/rloo/constraints.yaml``; only the reward differs:
 
 - ``pm_only``: the PM's scores alone (no judge);
 - ``random``: the PM, and a random ``--fraction`` of each step's pairs judged (the routing callback's random router);
@@ -22,7 +25,7 @@ the greedy policy's verifier accuracy on the held-out prompts. Writes
 interrupted benchmark resumes where it stopped.
 
     python benchmarks/rlhf_downstream.py                        # trains the PM first if --pm-ckpt is absent
-    python benchmarks/rlhf_downstream.py --seeds 0 1 2 --steps 30 --pm-ckpt runs/pm_constraints/finalized.ckpt
+    python benchmarks/rlhf_downstream.py --seeds 0 1 2 3 4 5 6 7 --arms uncertainty random risk
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from lit_route.eval.stats import paired_t_interval, seeds_needed
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BASE_CONFIG = ROOT / "configs" / "rloo" / "constraints.yaml"
-PM_CONFIG = ROOT / "configs" / "pm" / "constraints_sngp.yaml"
+PM_CONFIG = ROOT / "configs" / "pm" / "constraints_laplace.yaml"
 ARMS = ("pm_only", "random", "uncertainty", "judge_all")
 EXTRA_ARMS = ("risk",)  # τ by lit_route.routing.RiskController from a 10% audit share (needs its observe() wired)
 JUDGE = {"class_path": "lit_route.judges.FunctionJudge", "init_args": {"function": "lit_route.tasks.verify:judge_pair"}}
@@ -255,7 +258,7 @@ def plot(summary: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pm-ckpt", default="runs/pm_constraints/finalized.ckpt",
+    parser.add_argument("--pm-ckpt", default="runs/pm_constraints_laplace/finalized.ckpt",
                         help="finalised constraints PM; trained with --pm-config when absent")
     parser.add_argument("--pm-config", default=str(PM_CONFIG), help="PM config to train when --pm-ckpt is absent")
     parser.add_argument("--judge-all-from", default=None,
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work_dir)
     ckpt = args.pm_ckpt
     if not Path(ckpt).exists():
-        log.info("no PM at %s: training one with %s", ckpt, PM_CONFIG)
+        log.info("no PM at %s: training one with %s", ckpt, args.pm_config)
         ckpt = train_pm(args.pm_config, work)
     pm_file = work / "pm_quality.json"
     if pm_file.exists() and not args.rerun and json.loads(pm_file.read_text()).get("ckpt") == str(ckpt):

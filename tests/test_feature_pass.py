@@ -104,3 +104,21 @@ def test_the_feature_pass_bar_shows_a_rate_sequences_done_and_the_time_left(tmp_
     # before: Lightning's epoch bar, `0.00it/s` for minutes while each batch ran the backbone
     assert re.search(r"[\d.]+k?(tok/s|s/tok)", err) and "19/19 sequences" in err
     assert re.search(r"<\d\d:\d\d", err)  # the time left
+
+
+def test_the_fabric_loop_runs_the_same_pass_before_its_first_batch(tmp_path):
+    """`lit-route fabric pm` on a frozen backbone: every feature is computed by the length-ordered pass, none in
+    the shuffled first epoch (before, the Fabric loop had no pass and every read of epoch 1 was a miss)."""
+    from lit_route.callbacks.finalize import FinalizeCovariance
+    from lit_route.fabric import LoopSettings, MetricsRecorder, fit_preference_model
+
+    L.seed_everything(0)
+    pm = module(tmp_path / "cache")
+    dm = datamodule()
+    fabric = L.Fabric(accelerator="cpu", devices=1, loggers=[MetricsRecorder()])
+    loop = LoopSettings(max_epochs=2, default_root_dir=str(tmp_path / "run"), logger=False)
+    summary = fit_preference_model(fabric, pm, dm, loop, FinalizeCovariance(progress=False))
+    sequences = {tuple(ids) for data in (dm.train_set, dm.val_set) for ab, ba, _ in data.items for ids in (ab, ba)}
+    assert summary["feature_pass"]["computed"] == len(sequences)
+    stats = pm.feature_cache.stats()
+    assert stats["misses"] == stats["cached"] == len(sequences)  # every later read was a hit

@@ -89,7 +89,8 @@ def fit_preference_model(
         ckpt_path: Resume from this ``checkpoints/last.ckpt`` of an earlier run.
 
     Returns:
-        A summary: steps, last training and validation metrics, checkpoint paths, covariance pass seconds.
+        A summary: steps, last training and validation metrics, checkpoint paths, covariance pass seconds, and
+        the length-ordered feature pass of a frozen backbone with a feature cache (``None`` otherwise).
     """
     loop = loop or LoopSettings()
     finalize = finalize or FinalizeCovariance()
@@ -124,6 +125,8 @@ def fit_preference_model(
         save_checkpoint(fabric, last_ckpt, model, module, datamodule, optimizer=optimizer, lr_scheduler=scheduler,
                         epoch=epoch, global_step=step)
 
+    # the frozen backbone's features in length order before the first batch, as under the Trainer
+    feature_pass = module.feature_pass(datamodule, fabric.world_size, progress=fabric.is_global_zero)
     model.train()
     for epoch in range(start_epoch, epochs):
         if step >= total_steps:
@@ -162,6 +165,7 @@ def fit_preference_model(
         save_last(epoch + 1)
 
     summary: dict[str, Any] = {"global_step": step, "last_ckpt": str(last_ckpt), "world_size": fabric.world_size,
+                               "feature_pass": feature_pass,
                                "train": {k: v for k, v in recorder.latest.items() if k.startswith("train/")}}
     head = module.head
     start = time.perf_counter()

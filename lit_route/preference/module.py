@@ -266,15 +266,23 @@ class PreferenceModule(L.LightningModule):
         log.info("SNGP length-scale %.4g (median heuristic over %d pairs)", float(self.head.features.length_scale), b)
 
     def on_fit_start(self) -> None:
-        # The frozen backbone's one pass, in length order before the first epoch: shuffled training batches would
-        # pad every sequence to the longest of its batch. One process only (under DDP each rank reads its shard).
-        dm = getattr(self.trainer, "datamodule", None)
-        if self.feature_cache is None or not self.backbone_frozen or dm is None or self.trainer.world_size != 1:
-            return
-        sequences = [ids for data in (dm.train_set, dm.val_set) if data is not None
+        self.feature_pass(getattr(self.trainer, "datamodule", None), self.trainer.world_size,
+                          progress=self.trainer.progress_bar_callback is not None)
+
+    def feature_pass(self, datamodule, world_size: int, progress: bool = True) -> dict[str, int] | None:
+        """The frozen backbone's one pass over the training and validation pairs, in length order, before the
+        first epoch (the Trainer's ``on_fit_start``; the Fabric loop calls it itself): shuffled training batches
+        would pad every sequence to the longest of its batch.
+
+        Returns:
+            :func:`fill_feature_cache`'s summary, or ``None`` when there is nothing to fill: no feature cache, a
+            backbone that trains, no data, or several processes (each rank then reads its own shard as it goes).
+        """
+        if self.feature_cache is None or not self.backbone_frozen or datamodule is None or world_size != 1:
+            return None
+        sequences = [ids for data in (datamodule.train_set, datamodule.val_set) if data is not None
                      for ab, ba, _ in data.items for ids in (ab, ba)]
-        fill_feature_cache(self, sequences, self.tokenizer.pad_token_id,
-                           progress=self.trainer.progress_bar_callback is not None)
+        return fill_feature_cache(self, sequences, self.tokenizer.pad_token_id, progress=progress)
 
     def connect_data(self, datamodule) -> None:
         """Lets the module read its training pairs without a Trainer (``PreferenceDataModule.connect`` calls it).
