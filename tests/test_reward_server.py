@@ -266,3 +266,60 @@ def test_calls_billed_before_a_kill_are_charged_on_restart(tiny_pm, monkeypatch,
             stats = restarted.stats()
     assert stats["billed"] == judge_server.completions == 18 and stats["batches"] == 3
     assert json.loads(state.read_text())["decision"]["ledger"]["calls"] == 18
+
+
+def test_serve_config_with_a_cascade_counts_each_judges_band(tmp_path, monkeypatch):
+    """`lit-route serve --config` with a cascade stage below the main judge, as the routing callback takes one:
+    the top 25% of the pairs go to the main judge, the next 50% to the cheaper one, and /stats and the state file
+    count each band (before, `cascade` was not an option of `serve`)."""
+    import textwrap
+
+    from lit_route.cli import main
+    from lit_route.routing import count_for_fraction
+
+    (tmp_path / "bands.py").write_text(textwrap.dedent('''
+        def longer(prompt, a, b):
+            return "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"
+
+        def shorter(prompt, a, b):
+            return "B" if len(a) > len(b) else "A" if len(b) > len(a) else "tie"
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "serve.yaml"
+    config.write_text(textwrap.dedent(f'''
+        pm_backbone:
+          model_path: builtin:tiny-llama
+        judge:
+          class_path: lit_route.judges.FunctionJudge
+          init_args: {{function: "bands:longer"}}
+        fraction: 0.25
+        order: fixed
+        cascade:
+          - judge:
+              class_path: lit_route.judges.FunctionJudge
+              init_args: {{function: "bands:shorter"}}
+            fraction: 0.5
+            cache: {tmp_path / "cheap.sqlite"}
+        port: 0
+        state_file: {tmp_path / "state.json"}
+    '''))
+    started: list = []
+    serve_forever = RewardServer.serve_forever
+    monkeypatch.setattr(RewardServer, "serve_forever", lambda self: (started.append(self), serve_forever(self)))
+    thread = threading.Thread(target=main, args=(["serve", "--config", str(config)],), daemon=True)
+    thread.start()
+    for _ in range(600):
+        if started:
+            break
+        thread.join(timeout=0.1)
+    server = started[0]
+    body = {"query": ["Hi! a", "Hi! bb", "Hi! ccc", "Hi! dddd"], "prompts": ["Hi!"] * 4}
+    answer = requests.post(f"{server.url}/get_reward", json=body, timeout=120).json()
+    stats = requests.get(f"{server.url}/stats", timeout=5).json()
+    server.httpd.shutdown()
+    thread.join(timeout=30)
+    top = count_for_fraction(6, 0.25)
+    band = count_for_fraction(6, 0.75) - top
+    assert stats["judged_by"] == [top, band] and top > 0 and band > 0
+    assert stats["billed"] == top + band and sum(answer["extra_logs"]["judged_pairs"]) == 2 * (top + band)
+    assert json.loads((tmp_path / "state.json").read_text())["judged_by"] == [top, band]

@@ -7,7 +7,6 @@ import logging
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,6 +20,7 @@ from lit_route.judges.cache import CachedJudge, spent_by_run
 from lit_route.policy.pipeline import gather_ranks
 from lit_route.rewards.pairwise import upper_pairs
 from lit_route.routing.budget import BudgetLedger
+from lit_route.routing.cascade import CascadeStage
 from lit_route.routing.controller import BudgetTarget, Controller
 from lit_route.routing.decision import ROUTERS, Assignment, JudgePlan, RoutingDecision
 from lit_route.routing.journal import PaidJournal
@@ -28,21 +28,6 @@ from lit_route.routing.journal import PaidJournal
 log = logging.getLogger(__name__)
 
 __all__ = ["ROUTERS", "CascadeStage", "UncertaintyRouting"]
-
-
-@dataclass
-class CascadeStage:
-    """A cheaper judge for the band of pairs just below the main judge's.
-
-    Args:
-        judge: The judge backend (its own policy and prices).
-        fraction: Share of each step's pairs in its band.
-        cache: Its sqlite verdict cache (``None``: none).
-    """
-
-    judge: JudgeBackend
-    fraction: float
-    cache: str | None = None
 
 
 class UncertaintyRouting(L.Callback):

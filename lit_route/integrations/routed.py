@@ -69,6 +69,8 @@ class RoutedRewards:
         self.batches = 0  # keys the decision's random draws: a count of scored batches
         self.groups = 0
         self.consecutive_errors = 0
+        # pairs each judge answered (main first, then the cascade's stages), since start or the restored state
+        self.judged_by = [0] * len(decision.judges) if decision is not None and decision.stages else []
         self._last_batch: float | None = None
         self.journal = None  # a PaidJournal: every billed call written down as it returns (see use_journal)
         self._in_flight: set[int] = set()  # batches routed, not yet charged
@@ -168,6 +170,8 @@ class RoutedRewards:
             with self._lock:
                 paid = self.journal.take(key) if self.journal is not None else None
                 stats = decision.close(decision.apply(plan, result, s, pm_s, judged, paid).totals)
+                for stage in range(len(self.judged_by)):
+                    self.judged_by[stage] += int(stats[f"cascade/judged_by_{stage}"])
                 self._in_flight.discard(key)  # charged and no longer in flight in one step: a saved state has both
                 self.consecutive_errors = self.consecutive_errors + 1 if isinstance(result, BaseException) else 0
                 errors = self.consecutive_errors
@@ -203,12 +207,12 @@ class RoutedRewards:
                     "routed_share": d.pairs_routed / d.pairs_seen if d.pairs_seen else 0.0,
                     "billed": d.ledger.calls, "spend_usd": d.ledger.spend_usd, "failed_pairs": d.ledger.failures,
                     "cached": d.ledger.cached, "inconsistent": d.inconsistent, "failures": dict(d.failures),
-                    "in_flight_calls": d.reserved}
+                    "in_flight_calls": d.reserved, **({"judged_by": list(self.judged_by)} if self.judged_by else {})}
 
     def state_dict(self) -> dict:
         with self._lock:
             return {"batches": self.batches, "groups": self.groups, "consecutive_errors": self.consecutive_errors,
-                    "in_flight": sorted(self._in_flight),
+                    "in_flight": sorted(self._in_flight), "judged_by": list(self.judged_by),
                     "decision": self.decision.state_dict() if self.decision is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
@@ -216,6 +220,8 @@ class RoutedRewards:
             self.batches, self.groups = int(state["batches"]), int(state["groups"])
             self.consecutive_errors = int(state.get("consecutive_errors", 0))
             self._owed = {int(k) for k in state.get("in_flight", ())}
+            if len(state.get("judged_by", ())) == len(self.judged_by):  # the same cascade as the saved run's
+                self.judged_by = [int(c) for c in state["judged_by"]]
             if self.decision is not None and state.get("decision") is not None:
                 self.decision.load_state_dict(state["decision"])
 

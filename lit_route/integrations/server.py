@@ -23,6 +23,7 @@ from lit_route.integrations.collector import GroupCollector
 from lit_route.integrations.openrlhf import RequestError, parse_request, response_body
 from lit_route.judges.base import JudgeBackend
 from lit_route.models.backbone import BackboneSpec
+from lit_route.routing.cascade import CascadeStage
 from lit_route.routing.controller import BudgetTarget, Controller
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,7 @@ def serve(
     controller: Controller | None = None,
     target: BudgetTarget | None = None,
     audit_fraction: float = 0.0,
+    cascade: list[CascadeStage] | None = None,
     host: str = "127.0.0.1",
     port: int = 5000,
     group_size: int | None = None,
@@ -228,6 +230,8 @@ def serve(
         controller: Moves τ between batches (``QuantileTracker`` or ``PIController``); replaces ``threshold``.
         target: What the controller aims for (default: ``fraction`` of the pairs).
         audit_fraction: Share of each batch's pairs judged at random on top of the routed ones.
+        cascade: Cheaper judges for the bands below the routed pairs, in order (``judge``, ``fraction``, ``cache``
+            each), as in the routing callback; ``/stats`` counts the pairs each judge answered (``judged_by``).
         host: Interface to listen on (``0.0.0.0``: every interface).
         port: Port to listen on.
         group_size: OpenRLHF's ``n_samples_per_prompt``: samples of a prompt sent in separate requests (OpenRLHF
@@ -249,7 +253,7 @@ def serve(
         pm_ckpt, judge, pm_backbone=pm_backbone, device=device, pm_batch_size=pm_batch_size, cache=cache,
         max_calls_per_step=max_calls_per_step, max_calls_total=max_calls_total, max_spend_usd=max_spend_usd,
         router=router, fraction=fraction, threshold=threshold, verdict_logit=verdict_logit, order=order, seed=seed,
-        controller=controller, target=target, audit_fraction=audit_fraction)
+        controller=controller, target=target, audit_fraction=audit_fraction, cascade=cascade or ())
     server = RewardServer(rewards, host, port, group_size, group_wait_s, tuple(strip or ()), state_file, unwrap_chat)
     if not run:
         return server.start()

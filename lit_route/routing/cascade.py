@@ -6,10 +6,28 @@ Pure band assignment, shared by the routing callback (online) and the cascade cu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from lit_route.judges.base import JudgeBackend
 from lit_route.routing.routers import count_for_fraction
+
+
+@dataclass
+class CascadeStage:
+    """A cheaper judge for the band of pairs just below the main judge's (the routing callback's and
+    ``lit-route serve``'s ``cascade`` items).
+
+    Args:
+        judge: The judge backend (its own policy and prices).
+        fraction: Share of each step's pairs in its band.
+        cache: Its sqlite verdict cache (``None``: none).
+    """
+
+    judge: JudgeBackend
+    fraction: float
+    cache: str | None = None
 
 
 def cascade_bands(priority: torch.Tensor, shares: Sequence[float]) -> torch.Tensor:
