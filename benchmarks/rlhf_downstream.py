@@ -179,7 +179,11 @@ def summarise(runs: list[dict], arms: list[str]) -> dict:
     out = {"arms": table}
     if "uncertainty" in table and "random" in table:
         u, r = table["uncertainty"], table["random"]
-        paired = [a - b for a, b in zip(u["final_by_seed"], r["final_by_seed"], strict=True)]
+        # paired by seed: the seeds both arms ran (same prompts, same order, same sampling seed)
+        runs_of = {a: {x["seed"]: x for x in by_arm[a]} for a in ("uncertainty", "random")}
+        common = [s for s in u["seeds"] if s in runs_of["random"]]
+        paired = [runs_of["uncertainty"][s]["eval"][-1]["accuracy"] - runs_of["random"][s]["eval"][-1]["accuracy"]
+                  for s in common]
         target = r["final_accuracy"]
         reach = next((i for i, acc in enumerate(u["mean_curve"]) if acc >= target), None)
         out["uncertainty_vs_random"] = {
@@ -193,6 +197,10 @@ def summarise(runs: list[dict], arms: list[str]) -> dict:
         }
         paired_iv = paired_t_interval(paired)
         out["uncertainty_vs_random"]["paired_interval"] = paired_iv
+        # secondary: the mean of each run's evaluations after step 0 (less noise than the last one alone)
+        along = [statistics.fmean(h["accuracy"] for h in runs_of["uncertainty"][s]["eval"][1:])
+                 - statistics.fmean(h["accuracy"] for h in runs_of["random"][s]["eval"][1:]) for s in common]
+        out["uncertainty_vs_random"]["paired_interval_mean_over_evals"] = paired_t_interval(along)
         out["uncertainty_vs_random"]["seeds_needed_80pct_power"] = (
             seeds_needed(paired_iv["mean"], paired_iv["sd"]) if paired_iv["sd"] else None)
     if "judge_all" in table:
@@ -212,10 +220,10 @@ def markdown(summary: dict, pm: dict, settings: dict) -> str:
              f"{pm['auroc_uncertainty']:.3f}, ECE {pm['ece']:.3f}; with 25% of the pairs judged: uncertainty "
              f"{pm['uncertainty@25%']:.3f}, random {pm['random@25%']:.3f}.",
              "",
-             "| arm | accuracy at step 0 | final accuracy (mean ± std over seeds) | gain (points) | judge calls | final KL | wall time / run |",
-             "|---|---|---|---|---|---|---|"]
+             "| arm | seeds | accuracy at step 0 | final accuracy (mean ± std over seeds) | gain (points) | judge calls | final KL | wall time / run |",
+             "|---|---|---|---|---|---|---|---|"]
     for arm, row in summary["arms"].items():
-        lines.append(f"| {arm} | {row['start_accuracy']:.3f} | {row['final_accuracy']:.3f} ± {row['final_std']:.3f} "
+        lines.append(f"| {arm} | {len(row['seeds'])} | {row['start_accuracy']:.3f} | {row['final_accuracy']:.3f} ± {row['final_std']:.3f} "
                      f"| {100 * row['gain']:+.1f} | {row['judge_calls']:.0f} | {row['final_kl']:.4f} | {row['wall_s'] / 60:.1f} min |")
     cmp = summary.get("uncertainty_vs_random")
     if cmp:
@@ -230,6 +238,11 @@ def markdown(summary: dict, pm: dict, settings: dict) -> str:
             lines.append(f"Paired difference over {iv['n']} seeds: {100 * iv['mean']:+.1f} points, 95% t interval "
                          f"[{100 * iv['lo']:+.1f}, {100 * iv['hi']:+.1f}] ({verdict}); detecting a difference this "
                          f"size with 80% power would take about {need if need is not None else '—'} seeds.")
+        along = cmp.get("paired_interval_mean_over_evals")
+        if along and along["lo"] is not None:
+            verdict = "separates from 0" if along["lo"] > 0 or along["hi"] < 0 else "does not separate from 0"
+            lines.append(f"Secondary, the mean of each run's evaluations after step 0: {100 * along['mean']:+.1f} points, "
+                         f"95% t interval [{100 * along['lo']:+.1f}, {100 * along['hi']:+.1f}] ({verdict}).")
     return "\n".join(lines) + "\n"
 
 
@@ -276,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work-dir", default="runs/rlhf_downstream", help="runs, PM and per-run results")
     parser.add_argument("--name", default="rlhf_downstream", help="stem of the files under benchmarks/results")
     parser.add_argument("--rerun", action="store_true", help="rerun arms whose results are already in --work-dir")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: the report of the runs of --seeds and --arms already in --work-dir")
     args = parser.parse_args(argv)
     sys.argv = sys.argv[:1]  # the CLIs below get their arguments explicitly, not from this command line
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -302,6 +317,9 @@ def main(argv: list[str] | None = None) -> dict:
                 done.write_text(shared.read_text())
             if done.exists() and not args.rerun:
                 runs.append(json.loads(done.read_text()))
+                continue
+            if args.report_only:
+                log.info("%s, seed %d: not run, left out of the report", arm, seed)
                 continue
             log.info("== %s, seed %d ==", arm, seed)
             result = run_arm(arm, seed, args, ckpt, work)
