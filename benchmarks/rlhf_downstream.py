@@ -153,6 +153,22 @@ def run_arm(arm: str, seed: int, args, ckpt: str, work: Path) -> dict:
     }
 
 
+AUDIT = {"pairs": "audit/pairs", "pm": "audit/pm_agreement", "pm_lo": "audit/pm_agreement_lo",
+         "pm_hi": "audit/pm_agreement_hi", "system": "audit/system_agreement", "system_lo": "audit/system_agreement_lo",
+         "system_hi": "audit/system_agreement_hi", "gain": "audit/gain", "gain_lo": "audit/gain_lo",
+         "gain_hi": "audit/gain_hi", "pays_off": "audit/pays_off"}
+
+
+def last_audit(run_dir: Path) -> dict | None:
+    """The audit-share estimates the run logged at its last step (``None``: no audit share)."""
+    logs = sorted(run_dir.glob("logs/version_*/metrics.csv"))
+    if not logs:
+        return None
+    with open(logs[-1]) as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("audit/pairs") and r.get("audit/pm_agreement")]
+    return {k: float(rows[-1][v]) for k, v in AUDIT.items() if rows[-1].get(v)} if rows else None
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -175,7 +191,8 @@ def summarise(runs: list[dict], arms: list[str]) -> dict:
                       "gain": mean - statistics.fmean(start), "judge_calls": calls[-1],
                       "final_kl": statistics.fmean(r["kl"][-1] for r in rs),
                       "wall_s": statistics.fmean(r["wall_s"] for r in rs),
-                      "steps": steps, "mean_curve": curve, "mean_calls": calls}
+                      "steps": steps, "mean_curve": curve, "mean_calls": calls,
+                      "audit_last": [{"seed": r["seed"], **r["audit_last"]} for r in rs if r.get("audit_last")]}
     out = {"arms": table}
     if "uncertainty" in table and "random" in table:
         u, r = table["uncertainty"], table["random"]
@@ -201,6 +218,8 @@ def summarise(runs: list[dict], arms: list[str]) -> dict:
         along = [statistics.fmean(h["accuracy"] for h in runs_of["uncertainty"][s]["eval"][1:])
                  - statistics.fmean(h["accuracy"] for h in runs_of["random"][s]["eval"][1:]) for s in common]
         out["uncertainty_vs_random"]["paired_interval_mean_over_evals"] = paired_t_interval(along)
+        out["uncertainty_vs_random"]["paired_kl_interval"] = paired_t_interval(
+            [runs_of["uncertainty"][s]["kl"][-1] - runs_of["random"][s]["kl"][-1] for s in common])
         out["uncertainty_vs_random"]["seeds_needed_80pct_power"] = (
             seeds_needed(paired_iv["mean"], paired_iv["sd"]) if paired_iv["sd"] else None)
     if "judge_all" in table:
@@ -243,6 +262,19 @@ def markdown(summary: dict, pm: dict, settings: dict) -> str:
             verdict = "separates from 0" if along["lo"] > 0 or along["hi"] < 0 else "does not separate from 0"
             lines.append(f"Secondary, the mean of each run's evaluations after step 0: {100 * along['mean']:+.1f} points, "
                          f"95% t interval [{100 * along['lo']:+.1f}, {100 * along['hi']:+.1f}] ({verdict}).")
+        kl = cmp.get("paired_kl_interval")
+        if kl and kl["lo"] is not None:
+            lines.append(f"Final KL, uncertainty − random: {kl['mean']:+.2f}, 95% t interval [{kl['lo']:+.2f}, "
+                         f"{kl['hi']:+.2f}].")
+    for arm, row in summary["arms"].items():
+        audits = row.get("audit_last") or []
+        if audits:  # the run's own estimates from its audit share, at its last step
+            lines.append(f"{arm}, audit-share estimates at the last step (95% intervals), per seed: " + "; ".join(
+                f"seed {a['seed']}: {a['pairs']:.0f} audited pairs, PM agreement {a['pm']:.3f} [{a['pm_lo']:.3f}, "
+                f"{a['pm_hi']:.3f}], routed system {a['system']:.3f} [{a['system_lo']:.3f}, {a['system_hi']:.3f}], "
+                f"routing gain {100 * a['gain']:+.1f} [{100 * a['gain_lo']:+.1f}, {100 * a['gain_hi']:+.1f}] points, "
+                f"audit/pays_off {a['pays_off']:+.0f}" for a in audits)
+                + " (pays_off: +1 pays off, −1 worse than random, 0 not distinguishable or no verdict yet).")
     return "\n".join(lines) + "\n"
 
 
@@ -254,16 +286,16 @@ def plot(summary: dict, path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for arm, row in summary["arms"].items():
-        ax1.plot(row["steps"], row["mean_curve"], marker="o", label=arm)
-        ax2.plot(row["mean_calls"], row["mean_curve"], marker="o", label=arm)
+        label = f"{arm} ({len(row['seeds'])} seeds)"
+        ax1.plot(row["steps"], row["mean_curve"], marker="o", label=label)
+        ax2.plot(row["mean_calls"], row["mean_curve"], marker="o", label=label)
     ax1.set(xlabel="RLOO step", ylabel="held-out verifier accuracy (greedy)", title="accuracy vs step")
     ax2.set(xlabel="judge calls so far", ylabel="held-out verifier accuracy (greedy)", title="accuracy vs judge calls")
     ax2.set_xscale("symlog", linthresh=10)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
-    n = len(next(iter(summary["arms"].values()))["seeds"])
-    fig.suptitle(f"rlhf_downstream: constraints task, SmolLM2-135M policy, mean of {n} seed(s)")
+    fig.suptitle("rlhf_downstream: constraints task, SmolLM2-135M policy, mean over each arm's seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -316,13 +348,16 @@ def main(argv: list[str] | None = None) -> dict:
                 done.parent.mkdir(parents=True, exist_ok=True)
                 done.write_text(shared.read_text())
             if done.exists() and not args.rerun:
-                runs.append(json.loads(done.read_text()))
+                result = json.loads(done.read_text())
+                result.setdefault("audit_last", last_audit(done.parent))
+                runs.append(result)
                 continue
             if args.report_only:
                 log.info("%s, seed %d: not run, left out of the report", arm, seed)
                 continue
             log.info("== %s, seed %d ==", arm, seed)
             result = run_arm(arm, seed, args, ckpt, work)
+            result["audit_last"] = last_audit(work / "runs" / f"{arm}-s{seed}")
             done.write_text(json.dumps(result, indent=2))
             runs.append(result)
     from lit_route.callbacks.verifier_eval import read_task_prompts
