@@ -206,11 +206,9 @@ def test_serve_command_errors_are_one_line(tmp_path, capsys):
         RewardServer(RoutedRewards(None, None), port=int(taken.url.rsplit(":", 1)[1]))
 
 
-def test_lit_route_serve_with_the_shipped_debug_config(tmp_path, monkeypatch):
-    """The user's path, in-process: `lit-route serve --config configs/serve/debug_tiny.yaml` through the CLI's
-    main, a request, /stats, shutdown; the budget spent is in the state file afterwards."""
-    from pathlib import Path
-
+def serve_main(monkeypatch, args: list[str]) -> tuple[RewardServer, threading.Thread]:
+    """`lit-route serve ARGS` through the CLI's main in a thread; its server once it listens. Shut it down with
+    ``server.httpd.shutdown()`` (what Ctrl-C does to serve_forever: main then saves the state and returns)."""
     from lit_route.cli import main
 
     started: list = []
@@ -221,16 +219,24 @@ def test_lit_route_serve_with_the_shipped_debug_config(tmp_path, monkeypatch):
         serve_forever(self)
 
     monkeypatch.setattr(RewardServer, "serve_forever", record)
-    state = tmp_path / "state.json"
-    config = Path(__file__).resolve().parents[1] / "configs" / "serve" / "debug_tiny.yaml"
-    thread = threading.Thread(target=main, args=(["serve", "--config", str(config), "--port", "0",
-                                                  "--state_file", str(state)],), daemon=True)
+    thread = threading.Thread(target=main, args=(["serve", *args],), daemon=True)
     thread.start()
     for _ in range(600):
         if started:
             break
         thread.join(timeout=0.1)
-    server = started[0]
+    assert started, "lit-route serve did not start listening"
+    return started[0], thread
+
+
+def test_lit_route_serve_with_the_shipped_debug_config(tmp_path, monkeypatch):
+    """The user's path, in-process: `lit-route serve --config configs/serve/debug_tiny.yaml` through the CLI's
+    main, a request, /stats, shutdown; the budget spent is in the state file afterwards."""
+    from pathlib import Path
+
+    state = tmp_path / "state.json"
+    config = Path(__file__).resolve().parents[1] / "configs" / "serve" / "debug_tiny.yaml"
+    server, thread = serve_main(monkeypatch, ["--config", str(config), "--port", "0", "--state_file", str(state)])
     body = {"query": ["Hi! a", "Hi! bb", "Hi! ccc", "Hi! dddd"], "prompts": ["Hi!"] * 4}
     rewards = requests.post(f"{server.url}/get_reward", json=body, timeout=120).json()["rewards"]
     stats = requests.get(f"{server.url}/stats", timeout=5).json()
@@ -274,7 +280,6 @@ def test_serve_config_with_a_cascade_counts_each_judges_band(tmp_path, monkeypat
     count each band (before, `cascade` was not an option of `serve`)."""
     import textwrap
 
-    from lit_route.cli import main
     from lit_route.routing import count_for_fraction
 
     (tmp_path / "bands.py").write_text(textwrap.dedent('''
@@ -303,16 +308,7 @@ def test_serve_config_with_a_cascade_counts_each_judges_band(tmp_path, monkeypat
         port: 0
         state_file: {tmp_path / "state.json"}
     '''))
-    started: list = []
-    serve_forever = RewardServer.serve_forever
-    monkeypatch.setattr(RewardServer, "serve_forever", lambda self: (started.append(self), serve_forever(self)))
-    thread = threading.Thread(target=main, args=(["serve", "--config", str(config)],), daemon=True)
-    thread.start()
-    for _ in range(600):
-        if started:
-            break
-        thread.join(timeout=0.1)
-    server = started[0]
+    server, thread = serve_main(monkeypatch, ["--config", str(config)])
     body = {"query": ["Hi! a", "Hi! bb", "Hi! ccc", "Hi! dddd"], "prompts": ["Hi!"] * 4}
     answer = requests.post(f"{server.url}/get_reward", json=body, timeout=120).json()
     stats = requests.get(f"{server.url}/stats", timeout=5).json()
