@@ -19,6 +19,7 @@ from lit_route.judges.base import JudgeBackend, check_judge
 from lit_route.judges.cache import CachedJudge, spent_by_run
 from lit_route.policy.pipeline import gather_ranks
 from lit_route.rewards.pairwise import upper_pairs
+from lit_route.routing.allowance import Hold
 from lit_route.routing.budget import BudgetLedger
 from lit_route.routing.cascade import CascadeStage
 from lit_route.routing.controller import BudgetTarget, Controller
@@ -203,17 +204,14 @@ class UncertaintyRouting(L.Callback):
             self._setup_pipeline(trainer, module)
             assign, routed_mask, audit = self._route(trainer, module, ctx.scores[:, ii, jj].float(),
                                                      ctx.uncertainty[:, ii, jj].float())
-            self.audit.observe_pool(ctx.scores[:, ii, jj], routed_mask)  # the pool of the audit's PPI estimates
             plan = self.decision.plan(Assignment(assign, routed_mask, audit), list(zip(ii.tolist(), jj.tolist(), strict=True)),
                                       ctx.prompts, ctx.completions)
-            reserved = self.decision.reserve(self._assignment)
+            hold = self.decision.reserve(self._assignment)
             seed = self.decision.seed + key * 1009 + trainer.global_rank
-            world, rank = trainer.world_size, trainer.global_rank
-            spare = self.decision.spare_calls // world + int(rank < self.decision.spare_calls % world)
-            future = self.decision.submit(plan, seed, self._metered(key), spare_calls=spare)
+            future = self.decision.submit(plan, seed, self._metered(key), spare_calls=self._reasks(trainer, hold))
             self.batches = key + 1
             ctx.key = key
-            self._pending = PendingJudge(future, plan.keys, time.perf_counter(), plan, key, seed, reserved,
+            self._pending = PendingJudge(future, plan.keys, time.perf_counter(), plan, key, seed, hold,
                                          dict(self._control))
             self._inflight[key] = self._pending
 
@@ -241,8 +239,9 @@ class UncertaintyRouting(L.Callback):
         paid = self._journal.take(pending.key) if self._journal is not None else None
         merged = self.decision.apply(pending.plan, result, ctx.scores, ctx.pm_scores, ctx.judged, paid,
                                      uncertainty=getattr(ctx, "uncertainty", None))
-        if hasattr(self.decision.controller, "observe"):  # every rank's audit, so every rank's τ stays the same
-            self.decision.observe_audit([p for rank in gather_ranks(merged.audited, trainer.world_size) for p in rank])
+        audited = merged.audited  # every rank's, so that every rank's controller learns the same and τ stays equal
+        if hasattr(self.decision.controller, "observe"):
+            audited = [p for rank in gather_ranks(merged.audited, trainer.world_size) for p in rank]
         self._export([judged_record(ctx.prompts[bi], ctx.completions[bi][i], ctx.completions[bi][j], score,
                                     f"step{trainer.global_step}-rank{trainer.global_rank}-{bi}-{i}-{j}", "rloo",
                                     str(self.judge.model))
@@ -251,7 +250,7 @@ class UncertaintyRouting(L.Callback):
         if trainer.world_size > 1:  # every rank charges the same global amounts, so ledgers stay equal
             totals = trainer.strategy.reduce(totals.to(module.device), reduce_op="sum").cpu()
         self.decision.release(pending.reserved)
-        metrics = self.decision.close(totals)
+        metrics = self.decision.close(totals, audited)
         errors = metrics.pop("judge/errors")
         ctx.stats.update({**metrics, **latency_metrics(merged.latencies), **pending.control})
         # decided on the global count, so that every rank stops together
@@ -290,17 +289,35 @@ class UncertaintyRouting(L.Callback):
             plan = JudgePlan([tuple(k) for k in r["keys"]], {tuple(k[:3]): (k[3], k[4], k[5]) for k in r["kinds"]},
                              [[tuple(item) for item in items] for items in r["items"]])
             key = int(r["key"])
-            future = self.decision.submit(plan, int(r["seed"]), self._metered(key))
+            hold = self.decision.reserve(Hold.from_state(r["reserved"]))  # held as when it was routed
+            future = self.decision.submit(plan, int(r["seed"]), self._metered(key),
+                                          spare_calls=self._reasks(trainer, hold))
             self._inflight[key] = PendingJudge(future, plan.keys, time.perf_counter(), plan, key, int(r["seed"]),
-                                               int(r["reserved"]), dict(r["control"]))
-            self.decision.reserved += int(r["reserved"])
+                                               hold, dict(r["control"]))
         self._restore = None
+
+    @staticmethod
+    def _reasks(trainer, hold: Hold) -> int:
+        """This rank's share of the re-asks a batch holds (the batch is decided globally, asked per rank)."""
+        world, rank = trainer.world_size, trainer.global_rank if trainer.world_size > 1 else 0
+        return hold.reasks // world + int(rank < hold.reasks % world)
+
+    def _paid_so_far(self, pending: PendingJudge) -> tuple[int, float]:
+        """Billed calls and spend of a batch that will not be merged: the journal's record, or the answers that
+        came back."""
+        if self._journal is not None:
+            return self._journal.take(pending.key)
+        future = pending.future
+        if future is None or not future.done() or future.cancelled() or future.exception() is not None:
+            return 0, 0.0
+        judgements = [jd for per_judge in future.result() for jd in per_judge]
+        return sum(jd.billed for jd in judgements), sum(jd.cost_usd for jd in judgements)
 
     def _metered(self, key: int) -> list | None:
         return [self._journal.meter(j, key) for j in self.decision.judges] if self._journal is not None else None
 
     def _inflight_state(self) -> list[dict]:
-        return [{"key": p.key, "seed": p.seed, "reserved": p.reserved, "control": p.control,
+        return [{"key": p.key, "seed": p.seed, "reserved": p.reserved.state_dict(), "control": p.control,
                  "keys": [list(k) for k in p.plan.keys],
                  "kinds": [[*k, *v] for k, v in p.plan.kinds.items()],
                  "items": [[list(item) for item in items] for items in p.plan.items]}
@@ -328,9 +345,11 @@ class UncertaintyRouting(L.Callback):
                 self.decision.ledger.reconcile(*spent_by_run(self.decision.judges, self.run_id))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        for pending in self._inflight.values():
+        for pending in self._inflight.values():  # batches a crash left behind: charge what they paid
             if pending.future is not None:
-                pending.future.cancel()  # a step that raised left its judge call behind
+                pending.future.cancel()
+            self.decision.ledger.charge(*self._paid_so_far(pending))
+            self.decision.release(pending.reserved)
         self._inflight.clear()
         self._pending = None
         if stage == "fit" and self.decision.audit_fraction > 0:  # the run's answer to "did routing pay off?"
@@ -346,7 +365,7 @@ class PendingJudge(NamedTuple):
     plan: JudgePlan
     key: int
     seed: int
-    reserved: int
+    reserved: Hold
     control: dict
 
 

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lit_route.checks import check_nonnegative
+from lit_route.judges.limits import CallAllowance
 from lit_route.policy.pm_scoring import score_groups
 from lit_route.rewards.pairwise import pairwise_rewards, upper_pairs
+from lit_route.routing.decision import Assignment
 
 log = logging.getLogger(__name__)
 
@@ -110,29 +112,28 @@ class RoutedRewards:
     def score(self, prompts: Sequence, completions: Sequence[Sequence[str]], step: int | None = None) -> GroupScores:
         """Routed pairwise rewards of B groups (prompt ``prompts[b]``, completions ``completions[b]``; groups may
         differ in size, each at least 2). ``step``: the trainer's optimiser step, which a spend target paces
-        over (default: the count of scored batches)."""
+        over (default: the count of scored batches). One call is one batch for the routing decision (one
+        ``max_calls_per_step``, one random draw), whatever the group sizes."""
         by_size: dict[int, list[int]] = {}
         for b, group in enumerate(completions):
             if len(group) < 2:
                 raise ValueError(f"group {b}: {len(group)} completion(s); a pairwise reward needs at least 2")
             by_size.setdefault(len(group), []).append(b)
-        rewards: list = [None] * len(completions)
-        pm_rewards: list = [None] * len(completions)
-        judged_counts: list = [None] * len(completions)
-        stats: dict[str, float] = {}
-        for rows in by_size.values():  # one PM batch and one routing decision per group size
+        parts = []
+        for rows in by_size.values():  # one PM batch per group size
             p = [prompts[b] for b in rows]
             c = [list(completions[b]) for b in rows]
             s, u = self.pm_scores(p, c)
-            pm_s = s.clone()
-            judged = torch.zeros_like(s, dtype=torch.bool)
-            if self.decision is not None:
-                for name, value in self._route(p, c, s, u, pm_s, judged, step).items():
-                    stats[name] = stats.get(name, 0.0) + value if _additive(name) else value
-            for row, b in enumerate(rows):
-                rewards[b] = pairwise_rewards(s[row : row + 1])[0].tolist()
-                pm_rewards[b] = pairwise_rewards(pm_s[row : row + 1])[0].tolist()
-                judged_counts[b] = judged[row].sum(-1).tolist()
+            parts.append(_Part(rows, p, c, s, u, s.clone(), torch.zeros_like(s, dtype=torch.bool)))
+        stats: dict[str, float] = self._route(parts, step) if self.decision is not None else {}
+        rewards: list = [None] * len(completions)
+        pm_rewards: list = [None] * len(completions)
+        judged_counts: list = [None] * len(completions)
+        for part in parts:
+            for row, b in enumerate(part.rows):
+                rewards[b] = pairwise_rewards(part.s[row : row + 1])[0].tolist()
+                pm_rewards[b] = pairwise_rewards(part.pm_s[row : row + 1])[0].tolist()
+                judged_counts[b] = part.judged[row].sum(-1).tolist()
         n_pairs = sum(len(c) * (len(c) - 1) // 2 for c in completions)
         judged_pairs = sum(sum(j) for j in judged_counts) // 2
         stats["judge/fraction"] = judged_pairs / n_pairs
@@ -140,13 +141,12 @@ class RoutedRewards:
             self.groups += len(completions)
         return GroupScores(rewards, pm_rewards, judged_counts, stats)
 
-    def _route(self, prompts, completions, s, u, pm_s, judged, step: int | None = None) -> dict[str, float]:
-        """One batch (B, K, K) through the decision: route and reserve (locked), judge (unlocked, on the judge
-        loop), merge and charge (locked). ``s`` and ``judged`` are changed in place."""
+    def _route(self, parts: list[_Part], step: int | None = None) -> dict[str, float]:
+        """One batch (every part's pairs together) through the decision: route and hold its cost against the caps
+        (locked), judge (unlocked, on the judge loop), merge and charge (locked). Each part's ``s`` and ``judged``
+        are changed in place."""
         decision = self.decision
-        k = s.shape[-1]
-        ii, jj = upper_pairs(k)
-        pairs = list(zip(ii.tolist(), jj.tolist(), strict=True))
+        pieces = [(part, *upper_pairs(part.s.shape[-1])) for part in parts]
         with self._lock:
             now = time.perf_counter()
             step_seconds = now - self._last_batch if self._last_batch is not None else 0.0
@@ -154,35 +154,55 @@ class RoutedRewards:
             key = self.batches
             self.batches += 1
             self._in_flight.add(key)
-            assignment = decision.route(s[:, ii, jj].float(), u[:, ii, jj].float(), key, step=step,
-                                        step_seconds=step_seconds)
-            reserved = decision.reserve(assignment)
+            d = torch.cat([part.s[:, ii, jj].float().flatten() for part, ii, jj in pieces])
+            u = torch.cat([part.u[:, ii, jj].float().flatten() for part, ii, jj in pieces])
+            assignment = decision.route(d, u, key, step=step, step_seconds=step_seconds)
+            hold = decision.reserve(assignment)
         try:
-            plan = decision.plan(assignment, pairs, prompts, completions)
+            plans, offset = [], 0
+            for part, ii, jj in pieces:  # the one decision, cut back into each part's (B, P) rows
+                b, n = part.s.shape[0], ii.numel()
+                cut = slice(offset, offset + b * n)
+                offset += b * n
+                local = Assignment(*(t[cut].view(b, n) for t in (assignment.assign, assignment.routed,
+                                                                  assignment.audit)))
+                plans.append(decision.plan(local, list(zip(ii.tolist(), jj.tolist(), strict=True)), part.prompts,
+                                           part.completions))
             judges = [self.journal.meter(j, key) for j in decision.judges] if self.journal is not None else None
-            future = decision.submit(plan, seed=decision.seed + key * 1009, judges=judges)
-            try:
-                result = future.result() if future is not None else [[] for _ in decision.judges]
-            except Exception as err:  # a judge that raises (local model error, locked cache): the PM scores stand
-                log.warning("judge raised %s: %s; the %d routed pairs keep their PM scores", type(err).__name__, err,
-                            len(plan.keys))
-                result = err
+            reasks = CallAllowance(hold.reasks)  # one allowance for the whole batch, shared by its parts
+            futures = [decision.submit(plan, seed=decision.seed + key * 1009 + i, judges=judges, spare_calls=reasks)
+                       for i, plan in enumerate(plans)]
+            results = []
+            for plan, future in zip(plans, futures, strict=True):
+                try:
+                    results.append(future.result() if future is not None else [[] for _ in decision.judges])
+                except Exception as err:  # a judge that raises (local model error, locked cache): PM scores stand
+                    log.warning("judge raised %s: %s; the %d routed pairs keep their PM scores", type(err).__name__,
+                                err, len(plan.keys))
+                    results.append(err)
             with self._lock:
                 paid = self.journal.take(key) if self.journal is not None else None
-                stats = decision.close(decision.apply(plan, result, s, pm_s, judged, paid).totals)
+                merged = [decision.apply(plan, result, part.s, part.pm_s, part.judged,
+                                         paid if i == 0 else (paid and (0, 0.0)), uncertainty=part.u)
+                          for i, (plan, result, (part, _, _)) in enumerate(zip(plans, results, pieces, strict=True))]
+                decision.release(hold)
+                hold = None
+                stats = decision.close(sum(m.totals for m in merged), [p for m in merged for p in m.audited])
                 for stage in range(len(self.judged_by)):
                     self.judged_by[stage] += int(stats[f"cascade/judged_by_{stage}"])
                 self._in_flight.discard(key)  # charged and no longer in flight in one step: a saved state has both
-                self.consecutive_errors = self.consecutive_errors + 1 if isinstance(result, BaseException) else 0
+                error = next((r for r in results if isinstance(r, BaseException)), None)
+                self.consecutive_errors = self.consecutive_errors + 1 if error is not None else 0
                 errors = self.consecutive_errors
         finally:
             with self._lock:
-                decision.release(reserved)
+                if hold is not None:  # the batch did not reach its charge (an error above)
+                    decision.release(hold)
                 self._in_flight.discard(key)
         stats.update(assignment.control)
         if self.max_consecutive_errors is not None and errors > self.max_consecutive_errors:
             raise RuntimeError(f"the judge raised in {errors} consecutive batches "
-                               f"(max_consecutive_errors={self.max_consecutive_errors})") from result
+                               f"(max_consecutive_errors={self.max_consecutive_errors})") from error
         return stats
 
     def score_samples(self, groups):
@@ -254,10 +274,19 @@ class RoutedRewards:
         return calls
 
 
-def _additive(name: str) -> bool:
-    # counts of one batch add up over group sizes; totals, rates and the controller's τ are the latest value
-    return name.startswith(("judge/", "cascade/")) and not name.startswith(("judge/total_", "judge/tau",
-                                                                            "judge/target_"))
+@dataclass
+class _Part:
+    """The groups of one size in a batch: their rows in the batch, prompts, completions, PM scores ``s`` and
+    uncertainties ``u`` (B, K, K), the PM's own scores ``pm_s`` and the judged mask (``s`` and ``judged`` are
+    filled in by routing)."""
+
+    rows: list[int]
+    prompts: list
+    completions: list[list[str]]
+    s: torch.Tensor
+    u: torch.Tensor
+    pm_s: torch.Tensor
+    judged: torch.Tensor
 
 
 def build_decision(judge, *, cache: str | None = None, cascade: Sequence = (), max_calls_per_step=None,

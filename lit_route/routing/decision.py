@@ -31,7 +31,8 @@ from lit_route.judges.base import JudgeBackend, check_judge
 from lit_route.judges.limits import REASK_ALLOWANCE, CallAllowance
 from lit_route.judges.loop import submit as submit_on_loop
 from lit_route.judges.pairwise import ORDERS, PairJudgement, judge_pairs
-from lit_route.rewards.pairwise import verdict_logits
+from lit_route.rewards.pairwise import upper_pairs, verdict_logits
+from lit_route.routing.allowance import Allowance, Hold, PriceBook, reask_limit
 from lit_route.routing.audit import AuditTally
 from lit_route.routing.budget import BudgetLedger
 from lit_route.routing.controller import BudgetTarget, Controller, target_fraction
@@ -49,16 +50,18 @@ class Assignment:
         routed: (…) bool, chosen by the router (main judge).
         audit: (…) bool, drawn for the audit (main judge, whatever the router chose).
         control: The controller's τ and target for this batch (empty without a controller).
+        hold: What the batch may cost (calls, re-asks, estimated spend), held against the caps while in flight.
     """
 
     assign: torch.Tensor
     routed: torch.Tensor
     audit: torch.Tensor
     control: dict = field(default_factory=dict)
+    hold: Hold = field(default_factory=Hold)
 
     def rows(self, rows: slice) -> Assignment:
         """The part of a (B_global, P) assignment this process holds (rows ``rows``)."""
-        return Assignment(self.assign[rows], self.routed[rows], self.audit[rows], self.control)
+        return Assignment(self.assign[rows], self.routed[rows], self.audit[rows], self.control, self.hold)
 
 
 @dataclass
@@ -158,8 +161,10 @@ class RoutingDecision:
         self.pairs_routed = 0
         self.inconsistent = 0
         self.failures: collections.Counter = collections.Counter()
-        self.reserved = 0  # calls routed but not yet charged (pipelined batches in flight)
-        self.spare_calls = 0  # what the caps leave beyond the last batch's planned calls (re-asks draw on it)
+        # what the batches in flight (routed, not yet charged) hold against the caps: calls, re-asks and spend
+        self.reserved, self.reserved_usd, self.in_flight = 0, 0.0, 0
+        self.prices = PriceBook(len(self.judges))
+        self.reask_limits = [reask_limit(j) for j in self.judges]
 
     @property
     def calls_per_pair(self) -> int:
@@ -196,12 +201,20 @@ class RoutingDecision:
             return int((u > self.threshold).sum()), {}
         return count_for_fraction(u.numel(), self.fraction), {}
 
-    def allowance(self) -> int:
-        """Pairs the caps still allow now (calls in flight for pending batches count against the run's cap)."""
-        calls = self.ledger.allowance()
-        if self.ledger.max_calls_total is not None:
-            calls = min(calls, max(self.ledger.max_calls_total - self.ledger.calls - self.reserved, 0))
-        return calls // self.calls_per_pair
+    def allowance(self) -> Allowance:
+        """What the caps leave for the next batch: the per-step cap, and the run's caps on calls and spend less
+        what is charged and what the batches in flight hold."""
+        ledger = self.ledger
+        calls: float = math.inf
+        if ledger.max_calls_per_step is not None:
+            calls = ledger.max_calls_per_step
+        if ledger.max_calls_total is not None:
+            calls = min(calls, max(ledger.max_calls_total - ledger.calls - self.reserved, 0))
+        usd = math.inf
+        if ledger.max_spend_usd is not None:
+            usd = max(ledger.max_spend_usd - ledger.spend_usd - self.reserved_usd, 0.0)
+        return Allowance(calls, usd, [self.prices.estimate(j) for j in range(len(self.judges))],
+                         self.calls_per_pair, busy=self.in_flight > 0)
 
     def route(self, d: torch.Tensor, u: torch.Tensor, key: int, step: int | None = None,
               step_seconds: float = 0.0) -> Assignment:
@@ -210,46 +223,59 @@ class RoutingDecision:
         ``key`` numbers the batch (the random draws depend on it and on ``seed``); ``step`` is the optimiser step
         a spend target paces over (default ``key``); ``step_seconds`` the last step's wall time (rate target).
 
-        The audit sample is drawn first, uniformly and independently of the router, and charged first: when a
-        cap binds, routed pairs give way, so the audit stays a uniform sample and its agreement unbiased. The
-        routed pairs are then the longest run of the router's order that the caps still pay for (audited pairs
-        among them cost nothing more), and the cascade's bands take what is left, by the same order.
+        The audit sample is drawn first, uniformly and independently of the router, and paid first. The routed
+        pairs are then the top k' of the router's order, with k' the router's count cut to what the caps leave
+        after the audit: k' depends on how many pairs the audit drew, never on which, so the audited pairs among
+        those left to the PM stay a uniform sample of them (the audit's estimates stay unbiased when a cap
+        binds). Audited pairs among the top k' cost nothing more; the cascade's bands take what is left, by the
+        same order. The batch's :class:`~lit_route.routing.allowance.Hold` (calls, the re-asks the judges' policies
+        allow, estimated spend) is what :meth:`reserve` holds against the caps while its calls are in flight.
         """
         n = u.numel()
         d_flat, u_flat = d.flatten(), u.flatten()
-        allowance = self.allowance()
+        allow = self.allowance()
+        cpp = self.calls_per_pair
         audit = torch.zeros(n, dtype=torch.bool)
         if self.audit_fraction > 0:
             draw = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7_919 + key + 1))
-            audit[draw[: min(count_for_fraction(n, self.audit_fraction), allowance)]] = True
-        left = allowance - int(audit.sum())
+            audit[draw[: min(count_for_fraction(n, self.audit_fraction), allow.pairs(0))]] = True
+        allow.take(0, int(audit.sum()) * cpp)
         k, control = self.how_many(u_flat, key if step is None else step, step_seconds)
         order = torch.argsort(self.priority(d_flat, u_flat, key), descending=True, stable=True)
-        candidates = order[:k]
-        fits = torch.cumsum((~audit[candidates]).long(), 0) <= left  # a prefix: the sum only grows
         routed = torch.zeros(n, dtype=torch.bool)
-        routed[candidates[fits]] = True
+        routed[order[: min(k, allow.pairs(0))]] = True
         assign = torch.full((n,), -1, dtype=torch.long)
         assign[routed | audit] = 0
-        left -= int((routed & ~audit).sum())
+        allow.take(0, int((routed & ~audit).sum()) * cpp)
         for stage, fraction in enumerate(self.stage_fractions, start=1):
             free = order[assign[order] == -1]
-            take = free[: max(min(count_for_fraction(n, fraction), left), 0)]
+            take = free[: max(min(count_for_fraction(n, fraction), allow.pairs(stage)), 0)]
             assign[take] = stage
-            left -= take.numel()
-        self.spare_calls = max(allowance - int((assign >= 0).sum()), 0) * self.calls_per_pair
+            allow.take(stage, take.numel() * cpp)
+        hold = Hold()
+        for j in range(len(self.judges)):
+            calls = int((assign == j).sum()) * cpp
+            hold.calls += calls
+            hold.usd += calls * (self.prices.estimate(j) or 0.0)
+            reasks = allow.reasks(j, calls, self.reask_limits[j])
+            hold.reasks += reasks
+            hold.usd += allow.take(j, reasks)
         self.pairs_seen += n
-        return Assignment(assign.view(u.shape), routed.view(u.shape), audit.view(u.shape), control)
+        return Assignment(assign.view(u.shape), routed.view(u.shape), audit.view(u.shape), control, hold)
 
-    def reserve(self, assignment: Assignment) -> int:
-        """Holds the calls of a batch whose verdicts are pending against the run's cap; returns the amount."""
-        calls = int((assignment.assign >= 0).sum()) * self.calls_per_pair
-        self.reserved += calls
-        return calls
+    def reserve(self, assignment: Assignment | Hold) -> Hold:
+        """Holds what a batch may cost against the caps until its calls are charged; returns the hold."""
+        hold = assignment.hold if isinstance(assignment, Assignment) else assignment
+        self.reserved += hold.total_calls
+        self.reserved_usd += hold.usd
+        self.in_flight += 1
+        return hold
 
-    def release(self, calls: int) -> None:
-        """Frees a reservation once the batch is charged."""
-        self.reserved = max(self.reserved - calls, 0)
+    def release(self, hold: Hold) -> None:
+        """Frees a batch's hold once the batch is charged (or dropped)."""
+        self.reserved = max(self.reserved - hold.total_calls, 0)
+        self.reserved_usd = max(self.reserved_usd - hold.usd, 0.0)
+        self.in_flight = max(self.in_flight - 1, 0)
 
     # --- judging ----------------------------------------------------------------------------------------------
     def plan(self, local: Assignment, pairs: Sequence[tuple[int, int]], prompts: Sequence,
@@ -267,11 +293,12 @@ class RoutingDecision:
         return JudgePlan([k for keys in per_judge for k in keys], kinds, items)
 
     async def ask(self, plan: JudgePlan, seed: int, judges: Sequence | None = None,
-                  spare_calls: int | None = None) -> list[list[PairJudgement]]:
+                  spare_calls: int | CallAllowance | None = None) -> list[list[PairJudgement]]:
         """Every judge's items at once; one list of judgements per judge (``judges``: stand-ins for them).
-        Re-asks of unusable answers share ``spare_calls`` (this process's part of what the caps leave)."""
+        Re-asks of unusable answers draw on ``spare_calls`` (this process's part of the batch's held re-asks; a
+        :class:`~lit_route.judges.limits.CallAllowance` to share one among several plans of a batch)."""
         if spare_calls is not None:  # set in this task's context: the judges' tasks below inherit it
-            REASK_ALLOWANCE.set(CallAllowance(spare_calls))
+            REASK_ALLOWANCE.set(spare_calls if isinstance(spare_calls, CallAllowance) else CallAllowance(spare_calls))
 
         async def run(judge, items):
             return await judge_pairs(judge, items, self.order, seed) if items else []
@@ -280,7 +307,7 @@ class RoutingDecision:
         return list(await asyncio.gather(*(run(j, items) for j, items in zip(use, plan.items, strict=True))))
 
     def submit(self, plan: JudgePlan, seed: int, judges: Sequence | None = None,
-               spare_calls: int | None = None) -> Future | None:
+               spare_calls: int | CallAllowance | None = None) -> Future | None:
         """:meth:`ask` on the process's judge loop; ``None`` when there is nothing to ask."""
         return submit_on_loop(self.ask(plan, seed, judges, spare_calls)) if plan.keys else None
 
@@ -292,7 +319,8 @@ class RoutingDecision:
         judge that raised (``result`` is the exception) leaves the PM's score and is counted. ``paid``: billed calls
         and spend from a :class:`~lit_route.routing.journal.PaidJournal`, charged instead of the verdicts' own
         (it also holds what a killed process paid for the batch). ``uncertainty`` (B, K, K): ū, for
-        :attr:`Merged.audited`."""
+        :attr:`Merged.audited`. The batch's pairs (``pm_scores``, and which of them were routed) also go to the
+        audit's pool of pairs left to the PM, and each judge's billed calls to the price book."""
         error = result if isinstance(result, BaseException) else None
         judgements = [] if error is not None else [jd for per_judge in result for jd in per_judge]
         failures = billed = requests = cached = 0
@@ -309,6 +337,9 @@ class RoutingDecision:
             spend += jd.cost_usd
             tokens += jd.tokens
             call_seconds = [v.latency_s for v in jd.verdicts if not v.cached]
+            paid_now = [v for v in jd.verdicts if v.billed and not v.cached]
+            self.prices.observe(plan.kinds[bi, i, j][2], sum(v.cost_usd for v in paid_now),
+                                sum(v.billed for v in paid_now))
             if call_seconds:
                 latencies.append(sum(call_seconds))
             self.inconsistent += int(jd.inconsistent)
@@ -330,9 +361,21 @@ class RoutingDecision:
             judged[bi, i, j] = judged[bi, j, i] = True
         if paid is not None:
             billed, spend = paid
+        self._observe_pool(plan, pm_scores)
         totals = torch.tensor([len(plan.keys), failures, billed, requests, cached, spend, tokens, error is not None,
                                *stage_counts, *self.audit.step_counts()], dtype=torch.float64)
         return Merged(totals, decisive, latencies, error, audited_pairs)
+
+    def _observe_pool(self, plan: JudgePlan, pm_scores: torch.Tensor) -> None:
+        """Every pair of this process's rows, and whether the router chose it, into the audit's pool."""
+        if pm_scores.dim() != 3 or pm_scores.shape[-1] < 2:
+            return
+        ii, jj = upper_pairs(pm_scores.shape[-1])
+        index = {(i, j): p for p, (i, j) in enumerate(zip(ii.tolist(), jj.tolist(), strict=True))}
+        routed = torch.zeros(pm_scores.shape[0], len(index), dtype=torch.bool)
+        for (bi, i, j), (was_routed, _, _) in plan.kinds.items():
+            routed[bi, index[i, j]] = was_routed
+        self.audit.observe_pool(pm_scores[:, ii, jj], routed)
 
     def observe_audit(self, audited: Sequence[tuple[float, float]]) -> None:
         """Hands the batch's audited ``(ū, agreement)`` pairs (every rank's) to a controller that learns from them
@@ -342,9 +385,11 @@ class RoutingDecision:
             u, agree = zip(*audited, strict=True)
             observe(torch.tensor(u, dtype=torch.float64), torch.tensor(agree, dtype=torch.float64))
 
-    def close(self, totals: torch.Tensor) -> dict[str, float]:
-        """Charges a batch's totals (summed over ranks) and returns its ``judge/*``, ``audit/*``, ``cascade/*``
-        metrics; ``judge/errors`` is 1 when a judge raised on some rank."""
+    def close(self, totals: torch.Tensor, audited: Sequence[tuple[float, float]] = ()) -> dict[str, float]:
+        """Charges a batch's totals (summed over ranks), hands its audited ``(ū, agreement)`` pairs (every rank's)
+        to a controller that learns from them, and returns its ``judge/*``, ``audit/*``, ``cascade/*`` metrics;
+        ``judge/errors`` is 1 when a judge raised on some rank."""
+        self.observe_audit(audited)
         n_routed, n_failed, n_billed, n_requests, n_cached, n_spend, n_tokens, n_errors, *rest = totals.tolist()
         stage_counts, audit = rest[: len(self.judges)], rest[len(self.judges) :]
         self.audit.close_step(audit)
@@ -359,9 +404,10 @@ class RoutingDecision:
             **({f"cascade/judged_by_{s}": c for s, c in enumerate(stage_counts)} if self.stages else {}),
         }
 
-    def merge(self, plan: JudgePlan, result, scores, pm_scores, judged) -> dict[str, float]:
+    def merge(self, plan: JudgePlan, result, scores, pm_scores, judged, uncertainty=None) -> dict[str, float]:
         """:meth:`apply` then :meth:`close`, for a single process."""
-        return self.close(self.apply(plan, result, scores, pm_scores, judged).totals)
+        merged = self.apply(plan, result, scores, pm_scores, judged, uncertainty=uncertainty)
+        return self.close(merged.totals, merged.audited)
 
     # --- state -------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -373,6 +419,7 @@ class RoutingDecision:
             "failures": dict(self.failures),
             "controller": self.controller.state_dict() if self.controller is not None else None,
             "audit": self.audit.state_dict(),
+            "prices": self.prices.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -385,3 +432,4 @@ class RoutingDecision:
             self.controller.load_state_dict(state["controller"])
         if "audit" in state:
             self.audit.load_state_dict(state["audit"])
+        self.prices.load_state_dict(state.get("prices"))
