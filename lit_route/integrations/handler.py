@@ -48,9 +48,14 @@ def request_handler(owner, read_timeout_s: float) -> type[BaseHTTPRequestHandler
         def _authorized(self) -> bool:
             return authorized(self.headers.get("authorization"), owner.token)
 
-        def _refuse(self) -> None:  # before the body is read: the connection cannot be reused
+        def _refuse(self) -> None:
             owner.count("unauthorized")
-            self.close_connection = True
+            raw = self.headers.get("content-length", "0").strip()
+            if raw.isascii() and raw.isdigit() and int(raw) <= 65536:
+                # read a small body: a socket closed with unread data is reset, and the client may lose the answer
+                self.rfile.read(int(raw))
+            else:  # a larger one is not read for a client without the token: the connection is closed instead
+                self.close_connection = True
             self._send(401, {"error": "unauthorized: send the server's token (Authorization: Bearer <token>, "
                                       "or as the password in the URL: http://lit-route:<token>@host:port/...)"})
 
