@@ -31,6 +31,7 @@ class BoundedHTTPServer(ThreadingHTTPServer):
     """
 
     daemon_threads = True
+    request_queue_size = 1024  # connections the kernel holds until accepted: trainer workers connect in bursts
 
     def __init__(self, address, handler, max_connections: int):
         check_nonnegative("max_connections", max_connections, integer=True, positive=True)
