@@ -22,6 +22,12 @@ def test_contiguous_groups_follow_trl_repeat_order():
 def test_split_group_is_one_clear_error():
     with pytest.raises(ValueError, match=r"num_generations: samples 2\.\.4 share a prompt but are 3, not a multiple of 2"):
         contiguous_groups(["a", "a", "b", "b", "b"], 2)
+    # a group of 2 split across processes leaves one completion here: it is not an evaluation batch, where every
+    # prompt has one completion (that one stays allowed, see test_contiguous_groups_follow_trl_repeat_order)
+    with pytest.raises(ValueError, match=r"^num_generations: sample 2 is the only completion of its prompt: .*"
+                                         r"per_device_train_batch_size"):
+        contiguous_groups(["p0", "p0", "p1"], 2)
+    assert contiguous_groups(["p0", "p0", "p1"]) == [[0, 1], [2]]  # without a group size: runs as they are
 
 
 def test_keyed_groups_and_scatter():
@@ -44,6 +50,8 @@ def test_split_query_finds_the_response():
     assert split_query("Q: 2+2? 4<|im_end|>\n", "<s>Q: 2+2?", ("<|im_end|>",)) == (" 4", False)
     assert split_query("BOS Q? yes<|im_end|>\n<pad><pad>", "Q?", ("<|im_end|>", "<pad>")) == (" yes", True)
     assert split_query("Q? keep trailing  ", "Q?") == (" keep trailing  ", True)
+    # a response that repeats the prompt is the response, whole: the prompt's first occurrence ends it
+    assert split_query("<s>Q? Q? is the question", "Q?") == (" Q? is the question", True)
 
 
 def test_chat_templated_prompts_are_read_as_their_messages():
@@ -66,6 +74,9 @@ def test_parse_request_shapes_and_errors():
     assert samples == [Sample("p1", " r1", "l"), Sample("p1", " r2", "l")] and missing == 0
     assert parse_request({"query": ["p r"], "prompts": ["p"]})[0] == [Sample("p", " r")]  # labels optional
     for bad, message in [({"prompts": []}, "query: expected a list of strings"),
+                         # "\ud800" in JSON: a lone surrogate, which no tokenizer encodes
+                         ({"query": ["p ok", "p \ud800"], "prompts": ["p", "p"]}, r"query\[1\]: not valid Unicode"),
+                         ({"query": ["p ok"], "prompts": ["\udfff"]}, r"prompts\[0\]: not valid Unicode"),
                          ({"query": ["a"], "prompts": ["a", "b"]}, "prompts: 2 prompts for 1 queries"),
                          ({"query": ["a"], "prompts": [3]}, "prompts: expected a list of strings"),
                          ([1], "body: expected a JSON object")]:
@@ -104,6 +115,28 @@ def test_collector_scores_a_short_group_after_the_wait_and_a_lone_sample_as_zero
     assert [s.reward for s in collector.rewards([Sample("a", "1"), Sample("a", "2")])] == [0.0, 1.0]
     assert [s.reward for s in collector.rewards([Sample("b", "1")])] == [0.0]
     assert calls == [[2]] and collector.counts == {"groups": 2, "short_groups": 2, "singletons": 1}
+
+
+def test_collector_closes_a_group_at_the_size_its_request_names():
+    """An evaluation round with fewer samples per prompt than training (OpenRLHF's --eval.n_samples_per_prompt)
+    names its size: its groups close when complete, not after the wait for a training-sized group."""
+    calls: list = []
+    collector = GroupCollector(_fake_score(calls), group_size=8, wait_s=600.0)
+    out: dict = {}
+    threads = [threading.Thread(target=lambda k=k: out.setdefault(k, collector.rewards([Sample("e", f"r{k}")],
+                                                                                     group_size=2)))
+               for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert calls == [[2]] and collector.counts == {"groups": 1, "short_groups": 0, "singletons": 0}
+    assert sorted(r[0].reward for r in out.values()) == [0.0, 1.0]
+
+
+def test_collector_refuses_a_negative_wait():
+    with pytest.raises(ValueError, match=r"^group_wait_s: expected a number >= 0; got -5$"):
+        GroupCollector(_fake_score([]), group_size=2, wait_s=-5)
 
 
 def test_collector_passes_a_scoring_error_to_every_waiting_request():

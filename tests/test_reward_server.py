@@ -206,6 +206,56 @@ def test_serve_command_errors_are_one_line(tmp_path, capsys):
         RewardServer(RoutedRewards(None, None), port=int(taken.url.rsplit(":", 1)[1]))
 
 
+def test_serve_options_are_refused_in_one_line_naming_them(monkeypatch, capsys):
+    from lit_route.cli import main
+
+    def never(self):
+        raise AssertionError("lit-route serve started serving")
+
+    monkeypatch.setattr(RewardServer, "serve_forever", never)
+    monkeypatch.delenv("LIT_ROUTE_SERVE_TOKEN", raising=False)
+    for args, line in [
+        (["--port", "70000"], "port: expected an integer in 0..65535; got 70000"),
+        (["--group_wait_s", "-5"], "group_wait_s: expected a number >= 0; got -5"),
+        (["--strip", "5"], "strip: expected a list of end-of-turn strings, e.g. --strip '[\"<|im_end|>\"]'"),
+        (["--group_size", "100"], "group_size: expected an integer in 2..64 (max_group_size) or null; got 100"),
+        (["--host", "0.0.0.0"], "host: 0.0.0.0 can be reached from other machines and $LIT_ROUTE_SERVE_TOKEN is "
+                                "not set"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(["serve", "--pm_backbone.model_path", "builtin:tiny-llama", *args])
+        err = capsys.readouterr().err
+        assert err.startswith(f"lit-route: error: {line}") and err.count("\n") == 1, err
+
+
+def test_a_request_names_its_group_size_for_an_evaluation_round(tiny_pm):
+    """OpenRLHF's evaluation sends --eval.n_samples_per_prompt samples per prompt (4 by default), training
+    --rollout.n_samples_per_prompt: a client posting its evaluation samples to ``?group_size=2`` has its groups
+    scored when they are complete, not after the wait for a training-sized group."""
+    pm, encoder = tiny_pm
+    prompt, responses = rollout(4)
+    with RewardServer(RoutedRewards(pm, encoder), port=0, group_size=K, group_wait_s=600, strip=(EOS,)) as server:
+        out: list = [None] * 2
+
+        def one(k):
+            body = {"query": [prompt + responses[k] + EOS], "prompts": [prompt]}
+            out[k] = requests.post(f"{server.url}/get_reward?group_size=2", json=body, timeout=120).json()
+
+        threads = [threading.Thread(target=one, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        bad = requests.post(f"{server.url}/get_reward?group_size=1", json=batch_body([1]), timeout=30)
+        stats = server.stats()
+    s, _ = score_groups(pm, encoder, [[{"role": "user", "content": "Count to 4."}]], [responses[:2]])
+    # arrival order decides the PM's batch: float32 rounding (~1e-7) only, as in the test above
+    assert [o["rewards"][0] for o in out] == pytest.approx(pairwise_rewards(s)[0].tolist(), abs=2e-6)
+    assert stats["scored_groups"] == 1 and stats["short_groups"] == 0
+    assert bad.status_code == 400 and bad.json()["error"] == ("group_size: expected an integer in 2..64 (samples "
+                                                              "per prompt); got '1'")
+
+
 def serve_main(monkeypatch, args: list[str]) -> tuple[RewardServer, threading.Thread]:
     """`lit-route serve ARGS` through the CLI's main in a thread; its server once it listens. Shut it down with
     ``server.httpd.shutdown()`` (what Ctrl-C does to serve_forever: main then saves the state and returns)."""
@@ -239,12 +289,26 @@ def test_lit_route_serve_with_the_shipped_debug_config(tmp_path, monkeypatch):
     server, thread = serve_main(monkeypatch, ["--config", str(config), "--port", "0", "--state_file", str(state)])
     body = {"query": ["Hi! a", "Hi! bb", "Hi! ccc", "Hi! dddd"], "prompts": ["Hi!"] * 4}
     rewards = requests.post(f"{server.url}/get_reward", json=body, timeout=120).json()["rewards"]
+    # the config's group size: the same samples, a request each (as OpenRLHF 0.9.1+ sends them), are one group
+    one_each = [None] * 4
+
+    def post_one(k):
+        one = {"query": [body["query"][k]], "prompts": ["Hi!"]}
+        one_each[k] = requests.post(f"{server.url}/get_reward", json=one, timeout=120).json()["rewards"][0]
+
+    threads = [threading.Thread(target=post_one, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
     stats = requests.get(f"{server.url}/stats", timeout=5).json()
     server.httpd.shutdown()  # what Ctrl-C does to serve_forever; main then saves the state and returns
     thread.join(timeout=30)
     assert len(rewards) == 4 and abs(sum(rewards)) < 1e-5 and not thread.is_alive()
-    assert stats["pairs_seen"] == 6 and stats["pairs_routed"] == 2 and stats["billed"] == 2  # 25% of 6 pairs
-    assert json.loads(state.read_text())["decision"]["ledger"]["calls"] == 2
+    assert abs(sum(one_each)) < 1e-5 and any(r != 0 for r in one_each)  # pairwise rewards, not lone samples' 0
+    assert stats["scored_groups"] == 2 and stats["singletons"] == 0 and stats["short_groups"] == 0
+    assert stats["pairs_seen"] == 12 and stats["pairs_routed"] == 4 and stats["billed"] == 4  # 25% of 6 pairs, twice
+    assert json.loads(state.read_text())["decision"]["ledger"]["calls"] == 4
 
 
 def test_calls_billed_before_a_kill_are_charged_on_restart(tiny_pm, monkeypatch, tmp_path):

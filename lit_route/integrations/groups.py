@@ -23,34 +23,36 @@ def contiguous_groups(prompts: Sequence, group_size: int | None = None) -> list[
     """Runs of equal consecutive prompts, each cut into groups of ``group_size``.
 
     The same prompt drawn twice in a row makes one run of ``2·group_size``; it becomes two groups, as the trainer
-    sees them. A prompt with a single completion (evaluation with one generation per prompt) is a group of one. ``prompts`` of length N -> groups of indices in order, covering ``range(N)`` once.
+    sees them. A batch in which every prompt has a single completion (evaluation with one generation per prompt)
+    is a batch of groups of one. ``prompts`` of length N -> groups of indices in order, covering ``range(N)`` once.
 
     Args:
         prompts: N prompts (text or chat messages), in the trainer's order.
         group_size: Completions per prompt (TRL's ``num_generations``); ``None``: each run is one group.
 
     Raises:
-        ValueError: when a run's length is not a multiple of ``group_size``: the trainer split a group (across
-            processes, or a per-device batch not divisible by the group size), and no pairwise reward exists for
-            a group whose members are elsewhere.
+        ValueError: when, with ``group_size``, a run's length is not a multiple of it (a lone completion among
+            whole groups included): the trainer split a group (across processes, or a per-device batch not
+            divisible by the group size), and no pairwise reward exists for a group whose members are elsewhere.
     """
     keys = [prompt_key(p) for p in prompts]
-    groups: list[list[int]] = []
+    runs: list[list[int]] = []
     start = 0
     for i in range(1, len(keys) + 1):
-        if i < len(keys) and keys[i] == keys[start]:
-            continue
-        run = list(range(start, i))
-        if group_size is None or len(run) == 1:  # one completion of a prompt (an evaluation batch): its own group
-            groups.append(run)
-        else:
-            if len(run) % group_size:
-                raise ValueError(
-                    f"num_generations: samples {start}..{i - 1} share a prompt but are {len(run)}, not a multiple of "
-                    f"{group_size}: a group was split across batches or processes; make the per-process batch "
-                    f"(per_device_train_batch_size x steps_per_generation) a multiple of num_generations")
-            groups.extend(run[k : k + group_size] for k in range(0, len(run), group_size))
-        start = i
+        if i == len(keys) or keys[i] != keys[start]:
+            runs.append(list(range(start, i)))
+            start = i
+    if group_size is None or all(len(run) == 1 for run in runs):  # one completion per prompt: an evaluation batch
+        return runs
+    groups: list[list[int]] = []
+    for run in runs:
+        if len(run) % group_size:
+            what = (f"sample {run[0]} is the only completion of its prompt" if len(run) == 1 else
+                    f"samples {run[0]}..{run[-1]} share a prompt but are {len(run)}, not a multiple of {group_size}")
+            raise ValueError(
+                f"num_generations: {what}: a group of {group_size} was split across batches or processes; make the "
+                f"per-process batch (per_device_train_batch_size x steps_per_generation) a multiple of num_generations")
+        groups.extend(run[k : k + group_size] for k in range(0, len(run), group_size))
     return groups
 
 

@@ -1,7 +1,7 @@
 """OpenRLHF's remote reward-model protocol: the request and response bodies, and the response inside a query.
 
-OpenRLHF (``--remote_rm_url``; ``--reward.remote_url`` on its main branch after 0.9.10) POSTs JSON to the URL it
-is given::
+OpenRLHF (``--reward.remote_url`` since 0.10.2, ``--remote_rm_url`` before) POSTs JSON to the URL it is
+given::
 
     {"query": [full text of prompt + response, special tokens kept], "prompts": [prompt text], "labels": [...]}
 
@@ -60,15 +60,15 @@ def split_query(query: str, prompt: str, strip: tuple[str, ...] = ()) -> tuple[s
     """The response inside ``query`` (the decoded prompt + response) and whether the prompt was found in it.
 
     OpenRLHF decodes the whole sequence, so the query starts with the prompt as the tokenizer renders it back; a
-    BOS token or normalised spaces can make the two differ at the start, so the prompt's last occurrence is used
-    when the query does not start with it; failing that, the query is matched to the prompt less its first few
+    BOS token or normalised spaces can make the two differ at the start, so the prompt's first occurrence is used
+    when the query does not start with it (a response that repeats the prompt keeps its whole text); failing that, the query is matched to the prompt less its first few
     characters (a BOS the query lacks), and last the part after the longest common prefix is taken (the second
     value is then ``False``, and the server counts it). End-of-turn markers listed in ``strip`` (the policy's
     EOS text, e.g. ``<|im_end|>``) are removed from the response's end, repeatedly.
     """
     if query.startswith(prompt):
         response, found = query[len(prompt) :], True
-    elif prompt and (at := query.rfind(prompt)) >= 0:
+    elif prompt and (at := query.find(prompt)) >= 0:
         response, found = query[at + len(prompt) :], True
     elif (k := next((k for k in range(1, min(len(prompt), 64)) if query.startswith(prompt[k:])), None)) is not None:
         response, found = query[len(prompt) - k :], False  # the query lost the prompt's first characters (a BOS)
@@ -87,7 +87,21 @@ def split_query(query: str, prompt: str, strip: tuple[str, ...] = ()) -> tuple[s
 
 
 class RequestError(ValueError):
-    """A request body that does not follow the protocol (answered with HTTP 400 and this message)."""
+    """A request that does not follow the protocol or exceeds the server's bounds, answered with ``status`` (400,
+    or 413 for a body over its size limit) and this message."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _check_text(name: str, values: list[str]) -> None:
+    # json.loads accepts "\ud800" (a lone surrogate): a str no tokenizer, no HTTP client can encode
+    for i, text in enumerate(values):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise RequestError(f"{name}[{i}]: not valid Unicode ({err.reason} at character {err.start})") from None
 
 
 def parse_request(body: object, strip: tuple[str, ...] = (), unwrap_chat: bool = True) -> tuple[list[Sample], int]:
@@ -95,8 +109,8 @@ def parse_request(body: object, strip: tuple[str, ...] = (), unwrap_chat: bool =
     ``unwrap_chat``, a chat-templated prompt is read as its messages (:func:`chat_messages`).
 
     Raises:
-        RequestError: naming the field, when ``query`` or ``prompts`` is missing, not a list of strings, or when
-            the lists' lengths differ.
+        RequestError: naming the field, when ``query`` or ``prompts`` is missing, not a list of strings (of valid
+            Unicode), or when the lists' lengths differ.
     """
     if not isinstance(body, dict):
         raise RequestError("body: expected a JSON object with 'query' and 'prompts'")
@@ -104,6 +118,7 @@ def parse_request(body: object, strip: tuple[str, ...] = (), unwrap_chat: bool =
     for name, value in (("query", queries), ("prompts", prompts)):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise RequestError(f"{name}: expected a list of strings")
+        _check_text(name, value)
     if len(prompts) != len(queries):
         raise RequestError(f"prompts: {len(prompts)} prompts for {len(queries)} queries")
     if labels is None:

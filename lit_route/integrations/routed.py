@@ -13,6 +13,7 @@ cannot overspend it; the judge calls of all batches run at once on the judge loo
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -28,6 +29,14 @@ from lit_route.rewards.pairwise import pairwise_rewards, upper_pairs
 from lit_route.routing.decision import Assignment
 
 log = logging.getLogger(__name__)
+
+# failures no retry mends: the judge refused the request (a rejected key, an unknown model) or could not be reached
+LASTING_FAILURES = ("client_error", "connection")
+
+
+class JudgeFailing(RuntimeError):
+    """The judge raised, or failed every routed pair for a lasting reason, in more consecutive batches than
+    ``max_consecutive_errors`` allows."""
 
 
 @dataclass
@@ -55,8 +64,10 @@ class RoutedRewards:
         encoder: Its :class:`~lit_route.data.encoding.PairEncoder`.
         decision: The routing decision (``None``: PM scores only, no judge).
         pm_batch_size: Unordered pairs per PM forward pass.
-        max_consecutive_errors: Batches in a row in which the judge may raise before :meth:`score` raises too
-            (``None``: never; the PM scores stand either way).
+        max_consecutive_errors: Batches in a row in which the judge may raise, or fail every routed pair with a
+            client error (a rejected key) or a connection failure, before :meth:`score` raises
+            :class:`JudgeFailing` (``None``: never; the PM scores stand either way). :meth:`judge_health` says
+            how many batches in a row failed so, and why.
     """
 
     def __init__(self, pm, encoder, decision=None, pm_batch_size: int = 16, max_consecutive_errors: int | None = None):
@@ -71,6 +82,7 @@ class RoutedRewards:
         self.batches = 0  # keys the decision's random draws: a count of scored batches
         self.groups = 0
         self.consecutive_errors = 0
+        self.judge_failure: str | None = None  # why the judge failed in the latest of those batches
         # pairs each judge answered (main first, then the cascade's stages), since start or the restored state
         self.judged_by = [0] * len(decision.judges) if decision is not None and decision.stages else []
         self._last_batch: float | None = None
@@ -182,8 +194,10 @@ class RoutedRewards:
                     results.append(err)
             with self._lock:
                 paid = self.journal.take(key) if self.journal is not None else None
-                merged = [decision.apply(plan, result, part.s, part.pm_s, part.judged,
-                                         paid if i == 0 else (paid and (0, 0.0)), uncertainty=part.u)
+                failed_before = collections.Counter(decision.failures)
+                no_pay = None if paid is None else (0, 0.0)  # the journal's record is the whole batch's
+                merged = [decision.apply(plan, result, part.s, part.pm_s, part.judged, paid if i == 0 else no_pay,
+                                         uncertainty=part.u)
                           for i, (plan, result, (part, _, _)) in enumerate(zip(plans, results, pieces, strict=True))]
                 decision.release(hold)
                 hold = None
@@ -192,18 +206,58 @@ class RoutedRewards:
                     self.judged_by[stage] += int(stats[f"cascade/judged_by_{stage}"])
                 self._in_flight.discard(key)  # charged and no longer in flight in one step: a saved state has both
                 error = next((r for r in results if isinstance(r, BaseException)), None)
-                self.consecutive_errors = self.consecutive_errors + 1 if error is not None else 0
-                errors = self.consecutive_errors
+                answers = [per_judge for r in results if not isinstance(r, BaseException) for per_judge in r]
+                failing = self._count_judge_failure(error if error is not None else answers,
+                                                    decision.failures - failed_before,
+                                                    sum(len(plan.keys) for plan in plans))
         finally:
             with self._lock:
                 if hold is not None:  # the batch did not reach its charge (an error above)
                     decision.release(hold)
                 self._in_flight.discard(key)
         stats.update(assignment.control)
-        if self.max_consecutive_errors is not None and errors > self.max_consecutive_errors:
-            raise RuntimeError(f"the judge raised in {errors} consecutive batches "
-                               f"(max_consecutive_errors={self.max_consecutive_errors})") from error
+        if failing is not None:
+            raise failing
         return stats
+
+    def _count_judge_failure(self, result, failed: collections.Counter, routed: int) -> JudgeFailing | None:
+        """Counts the batches in a row in which the judge raised (``result`` is the exception) or failed every
+        routed pair for a lasting reason (``failed``: the batch's failures by reason); the error to raise once
+        there are more than ``max_consecutive_errors``. A batch that routed nothing leaves the count. Called
+        under the lock."""
+        if not routed:
+            return None
+        raised = isinstance(result, BaseException)
+        if raised:
+            reason = f"{type(result).__name__}: {result}"
+        elif sum(failed[r] for r in LASTING_FAILURES) == routed:
+            reason = _failure_text(result)
+        else:
+            self.consecutive_errors, self.judge_failure = 0, None
+            return None
+        self.consecutive_errors += 1
+        self.judge_failure = " ".join(reason.split())[:300]  # one line: an SDK's message can span several
+        n, limit = self.consecutive_errors, self.max_consecutive_errors
+        if limit is None or n <= limit:
+            return None
+        message = (f"the judge {'raised' if raised else 'failed every routed pair'} in {n} consecutive batches "
+                   f"(max_consecutive_errors={limit}): {self.judge_failure}")
+        if n == limit + 1:
+            log.error("%s", message)
+        failing = JudgeFailing(message)
+        failing.__cause__ = result if raised else None
+        return failing
+
+    def judge_health(self) -> dict:
+        """``{"status": "ok"}``, or ``degraded`` (the judge failed in the latest batches, up to
+        ``max_consecutive_errors`` of them) or ``failing`` (more: :meth:`score` raises), with the ``reason`` and
+        the count of ``failed_batches``."""
+        with self._lock:
+            n, reason = self.consecutive_errors, self.judge_failure
+        if not n:
+            return {"status": "ok"}
+        failing = self.max_consecutive_errors is not None and n > self.max_consecutive_errors
+        return {"status": "failing" if failing else "degraded", "reason": reason, "failed_batches": n}
 
     def score_samples(self, groups):
         """The server's entry: groups of :class:`~lit_route.integrations.openrlhf.Sample` -> per sample
@@ -232,6 +286,7 @@ class RoutedRewards:
     def state_dict(self) -> dict:
         with self._lock:
             return {"batches": self.batches, "groups": self.groups, "consecutive_errors": self.consecutive_errors,
+                    "judge_failure": self.judge_failure,
                     "in_flight": sorted(self._in_flight), "judged_by": list(self.judged_by),
                     "decision": self.decision.state_dict() if self.decision is not None else None}
 
@@ -239,6 +294,7 @@ class RoutedRewards:
         with self._lock:
             self.batches, self.groups = int(state["batches"]), int(state["groups"])
             self.consecutive_errors = int(state.get("consecutive_errors", 0))
+            self.judge_failure = state.get("judge_failure")
             self._owed = {int(k) for k in state.get("in_flight", ())}
             if len(state.get("judged_by", ())) == len(self.judged_by):  # the same cascade as the saved run's
                 self.judged_by = [int(c) for c in state["judged_by"]]
@@ -287,6 +343,16 @@ class _Part:
     u: torch.Tensor
     pm_s: torch.Tensor
     judged: torch.Tensor
+
+
+def _failure_text(result) -> str:
+    """What the judge's client said about the batch's first failed pair (the SDK's error: ``client_error: Error
+    code: 401 - ...``), or its failure reason."""
+    for per_judge in result:
+        for jd in per_judge:
+            if jd.score is None:
+                return next((v.raw for v in reversed(jd.verdicts) if v.raw), None) or jd.failure or "failed"
+    return "failed"
 
 
 def build_decision(judge, *, cache: str | None = None, cascade: Sequence = (), max_calls_per_step=None,

@@ -34,7 +34,8 @@ class RoutedRewardFunction:
         rewards: The routed reward (PM + routing decision); see :func:`routed_reward` to build one from a checkpoint.
         num_generations: Completions per prompt (the trainer's ``num_generations``); ``None``: each run of equal
             consecutive prompts is one group. With it, a batch whose groups are cut (a per-process batch that is
-            not a multiple of it) is refused with a clear error rather than scored on partial groups. Evaluation
+            not a multiple of it: a run of a prompt that is not a multiple of it, a lone completion among whole
+            groups) is refused with a clear error rather than scored on partial groups. Evaluation
             batches go through the same function: keep ``num_generations_eval`` unset (it then equals
             ``num_generations``); with ``num_generations_eval=1`` every completion is alone and gets reward 0.
             Evaluation pairs are routed (and billed) like training pairs.
@@ -147,8 +148,9 @@ def routed_reward(pm_ckpt: str | None = None, judge=None, *, num_generations: in
         pm_backbone: Instead of ``pm_ckpt``, an untrained PM on this backbone (debugging only).
         device: Where the PM runs.
         pm_batch_size: Unordered pairs per PM forward pass.
-        max_consecutive_errors: Batches in a row in which the judge may raise (not merely fail a call) before
-            training stops, as with the routing callback (``None``: never; the PM scores stand either way).
+        max_consecutive_errors: Batches in a row in which the judge may raise, or fail every routed pair with a
+            client error (a rejected key) or a connection failure, before training stops with
+            :class:`~lit_route.integrations.routed.JudgeFailing` (``None``: never; the PM scores stand either way).
         **routing: The routing decision's settings (``router``, ``fraction``, ``threshold``, caps,
             ``audit_fraction``, ``controller``, ``cascade``, ``order``, ``cache``, ``verdict_logit``, ``seed``), as
             in the ``UncertaintyRouting`` callback.
