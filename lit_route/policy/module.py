@@ -20,7 +20,14 @@ from lit_route.models.split import Trunk
 from lit_route.policy.context import RewardContext
 from lit_route.policy.engines import build_engine, check_engine_options, engine_statistics
 from lit_route.policy.loss import policy_loss
-from lit_route.policy.pipeline import PendingBatch, RewardPipeline, Rollout, check_pipeline, gather_ranks
+from lit_route.policy.pipeline import (
+    PendingBatch,
+    RewardPipeline,
+    Rollout,
+    check_pipeline,
+    drain_pending,
+    gather_ranks,
+)
 from lit_route.policy.pm_scoring import load_reward_pm, score_groups
 from lit_route.policy.sampling import (
     GenerationConfig,
@@ -129,6 +136,10 @@ class RLOOPolicyModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._pm.to(self.device)
+
+    def on_train_end(self) -> None:
+        if len(self.pipeline):  # a fit stopped early (trainer.should_stop, max_time): the pending calls are paid
+            drain_pending(self)
 
     def reward_hooks(self):
         return [cb for cb in self.trainer.callbacks if hasattr(cb, "on_pairwise_scores")] if self._trainer else []
@@ -327,11 +338,16 @@ class RLOOPolicyModule(L.LightningModule):
             **{f"time/{name}": t for name, t in ctx.timings.items()},
             **ctx.stats,
         }
-        self.log_dict({k_: float(v) for k_, v in metrics.items()}, prog_bar=False, on_step=True, batch_size=b)
-        # the group-mean reward is 0 by construction (S is antisymmetric): the bar shows what moves
-        self.log_dict({"judged": metrics["judge/fraction"], "kl": metrics["kl/mean"], "reward_std": metrics["reward/std"]},
-                      prog_bar=True, logger=False, on_step=True, batch_size=b)
-        self.last_step = {k_: float(v) for k_, v in metrics.items()}
+        values = {k_: float(v) for k_, v in metrics.items()}
+        if self.__dict__.get("_after_fit"):  # batches drained as the fit ends: self.log is closed by then
+            for logger in self.loggers:
+                logger.log_metrics(values, step=self.global_step)
+        else:
+            self.log_dict(values, prog_bar=False, on_step=True, batch_size=b)
+            # the group-mean reward is 0 by construction (S is antisymmetric): the bar shows what moves
+            self.log_dict({"judged": values["judge/fraction"], "kl": values["kl/mean"],
+                           "reward_std": values["reward/std"]}, prog_bar=True, logger=False, on_step=True, batch_size=b)
+        self.last_step = values
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]

@@ -11,6 +11,7 @@ that was computed when the batch was sampled: the prompts, completions, the samp
 from __future__ import annotations
 
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -165,3 +166,45 @@ def gather_ranks(local, world_size: int):
     out: list = [None] * world_size
     dist.all_gather_object(out, local)
     return out
+
+
+def drain_pending(module) -> int:
+    """Trains ``module`` (an RLOO module under a Trainer) on the batches still pending when a fit ends before
+    their turn (``trainer.should_stop`` set by EarlyStopping or any callback, ``max_time``): their judge calls are
+    paid for, so they are waited for, charged and trained on, as the last batch of the data would be. The steps
+    count as optimiser steps, are logged, and a ``save_last`` checkpoint is written again after them. Returns the
+    batches trained."""
+    trainer = module.trainer
+    hooks = module.reward_hooks()
+    batches = module.pipeline.due(last_batch=True)
+    module.__dict__["_after_fit"] = True
+    try:
+        with _counted_steps(trainer):
+            for pending in batches:
+                rollout = module.finish_rollout(pending.to(module.device), hooks, trainer if hooks else None,
+                                                module.global_step)
+                with rollout.ctx.timer("update"):
+                    loss = module._update(rollout, 0)
+                module.log_step(rollout, loss)
+    finally:
+        module.__dict__["_after_fit"] = False
+    for callback in trainer.checkpoint_callbacks:  # last.ckpt as the run ends, drained batches included
+        if getattr(callback, "save_last", False) and getattr(callback, "last_model_path", ""):
+            trainer.save_checkpoint(callback.last_model_path)
+    return len(batches)
+
+
+@contextmanager
+def _counted_steps(trainer):
+    """Optimiser steps taken after the fit loop has ended count in ``trainer.global_step`` as they do inside it
+    (the manual-optimisation loop counts them only while it runs)."""
+    manual = trainer.fit_loop.epoch_loop.manual_optimization
+    optimizers = trainer.strategy._lightning_optimizers
+    saved = [(opt._on_before_step, opt._on_after_step) for opt in optimizers]
+    for opt in optimizers:
+        opt._on_before_step, opt._on_after_step = manual._on_before_step, manual._on_after_step
+    try:
+        yield
+    finally:
+        for opt, (before, after) in zip(optimizers, saved, strict=True):
+            opt._on_before_step, opt._on_after_step = before, after
