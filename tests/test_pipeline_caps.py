@@ -90,3 +90,43 @@ def test_a_fit_that_stops_early_trains_on_and_charges_the_batches_it_paid_for(tm
     routing = next(v for k, v in state["callbacks"].items() if "UncertaintyRouting" in k)
     assert state["global_step"] == sampled and routing["ledger"]["calls"] == server.completions
     assert not state["lit_route"]["pending"][0]
+
+
+def test_restored_batches_reask_within_what_they_held(tmp_path, monkeypatch):
+    """A batch in flight in a checkpoint is asked again on resume with the re-asks it held when it was routed,
+    not with no limit: a run cap of 4 calls for 3 planned calls leaves it one re-ask."""
+    from types import SimpleNamespace
+
+    from lit_route.policy.context import RewardContext
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    module = SimpleNamespace(device=torch.device("cpu"), hparams={"reward_pipeline": 2})
+    trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=0, default_root_dir=str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    upper = torch.randn(1, 3, 3, generator=g).triu(1)
+    s, u = upper - upper.transpose(1, 2), torch.ones(1, 3, 3)
+
+    def context():
+        return RewardContext([[{"role": "user", "content": "Say a number."}]], [["1", "22", "333"]], s.clone(),
+                             u.clone(), s.clone(), torch.zeros_like(s, dtype=torch.bool))
+
+    def callback(url):
+        judge = OpenAICompatibleJudge("judge", base_url=f"{url}/v1",
+                                      policy=CallPolicy(max_attempts=1, timeout_s=30.0, unparseable_retries=1))
+        return UncertaintyRouting(judge, fraction=1.0, order="fixed", max_calls_total=4)
+
+    with Loopback(answer=unusable_first()) as first:
+        first.hold()  # the killed process's calls were never answered (never billed)
+        killed = callback(first.url)
+        killed.on_pairwise_scores(trainer, module, context())
+        state = killed.state_dict()
+        assert state["inflight"][0][0]["reserved"] == {"calls": 3, "reasks": 1, "usd": 0.0}
+        killed.teardown(trainer, module, "fit")
+    with Loopback(answer=unusable_first()) as second:
+        resumed = callback(second.url)
+        resumed.load_state_dict(state)
+        ctx = context()
+        ctx.key = 0
+        resumed.on_before_rewards(trainer, module, ctx)
+    assert second.completions == resumed.ledger.calls == 4  # 3 asks and the one re-ask the batch held
+    assert int(ctx.judged.sum()) // 2 == 1 and resumed.failures["unparseable"] == 2
