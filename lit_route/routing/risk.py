@@ -180,8 +180,10 @@ class RiskController:
     :meth:`observe`. Until ``min_calibration`` audit pairs are in, τ follows the budget target (the quantile of ū
     that judges the target share). After each step, τ is chosen by :func:`risk_threshold` on the last
     ``window`` audit pairs, over a grid of that step's ū quantiles; when no τ passes, every pair is routed (the
-    budget caps still apply). The guarantee assumes the calibration pairs are exchangeable with the next step's
-    pairs; a drifting policy breaks that slowly, which the window bounds.
+    budget caps still apply). The guarantee holds for pairs exchangeable with the calibration pairs: under a
+    drifting policy (the PM's disagreement at a fixed ū rising step by step) the window's older pairs understate
+    the current risk and it can be exceeded on more than a δ share of steps; a smaller ``window`` follows a drift
+    faster at the cost of power (docs/statistics.md).
 
     Args:
         alpha: Tolerated disagreement among pairs left to the PM.
