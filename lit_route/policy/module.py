@@ -7,7 +7,6 @@ import logging
 import lightning as L
 import torch
 
-from lit_route.checks import check_choice, check_nonnegative, check_optional
 from lit_route.models.backbone import (
     BackboneSpec,
     LoraSpec,
@@ -18,8 +17,9 @@ from lit_route.models.backbone import (
 )
 from lit_route.models.split import Trunk
 from lit_route.policy.context import RewardContext
-from lit_route.policy.engines import build_engine, check_engine_options, engine_statistics
+from lit_route.policy.engines import build_engine, engine_statistics
 from lit_route.policy.loss import policy_loss
+from lit_route.policy.options import check_options
 from lit_route.policy.pipeline import (
     PendingBatch,
     RewardPipeline,
@@ -107,7 +107,7 @@ class RLOOPolicyModule(L.LightningModule):
             raise ValueError("policy: no base model given; set model.policy.model_path "
                              "(builtin:tiny-llama is a tiny random model for tests)")
         self.generation = generation or GenerationConfig()
-        _check_options(self.generation, beta, kl_estimator, updates_per_batch, clip_eps, lr, max_grad_norm,
+        check_options(self.generation, beta, kl_estimator, updates_per_batch, clip_eps, lr, max_grad_norm,
                        accumulate_batches, pm_batch_size)
         check_pipeline(reward_pipeline, accumulate_batches)
         self.save_hyperparameters()
@@ -383,26 +383,3 @@ class RLOOPolicyModule(L.LightningModule):
 
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
             self.pipeline.load_state_dict(pending[rank] if rank < len(pending) else [], self.device)
-
-
-def _check_options(generation, beta, kl_estimator, updates_per_batch, clip_eps, lr, max_grad_norm, accumulate_batches,
-                   pm_batch_size) -> None:
-    if generation.num_samples < 2:
-        raise ValueError(f"generation.num_samples: RLOO needs K >= 2; got {generation.num_samples}")
-    check_nonnegative("generation.max_new_tokens", generation.max_new_tokens, integer=True, positive=True)
-    check_nonnegative("generation.temperature", generation.temperature, positive=True)
-    check_nonnegative("generation.top_k", generation.top_k, integer=True)
-    check_engine_options(generation)
-    if not 0 < generation.top_p <= 1:
-        raise ValueError(f"generation.top_p: expected a number in (0, 1]; got {generation.top_p}")
-    check_nonnegative("beta", beta)
-    check_choice("kl_estimator", kl_estimator, ("k1", "k3"))
-    check_nonnegative("updates_per_batch", updates_per_batch, integer=True, positive=True)
-    check_nonnegative("clip_eps", clip_eps, positive=True)
-    check_nonnegative("lr", lr, positive=True)
-    check_optional("max_grad_norm", max_grad_norm, positive=True)
-    check_nonnegative("accumulate_batches", accumulate_batches, integer=True, positive=True)
-    check_nonnegative("pm_batch_size", pm_batch_size, integer=True, positive=True)
-    if updates_per_batch > 1 and accumulate_batches > 1:
-        raise ValueError("updates_per_batch: reusing a batch (> 1) steps the optimiser on every reuse, which "
-                         "accumulation cannot wait for; set accumulate_batches: 1 or updates_per_batch: 1")

@@ -22,7 +22,6 @@ import collections
 import math
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import torch
 
@@ -36,76 +35,12 @@ from lit_route.routing.allowance import Allowance, Hold, PriceBook, reask_limit
 from lit_route.routing.audit import AuditTally
 from lit_route.routing.budget import BudgetLedger
 from lit_route.routing.controller import BudgetTarget, Controller, target_fraction
+from lit_route.routing.plan import Assignment, JudgePlan, Merged, prompt_text
 from lit_route.routing.routers import count_for_fraction
 
+__all__ = ["ROUTERS", "Assignment", "JudgePlan", "Merged", "RoutingDecision", "prompt_text"]
+
 ROUTERS = ("uncertainty", "random", "margin")
-
-
-@dataclass
-class Assignment:
-    """Who answers each pair of one (global) batch.
-
-    Attributes:
-        assign: (…) long, the shape of ``u``: −1 the PM, 0 the main judge, s ≥ 1 cascade stage s.
-        routed: (…) bool, chosen by the router (main judge).
-        audit: (…) bool, drawn for the audit (main judge, whatever the router chose).
-        control: The controller's τ and target for this batch (empty without a controller).
-        hold: What the batch may cost (calls, re-asks, estimated spend), held against the caps while in flight.
-    """
-
-    assign: torch.Tensor
-    routed: torch.Tensor
-    audit: torch.Tensor
-    control: dict = field(default_factory=dict)
-    hold: Hold = field(default_factory=Hold)
-
-    def rows(self, rows: slice) -> Assignment:
-        """The part of a (B_global, P) assignment this process holds (rows ``rows``)."""
-        return Assignment(self.assign[rows], self.routed[rows], self.audit[rows], self.control, self.hold)
-
-
-@dataclass
-class JudgePlan:
-    """The requests of one process's share of a batch.
-
-    Attributes:
-        keys: ``(b, i, j)`` per judged pair, in the order of ``items`` flattened over judges.
-        kinds: ``(b, i, j)`` -> (routed, audited, judge index).
-        items: Per judge (main first, then cascade stages) the ``(prompt, x, y)`` triples.
-    """
-
-    keys: list[tuple[int, int, int]]
-    kinds: dict[tuple[int, int, int], tuple[bool, bool, int]]
-    items: list[list[tuple[str, str, str]]]
-
-
-@dataclass
-class Merged:
-    """What :meth:`RoutingDecision.apply` did on this process's pairs.
-
-    Attributes:
-        totals: (n,) float64 sums to add over ranks before :meth:`RoutingDecision.close`.
-        decisive: ``(b, i, j, score)`` of the main judge's verdicts (for exporting labels).
-        latencies: Seconds of each pair's paid judge calls (cached verdicts left out).
-        error: The exception the judge raised, if any.
-        audited: ``(ū, agreement)`` of each audited pair the main judge decided (agreement of ``1[d > 0]`` with
-            the verdict: 1, 0.5 for a tie, 0), for a controller that learns from the audit.
-    """
-
-    totals: torch.Tensor
-    decisive: list[tuple[int, int, int, float]]
-    latencies: list[float]
-    error: BaseException | None = None
-    audited: list[tuple[float, float]] = field(default_factory=list)
-
-
-def prompt_text(messages) -> str:
-    """Chat messages (or text) as the judge reads the prompt."""
-    if isinstance(messages, str):
-        return messages
-    if len(messages) == 1:
-        return messages[0]["content"]
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
 class RoutingDecision:
