@@ -225,3 +225,30 @@ def test_a_spend_cap_holds_with_batches_in_flight():
     fourth = decision.route(d, u, 3)
     assert int((fourth.assign >= 0).sum()) == 0  # $3 charged + $2 held = the cap
     assert math.isclose(decision.reserved_usd, 2.0)
+
+
+def test_a_rejected_key_stops_the_callback_and_the_reward_function(monkeypatch):
+    """A judge that answers 401 to every request leaves every routed pair to the PM: after
+    ``max_consecutive_errors`` such steps both paths stop with one line naming the provider's answer, instead of
+    training on PM rewards alone without a word."""
+    from lit_route.routing.health import JudgeFailing
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
+    batches = stream()
+    with Loopback(default=Reply(status=401)) as server:
+        judge = OpenAICompatibleJudge("judge", base_url=f"{server.url}/v1", policy=CallPolicy(max_attempts=3))
+        cb = UncertaintyRouting(judge, fraction=0.5, max_consecutive_errors=1)
+        module = SimpleNamespace(device=torch.device("cpu"), hparams={})
+        with pytest.raises(JudgeFailing, match=r"failed every routed pair in 2 consecutive steps .*401"):
+            for t, (prompts, completions, s, u) in enumerate(batches):
+                trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=t, default_root_dir=".")
+                ctx = RewardContext(prompts, completions, s.clone(), u, s.clone(), torch.zeros_like(s, dtype=torch.bool))
+                cb.on_pairwise_scores(trainer, module, ctx)
+                cb.on_before_rewards(trainer, module, ctx)
+        assert t == 1 and cb.health.status()["status"] == "failing"
+        rewards = scripted(batches)
+        rewards.decision.judge, rewards.health.limit = judge, 1
+        with pytest.raises(JudgeFailing, match=r"2 consecutive batches"):
+            for prompts, completions, _, _ in batches:
+                rewards.score(prompts, completions)
+    assert server.completions == 0  # a 401 is not retried and not billed

@@ -24,6 +24,7 @@ from lit_route.routing.budget import BudgetLedger
 from lit_route.routing.cascade import CascadeStage
 from lit_route.routing.controller import BudgetTarget, Controller
 from lit_route.routing.decision import ROUTERS, Assignment, JudgePlan, RoutingDecision
+from lit_route.routing.health import JudgeHealth, failure_text
 from lit_route.routing.journal import PaidJournal
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,9 @@ class UncertaintyRouting(L.Callback):
 
     The routed pairs are judged on the process's judge event loop while the module computes reference
     log-probabilities; a verdict replaces ``S_ij`` by ``±c`` (tie: 0) and ``S_ji`` by its negative. A failed call,
-    or a judge that raises, leaves the PM's score and is counted; a judge that raises in
-    ``max_consecutive_errors`` steps in a row stops the run. The ledger and counters are saved in checkpoints.
+    or a judge that raises, leaves the PM's score and is counted; a judge that raises, or fails every routed pair
+    for a reason no retry mends (a rejected key, an unreachable server), in more than ``max_consecutive_errors``
+    steps in a row stops the run (:class:`~lit_route.routing.health.JudgeFailing`). The ledger and counters are saved in checkpoints.
     With the module's ``reward_pipeline: s`` a batch's calls stay in flight for s steps; the batches in flight,
     and a journal of the calls paid, make a resumed run pay each call once (``docs/pipeline.md``).
 
@@ -73,7 +75,8 @@ class UncertaintyRouting(L.Callback):
         order: Display order of the judge: ``random`` (default), ``both`` (two calls per pair) or ``fixed``.
         cache: sqlite verdict cache (``None``: no cache).
         seed: Seed of the display order and of the random router.
-        max_consecutive_errors: Steps in a row in which the judge may raise before the run stops (``None``: never).
+        max_consecutive_errors: Steps in a row in which the judge may raise, or fail every routed pair with a client
+            error or a connection failure, before the run stops (``None``: never).
         controller: Moves τ between steps (``QuantileTracker`` or ``PIController``); replaces ``threshold``.
         target: What the controller aims for (default: ``fraction`` of the pairs).
         audit_fraction: Share of each step's pairs judged at random on top of the routed ones.
@@ -117,8 +120,7 @@ class UncertaintyRouting(L.Callback):
                                         BudgetLedger(max_calls_per_step, max_calls_total, max_spend_usd),
                                         verdict_logit, order, seed, controller, target, audit_fraction, stages)
         self.export_judged = export_judged
-        self.max_consecutive_errors = max_consecutive_errors
-        self.consecutive_errors = 0
+        self.health = JudgeHealth(max_consecutive_errors, unit="steps")
         self.batches = None  # sampled batches so far: keys the random draws (None: not known yet, see _key)
         self._last_step_started: float | None = None
         self._step_seconds = 0.0
@@ -253,11 +255,13 @@ class UncertaintyRouting(L.Callback):
         metrics = self.decision.close(totals, audited)
         errors = metrics.pop("judge/errors")
         ctx.stats.update({**metrics, **latency_metrics(merged.latencies), **pending.control})
-        # decided on the global count, so that every rank stops together
-        self.consecutive_errors = self.consecutive_errors + 1 if errors else 0
-        if self.max_consecutive_errors is not None and self.consecutive_errors > self.max_consecutive_errors:
-            raise RuntimeError(f"the judge raised in {self.consecutive_errors} consecutive steps "
-                               f"(max_consecutive_errors={self.max_consecutive_errors})") from merged.error
+        # decided on the global counts, so that every rank stops together
+        error = merged.error or (RuntimeError("a judge raised on another rank") if errors else None)
+        answers = [] if isinstance(result, BaseException) else result
+        failing = self.health.record(int(metrics["judge/routed_pairs"]), int(metrics["judge/lasting_failures"]),
+                                     error, failure_text(answers))
+        if failing is not None:
+            raise failing
 
     def _export(self, records: list[dict | None], trainer) -> None:
         records = [r for r in records if r is not None]
@@ -325,7 +329,7 @@ class UncertaintyRouting(L.Callback):
 
     # --- checkpointed state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        state = {**self.decision.state_dict(), "consecutive_errors": self.consecutive_errors, "batches": self.batches}
+        state = {**self.decision.state_dict(), **self.health.state_dict(), "batches": self.batches}
         state["run_id"] = self.run_id
         if self._pipelined:  # every rank's batches in flight (rank 0 writes the checkpoint)
             state["inflight"] = gather_ranks(self._inflight_state(), self._world)
@@ -333,7 +337,7 @@ class UncertaintyRouting(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.decision.load_state_dict(state_dict)
-        self.consecutive_errors = int(state_dict.get("consecutive_errors", 0))
+        self.health.load_state_dict(state_dict)
         self.batches = state_dict.get("batches")
         self._restore = state_dict.get("inflight")
         if state_dict.get("run_id"):

@@ -13,7 +13,6 @@ cannot overspend it; the judge calls of all batches run at once on the judge loo
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -27,17 +26,9 @@ from lit_route.judges.limits import CallAllowance
 from lit_route.policy.pm_scoring import score_groups
 from lit_route.rewards.pairwise import pairwise_rewards, upper_pairs
 from lit_route.routing.decision import Assignment
+from lit_route.routing.health import JudgeHealth, failure_text
 
 log = logging.getLogger(__name__)
-
-# failures no retry mends: the judge refused the request (a rejected key, an unknown model) or could not be reached
-LASTING_FAILURES = ("client_error", "connection")
-
-
-class JudgeFailing(RuntimeError):
-    """The judge raised, or failed every routed pair for a lasting reason, in more consecutive batches than
-    ``max_consecutive_errors`` allows."""
-
 
 @dataclass
 class GroupScores:
@@ -66,7 +57,7 @@ class RoutedRewards:
         pm_batch_size: Unordered pairs per PM forward pass.
         max_consecutive_errors: Batches in a row in which the judge may raise, or fail every routed pair with a
             client error (a rejected key) or a connection failure, before :meth:`score` raises
-            :class:`JudgeFailing` (``None``: never; the PM scores stand either way). :meth:`judge_health` says
+            :class:`~lit_route.routing.health.JudgeFailing` (``None``: never; the PM scores stand either way). :meth:`judge_health` says
             how many batches in a row failed so, and why.
     """
 
@@ -81,8 +72,7 @@ class RoutedRewards:
         self._lock = threading.Lock()
         self.batches = 0  # keys the decision's random draws: a count of scored batches
         self.groups = 0
-        self.consecutive_errors = 0
-        self.judge_failure: str | None = None  # why the judge failed in the latest of those batches
+        self.health = JudgeHealth(max_consecutive_errors)
         # pairs each judge answered (main first, then the cascade's stages), since start or the restored state
         self.judged_by = [0] * len(decision.judges) if decision is not None and decision.stages else []
         self._last_batch: float | None = None
@@ -194,7 +184,6 @@ class RoutedRewards:
                     results.append(err)
             with self._lock:
                 paid = self.journal.take(key) if self.journal is not None else None
-                failed_before = collections.Counter(decision.failures)
                 no_pay = None if paid is None else (0, 0.0)  # the journal's record is the whole batch's
                 merged = [decision.apply(plan, result, part.s, part.pm_s, part.judged, paid if i == 0 else no_pay,
                                          uncertainty=part.u)
@@ -207,9 +196,8 @@ class RoutedRewards:
                 self._in_flight.discard(key)  # charged and no longer in flight in one step: a saved state has both
                 error = next((r for r in results if isinstance(r, BaseException)), None)
                 answers = [per_judge for r in results if not isinstance(r, BaseException) for per_judge in r]
-                failing = self._count_judge_failure(error if error is not None else answers,
-                                                    decision.failures - failed_before,
-                                                    sum(len(plan.keys) for plan in plans))
+                failing = self.health.record(int(stats["judge/routed_pairs"]), int(stats["judge/lasting_failures"]),
+                                             error, failure_text(answers))
         finally:
             with self._lock:
                 if hold is not None:  # the batch did not reach its charge (an error above)
@@ -220,44 +208,11 @@ class RoutedRewards:
             raise failing
         return stats
 
-    def _count_judge_failure(self, result, failed: collections.Counter, routed: int) -> JudgeFailing | None:
-        """Counts the batches in a row in which the judge raised (``result`` is the exception) or failed every
-        routed pair for a lasting reason (``failed``: the batch's failures by reason); the error to raise once
-        there are more than ``max_consecutive_errors``. A batch that routed nothing leaves the count. Called
-        under the lock."""
-        if not routed:
-            return None
-        raised = isinstance(result, BaseException)
-        if raised:
-            reason = f"{type(result).__name__}: {result}"
-        elif sum(failed[r] for r in LASTING_FAILURES) == routed:
-            reason = _failure_text(result)
-        else:
-            self.consecutive_errors, self.judge_failure = 0, None
-            return None
-        self.consecutive_errors += 1
-        self.judge_failure = " ".join(reason.split())[:300]  # one line: an SDK's message can span several
-        n, limit = self.consecutive_errors, self.max_consecutive_errors
-        if limit is None or n <= limit:
-            return None
-        message = (f"the judge {'raised' if raised else 'failed every routed pair'} in {n} consecutive batches "
-                   f"(max_consecutive_errors={limit}): {self.judge_failure}")
-        if n == limit + 1:
-            log.error("%s", message)
-        failing = JudgeFailing(message)
-        failing.__cause__ = result if raised else None
-        return failing
-
     def judge_health(self) -> dict:
-        """``{"status": "ok"}``, or ``degraded`` (the judge failed in the latest batches, up to
-        ``max_consecutive_errors`` of them) or ``failing`` (more: :meth:`score` raises), with the ``reason`` and
-        the count of ``failed_batches``."""
+        """:meth:`~lit_route.routing.health.JudgeHealth.status`: ``ok``, ``degraded`` or ``failing`` (then
+        :meth:`score` raises), with the reason."""
         with self._lock:
-            n, reason = self.consecutive_errors, self.judge_failure
-        if not n:
-            return {"status": "ok"}
-        failing = self.max_consecutive_errors is not None and n > self.max_consecutive_errors
-        return {"status": "failing" if failing else "degraded", "reason": reason, "failed_batches": n}
+            return self.health.status()
 
     def score_samples(self, groups):
         """The server's entry: groups of :class:`~lit_route.integrations.openrlhf.Sample` -> per sample
@@ -285,16 +240,14 @@ class RoutedRewards:
 
     def state_dict(self) -> dict:
         with self._lock:
-            return {"batches": self.batches, "groups": self.groups, "consecutive_errors": self.consecutive_errors,
-                    "judge_failure": self.judge_failure,
+            return {"batches": self.batches, "groups": self.groups, **self.health.state_dict(),
                     "in_flight": sorted(self._in_flight), "judged_by": list(self.judged_by),
                     "decision": self.decision.state_dict() if self.decision is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         with self._lock:
             self.batches, self.groups = int(state["batches"]), int(state["groups"])
-            self.consecutive_errors = int(state.get("consecutive_errors", 0))
-            self.judge_failure = state.get("judge_failure")
+            self.health.load_state_dict(state)
             self._owed = {int(k) for k in state.get("in_flight", ())}
             if len(state.get("judged_by", ())) == len(self.judged_by):  # the same cascade as the saved run's
                 self.judged_by = [int(c) for c in state["judged_by"]]
@@ -343,16 +296,6 @@ class _Part:
     u: torch.Tensor
     pm_s: torch.Tensor
     judged: torch.Tensor
-
-
-def _failure_text(result) -> str:
-    """What the judge's client said about the batch's first failed pair (the SDK's error: ``client_error: Error
-    code: 401 - ...``), or its failure reason."""
-    for per_judge in result:
-        for jd in per_judge:
-            if jd.score is None:
-                return next((v.raw for v in reversed(jd.verdicts) if v.raw), None) or jd.failure or "failed"
-    return "failed"
 
 
 def build_decision(judge, *, cache: str | None = None, cascade: Sequence = (), max_calls_per_step=None,

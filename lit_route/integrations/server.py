@@ -29,11 +29,11 @@ from lit_route.integrations.collector import GroupCollector
 from lit_route.integrations.handler import request_handler
 from lit_route.integrations.listener import BoundedHTTPServer
 from lit_route.integrations.openrlhf import RequestError, parse_request, response_body
-from lit_route.integrations.routed import JudgeFailing
 from lit_route.judges.base import JudgeBackend
 from lit_route.models.backbone import BackboneSpec
 from lit_route.routing.cascade import CascadeStage
 from lit_route.routing.controller import BudgetTarget, Controller
+from lit_route.routing.health import JudgeFailing
 
 log = logging.getLogger(__name__)
 

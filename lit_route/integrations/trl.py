@@ -150,7 +150,7 @@ def routed_reward(pm_ckpt: str | None = None, judge=None, *, num_generations: in
         pm_batch_size: Unordered pairs per PM forward pass.
         max_consecutive_errors: Batches in a row in which the judge may raise, or fail every routed pair with a
             client error (a rejected key) or a connection failure, before training stops with
-            :class:`~lit_route.integrations.routed.JudgeFailing` (``None``: never; the PM scores stand either way).
+            :class:`~lit_route.routing.health.JudgeFailing` (``None``: never; the PM scores stand either way).
         **routing: The routing decision's settings (``router``, ``fraction``, ``threshold``, caps,
             ``audit_fraction``, ``controller``, ``cascade``, ``order``, ``cache``, ``verdict_logit``, ``seed``), as
             in the ``UncertaintyRouting`` callback.

@@ -35,6 +35,7 @@ from lit_route.routing.allowance import Allowance, Hold, PriceBook, reask_limit
 from lit_route.routing.audit import AuditTally
 from lit_route.routing.budget import BudgetLedger
 from lit_route.routing.controller import BudgetTarget, Controller, target_fraction
+from lit_route.routing.health import LASTING_FAILURES
 from lit_route.routing.plan import Assignment, JudgePlan, Merged, prompt_text
 from lit_route.routing.routers import count_for_fraction
 
@@ -258,7 +259,7 @@ class RoutingDecision:
         audit's pool of pairs left to the PM, and each judge's billed calls to the price book."""
         error = result if isinstance(result, BaseException) else None
         judgements = [] if error is not None else [jd for per_judge in result for jd in per_judge]
-        failures = billed = requests = cached = 0
+        failures = billed = requests = cached = lasting = 0
         spend = tokens = 0.0
         stage_counts = [0] * len(self.judges)
         decisive, latencies, audited_pairs = [], [], []
@@ -280,6 +281,7 @@ class RoutingDecision:
             self.inconsistent += int(jd.inconsistent)
             if jd.score is None:
                 failures += 1
+                lasting += jd.failure in LASTING_FAILURES
                 self.failures[jd.failure or "failed"] += 1
                 continue
             routed, audited, stage = plan.kinds[bi, i, j]
@@ -298,7 +300,7 @@ class RoutingDecision:
             billed, spend = paid
         self._observe_pool(plan, pm_scores)
         totals = torch.tensor([len(plan.keys), failures, billed, requests, cached, spend, tokens, error is not None,
-                               *stage_counts, *self.audit.step_counts()], dtype=torch.float64)
+                               lasting, *stage_counts, *self.audit.step_counts()], dtype=torch.float64)
         return Merged(totals, decisive, latencies, error, audited_pairs)
 
     def _observe_pool(self, plan: JudgePlan, pm_scores: torch.Tensor) -> None:
@@ -323,9 +325,11 @@ class RoutingDecision:
     def close(self, totals: torch.Tensor, audited: Sequence[tuple[float, float]] = ()) -> dict[str, float]:
         """Charges a batch's totals (summed over ranks), hands its audited ``(ū, agreement)`` pairs (every rank's)
         to a controller that learns from them, and returns its ``judge/*``, ``audit/*``, ``cascade/*`` metrics;
-        ``judge/errors`` is 1 when a judge raised on some rank."""
+        ``judge/errors`` is 1 when a judge raised on some rank; ``judge/lasting_failures`` counts the pairs that
+        failed for a reason no retry mends (:data:`~lit_route.routing.health.LASTING_FAILURES`)."""
         self.observe_audit(audited)
-        n_routed, n_failed, n_billed, n_requests, n_cached, n_spend, n_tokens, n_errors, *rest = totals.tolist()
+        n_routed, n_failed, n_billed, n_requests, n_cached, n_spend, n_tokens, n_errors, n_lasting, *rest = (
+            totals.tolist())
         stage_counts, audit = rest[: len(self.judges)], rest[len(self.judges) :]
         self.audit.close_step(audit)
         self.pairs_routed += int(n_routed)
@@ -333,7 +337,7 @@ class RoutingDecision:
         return {
             "judge/routed_pairs": n_routed, "judge/failures": n_failed, "judge/billed": n_billed,
             "judge/requests": n_requests, "judge/cached": n_cached, "judge/tokens": n_tokens,
-            "judge/cost_usd": n_spend, "judge/errors": float(n_errors > 0),
+            "judge/cost_usd": n_spend, "judge/errors": float(n_errors > 0), "judge/lasting_failures": n_lasting,
             "judge/total_billed": float(self.ledger.calls), "judge/total_spend_usd": self.ledger.spend_usd,
             **self.audit.metrics(),
             **({f"cascade/judged_by_{s}": c for s, c in enumerate(stage_counts)} if self.stages else {}),
