@@ -21,7 +21,16 @@ from __future__ import annotations
 import math
 
 import torch
-from gpu_common import device, device_name, median, peak_memory, peak_tflops, reset_peak_memory, run_stage, timed
+from gpu_common import (
+    device,
+    device_name,
+    median,
+    peak_memory,
+    peak_tflops,
+    reset_peak_memory,
+    run_stage,
+    timed,
+)
 from gpu_shapes import model_shape, random_model
 
 from lit_route.models.backbone import LoraSpec, apply_lora

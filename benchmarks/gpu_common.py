@@ -93,6 +93,19 @@ def peak_tflops(dev: torch.device, override: float | None = None) -> tuple[float
     return None, f"unknown for {name!r}: pass --peak_tflops"
 
 
+def versions() -> dict:
+    """The versions a result depends on (CUDA: the one torch was built with)."""
+    import importlib.metadata
+
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("transformers", "lightning", "peft"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def device_name(dev: torch.device) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (dry run)"
 
@@ -147,6 +160,7 @@ def run_stage(stage: str, doc: str, body: Callable[[argparse.Namespace, StageRep
         add_options(parser)
     args = parser.parse_args()
     report = StageReport(args.json, stage, args.dry_run)
+    report.update(versions=versions())
     try:
         body(args, report)
     except Exception as err:
