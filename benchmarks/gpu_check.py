@@ -22,6 +22,7 @@ import collections
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,8 +37,9 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results" / "gpu_check.json"
 # stage -> (script, timeout in seconds); the timeouts add up to 7.5 min, the whole check's budget on one H100
-STAGES = {"pm_step": ("gpu_8b.py", 120), "rloo_step": ("gpu_rloo.py", 210), "bf16_checks": ("gpu_precision.py", 120)}
+STAGES = {"pm_step": ("gpu_8b.py", 100), "rloo_step": ("gpu_rloo.py", 260), "bf16_checks": ("gpu_precision.py", 90)}
 GOALS = {"pm_peak_memory_gib": 24.0, "mfu": 0.35}
+SHM_NEEDED = 24 * 2**30  # the 8B-shaped model folder is 16 GB: room for it and some to spare
 
 
 class OptionError(ValueError):
@@ -54,8 +56,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override one stage's timeout (repeatable)")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the GPU's dense bf16 peak for MFU (default: from the device name)")
-    parser.add_argument("--work", default=None, help="scratch folder for the stages' reports and the random model "
-                        "folder (default: temporary folders; the model goes to /dev/shm when it fits)")
+    parser.add_argument("--work", default=None, help="where the stages' scratch folders go (default: /dev/shm when "
+                        "it has room for the 16 GB model folder, else the temporary folder); removed after each stage")
     args = parser.parse_args(argv)
     for stage in args.stages:
         if stage not in STAGES:
@@ -94,15 +96,33 @@ def has_cuda() -> bool:
     return out.stdout.strip() == "True"
 
 
-def run_stage(name: str, args: argparse.Namespace, work: Path) -> dict:
-    """Runs one stage's script in its own process group under its timeout; returns its report, with how it
-    ended (``ok``, ``failed``, ``timeout``), its wall time and, unless it ended ``ok``, its output's last lines."""
+def scratch_root(work: str | None) -> Path:
+    """Where the stages' scratch folders go: ``--work``, else ``/dev/shm`` when it has room for the model folder
+    (written and read at memory speed), else the temporary folder."""
+    if work is not None:
+        Path(work).mkdir(parents=True, exist_ok=True)
+        return Path(work).resolve()
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > SHM_NEEDED:
+        return shm
+    return Path(tempfile.gettempdir())
+
+
+def run_stage(name: str, args: argparse.Namespace, reports: Path, root: Path) -> dict:
+    """Runs one stage's script in its own process group under its timeout, in a scratch folder under ``root``
+    that is removed afterwards however the stage ended (a killed stage cleans nothing up itself); returns its
+    report, with how it ended (``ok``, ``failed``, ``timeout``), its wall time and, unless it ended ``ok``, its
+    output's last lines."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"gpu_check_{name}_", dir=root))
+    try:
+        return _run_stage(name, args, reports / f"{name}.json", scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_stage(name: str, args: argparse.Namespace, stage_json: Path, scratch: Path) -> dict:
     script, _ = STAGES[name]
-    stage_json = work / f"{name}.json"
-    stage_json.unlink(missing_ok=True)
-    cmd = [sys.executable, "-u", str(BENCH / script), "--json", str(stage_json)]
-    if args.work:  # else each stage picks its own (the model folder goes to /dev/shm when it fits)
-        cmd += ["--work", str(work)]
+    cmd = [sys.executable, "-u", str(BENCH / script), "--json", str(stage_json), "--work", str(scratch)]
     if args.dry_run:
         cmd.append("--dry-run")
     if name == "pm_step" and args.peak_tflops is not None:
@@ -195,10 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not has_cuda():
         print("gpu_check: no CUDA device here; run it on a GPU machine, or pass --dry-run", file=sys.stderr)
         return 2
-    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="gpu_check_work_"))
-    work.mkdir(parents=True, exist_ok=True)
+    root = scratch_root(args.work)
     start = time.perf_counter()
-    stages = {name: run_stage(name, args, work) for name in args.stages}
+    with tempfile.TemporaryDirectory(prefix="gpu_check_reports_") as reports:
+        stages = {name: run_stage(name, args, Path(reports), root) for name in args.stages}
     goals, checks = evaluate(stages, args.dry_run)
     device = next((s["device"] for s in stages.values() if s.get("device")), None)
     result = {

@@ -35,9 +35,9 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 DEFAULTS = {"fit_pairs": (16, 8), "eval_pairs": (8, 4), "train_pairs": (4, 2), "length": (256, 24),
             "train_steps": (6, 4), "features": (4096, 64), "batch": (16, 16)}
 # bf16 keeps 8 significant bits (relative rounding 2^-9 ≈ 0.2% per operand); autocast rounds the inputs of every
-# matmul while the residual stream, the norms and the SNGP head stay float32, so the pooled features of a deep
-# network differ by a few tenths of a percent to a few percent. The limits leave room above that and still
-# catch a head computed in bf16 or a covariance pass that loses the float64 precision (errors of 10% and more).
+# matmul while the residual stream, the norms and the SNGP head stay float32. On a CPU the pooled features of
+# random Llamas differed by 1.4% (width 1024, 32 layers) and 1.5% (width 4096, 2 layers), the scores by 1.1% and
+# 1.3%, the variances by under 0.1%: the limits leave room above that for the GPU's kernels and the full depth.
 TOLERANCES = {
     "feature_rel_l2": 0.05,  # ‖h_bf16 − h_fp32‖ / ‖h_fp32‖ over the pooled features
     "score_rel_l2": 0.10,  # ‖d_bf16 − d_fp32‖ / ‖d_fp32‖ over the held-out pairs
