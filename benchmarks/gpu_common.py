@@ -33,6 +33,8 @@ PEAK_BF16_TFLOPS = (
 # --dry-run runs on a CPU, which has no tensor-core peak: MFU is computed against this stated nominal figure so
 # that the arithmetic runs; the number says nothing about the CPU.
 DRY_RUN_PEAK_TFLOPS = 1.0
+# lit_route's dependencies that a bare torch + lightning + transformers + peft image lacks: no stage may need them
+NOT_ON_GPU_IMAGE = ("datasets", "tenacity", "aiolimiter", "anthropic", "openai", "vllm")
 
 
 def device(dry_run: bool) -> torch.device:
@@ -168,4 +170,4 @@ def run_stage(stage: str, doc: str, body: Callable[[argparse.Namespace, StageRep
                       traceback=traceback.format_exc().splitlines()[-12:])
         print(f"{stage}: {type(err).__name__}: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    report.update(status="ok")
+    report.update(status="ok", extras_imported=sorted(m for m in NOT_ON_GPU_IMAGE if m in sys.modules))

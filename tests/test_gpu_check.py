@@ -41,6 +41,8 @@ def test_dry_run_reports_every_stage_with_numbers(tmp_path):
     assert result["dry_run"] is True and result["all_ok"] is True
     assert set(result["stages"]) == {"pm_step", "rloo_step", "bf16_checks"}
     assert all(s["status"] == "ok" for s in result["stages"].values())
+    # the GPU image has torch, lightning, transformers and peft only: no stage imports lit_route's other needs
+    assert all(s["extras_imported"] == [] for s in result["stages"].values())
     pm = result["stages"]["pm_step"]
     assert numbers(pm["median_step_s"], pm["tokens_per_s"], pm["mfu"], pm["hfu"], pm["peak_memory_gib"],
                    pm["finalize_s"], pm["model_flops_per_token"], pm["peak_tflops"], *pm["losses"])
