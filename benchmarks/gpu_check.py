@@ -141,6 +141,9 @@ def _run_stage(name: str, args: argparse.Namespace, stage_json: Path, scratch: P
     except subprocess.TimeoutExpired:
         timed_out = True
         _stop(proc)
+    except KeyboardInterrupt:  # the stage runs in its own session: Ctrl-C reaches only this process
+        _stop(proc)
+        raise
     reader.join(timeout=5)
     wall = time.perf_counter() - start
     try:
@@ -217,8 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     root = scratch_root(args.work)
     start = time.perf_counter()
+    stages: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="gpu_check_reports_") as reports:
-        stages = {name: run_stage(name, args, Path(reports), root) for name in args.stages}
+        for name in args.stages:
+            try:
+                stages[name] = run_stage(name, args, Path(reports), root)
+            except KeyboardInterrupt:
+                print(f"gpu_check: stopped during stage {name}; no report written", file=sys.stderr)
+                return 130
     goals, checks = evaluate(stages, args.dry_run)
     device = next((s["device"] for s in stages.values() if s.get("device")), None)
     result = {
