@@ -37,11 +37,21 @@ class RewardContext:
 
     @contextmanager
     def timer(self, name: str):
+        """Adds the seconds of the block to ``timings[name]``. GPU kernels run asynchronously: the queued work
+        is waited for at both ends, so that a phase is charged for its own kernels and not for the last phase's."""
+        _synchronize()
         start = time.perf_counter()
         try:
             yield
         finally:
+            _synchronize()
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _synchronize() -> None:
+    """Waits for the current CUDA device's queued work (nothing to wait for when CUDA was never used)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 class RewardHook:
