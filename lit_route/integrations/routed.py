@@ -159,7 +159,8 @@ class RoutedRewards:
             reserved = decision.reserve(assignment)
         try:
             plan = decision.plan(assignment, pairs, prompts, completions)
-            judges = [self.journal.meter(j, key) for j in decision.judges] if self.journal is not None else None
+            judges = ([self.journal.meter(j, key, index) for index, j in enumerate(decision.judges)]
+                      if self.journal is not None else None)
             future = decision.submit(plan, seed=decision.seed + key * 1009, judges=judges)
             try:
                 result = future.result() if future is not None else [[] for _ in decision.judges]
@@ -227,10 +228,12 @@ class RoutedRewards:
 
 
     def use_journal(self, path) -> int:
-        """Writes every billed judge call to ``path`` the moment it returns, and first charges the ledger with
-        what an earlier process wrote there for batches it never charged (killed with calls in flight: batches in
-        flight when its last state was saved, or routed after it). Returns those calls. Call it after
-        :meth:`load_state_dict`, and save the state right after."""
+        """Writes every judge call to ``path`` before it is sent and when it returns
+        (:class:`~lit_route.routing.journal.PaidJournal`), and first charges the ledger with what an earlier
+        process wrote there for batches it never charged (killed with calls in flight: batches in flight when its
+        last state was saved, or routed after it), a call it sent and never read the answer of as billed at an
+        estimated price. Returns those calls. Call it after :meth:`load_state_dict`, and save the state right
+        after."""
         from lit_route.routing.journal import PaidJournal
 
         if self.decision is None:
@@ -247,7 +250,8 @@ class RoutedRewards:
 
             calls = journal.load(owed)
             for key in keys:
-                self.decision.ledger.charge(*journal.take(key))
+                paid = journal.take(key)
+                self.decision.ledger.charge(sum(c for c, _ in paid), sum(usd for _, usd in paid), by_judge=paid)
             self.batches = max([self.batches, *(k + 1 for k in keys)])  # new batches never reuse a journaled key
             self._owed = set()
             self.journal = journal
