@@ -308,12 +308,13 @@ class UncertaintyRouting(L.Callback):
         charged now, judge by judge; what the journals hold for batches not yet charged (every rank's) is charged
         with those batches instead."""
         judges = self.decision.judges
-        pending = self._journal.pending(len(judges)) if self._journal is not None else None
-        if pending is not None and trainer.world_size > 1 and any(isinstance(j, CachedJudge) for j in judges):
+        pending = self._journal.pending(len(judges)) if self._journal is not None else [(0, 0.0)] * len(judges)
+        if trainer.world_size > 1 and any(isinstance(j, CachedJudge) for j in judges):
             both = trainer.strategy.reduce(torch.tensor(pending, dtype=torch.float64).to(module.device),
                                            reduce_op="sum").cpu().tolist()
             pending = [(int(c), usd) for c, usd in both]
-        reconcile_with_caches(self.decision.ledger, judges, self.run_id, pending)
+        found = self._journal is not None and self._journal.found  # the killed process's journal, if it had one
+        reconcile_with_caches(self.decision.ledger, judges, self.run_id, pending if found else None)
 
     def _metered(self, key: int) -> list | None:
         if self._journal is None:

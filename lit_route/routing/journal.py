@@ -51,13 +51,15 @@ class PaidJournal:
         self._lock = threading.Lock()
         self._paid: dict[int, dict[int, list]] = {}  # batch -> judge -> [billed calls, USD]
         self.lost = 0  # requests an earlier process sent and never read the answer of (see load)
+        self.found = False  # whether load found an earlier process's journal
 
     def load(self, owed: Callable[[int], bool]) -> int:
         """Adds the lines of batches not yet charged (``owed(key)``) from an earlier process; returns their calls.
 
         A request with a ``sent`` line and no answer was delivered, or about to be, when that process stopped: it
         is counted as one billed call at its estimated price (logged, with how many there were)."""
-        if not self.path.exists():
+        self.found = self.path.exists()
+        if not self.found:
             return 0
         sent: dict[str, tuple[int, int, float]] = {}
         answered: set[str] = set()
@@ -215,6 +217,6 @@ def reconcile_with_caches(ledger: BudgetLedger, judges: Sequence, run_id: str,
         log.info("%s: no verdict cache, no spend record to check: calls billed after the checkpoint are charged "
                  "from the run's journal alone", ", ".join(uncached))
     elif uncached:
-        log.warning("%s: no verdict cache and no journal: calls billed after the checkpoint cannot be charged",
-                    ", ".join(uncached))
+        log.warning("%s: no verdict cache and no journal of the earlier process: calls billed after the checkpoint, "
+                    "if any, cannot be charged", ", ".join(uncached))
     return added
