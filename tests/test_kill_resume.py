@@ -97,10 +97,10 @@ def test_kill_during_rloo_fit_with_calls_in_flight_then_resume_charges_them(tmp_
         assert resume.returncode == 0, resume.stderr.decode()[-2000:]
         billed_second = second.billed
     assert billed_second == 3 + 3  # step 5's calls asked again, step 6's
-    assert "3 judge requests were in flight when an earlier process stopped" in resume.stderr.decode()
     final = routing_state(tmp_path / "ckpt" / "epoch=0-step=6.ckpt")
     assert final["ledger"]["calls"] == billed_first + billed_second == 21  # before: 18, the 3 held calls unseen
     assert final["pairs_seen"] == 6 * 6
+    assert "3 judge requests were in flight when an earlier process stopped" in resume.stderr.decode()
 
 
 def serve_process(config: Path, log: Path) -> tuple[subprocess.Popen, str]:
