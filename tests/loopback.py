@@ -47,8 +47,9 @@ class Loopback:
     """``fault_rate``: share of requests answered with a random fault from ``FAULTS`` (seeded). ``port``: reuse the
     port of an earlier server, so that a rerun talks to the same ``base_url`` (part of the verdict cache key).
     ``latency_s``: each answer waits a time drawn uniformly from ``(low, high)`` (seeded), like a slow judge.
-    :meth:`hold` stops answering: requests not yet answered then wait, unbilled, and are dropped on exit (a
-    client killed with calls in flight)."""
+    :meth:`hold` keeps the answers of requests back until :meth:`release` (or exit, when they are dropped: a
+    client killed with calls in flight); a held request is billed, as a provider bills a request it received
+    whatever becomes of its answer (:attr:`billed`). :meth:`wait_held` waits until the server holds n requests."""
 
     def __init__(self, default: Reply | None = None, fault_rate: float = 0.0, seed: int = 0,
                  timeout_delay_s: float = 1.5, answer=None, port: int = 0,
@@ -56,7 +57,9 @@ class Loopback:
         import random
 
         self.latency_s, self.latency_rng = latency_s, random.Random(seed + 1)
-        self.held, self.closing = threading.Event(), threading.Event()
+        self.hold_from: int | None = None  # requests from this arrival number on are held
+        self.holding = 0  # held now (billable ones)
+        self.releases, self.closing = 0, False
 
         self.script: list[Reply] = []
         self.default = default or Reply()
@@ -64,8 +67,9 @@ class Loopback:
         self.injected: dict[str, int] = {}
         self.answer = answer  # body -> Reply, for content-dependent answers
         self.requests: list[dict] = []
-        self.completions = 0  # 200 answers with a well-formed body: what a provider would bill
+        self.completions = 0  # 200 answers with a well-formed body sent (held ones are billed too: billed)
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # a request held, the hold released, the server closing
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -79,6 +83,7 @@ class Loopback:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
                 with owner.lock:
+                    held = owner.hold_from is not None and len(owner.requests) >= owner.hold_from
                     owner.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
                     reply = owner.script.pop(0) if owner.script else owner.default
                     if not owner.script and owner.fault_rate and owner.rng.random() < owner.fault_rate:
@@ -97,9 +102,8 @@ class Loopback:
                     with owner.lock:
                         delay = owner.latency_rng.uniform(*owner.latency_s)
                     time.sleep(delay)
-                if owner.held.is_set():  # never answered, never billed: dropped when the server closes
-                    owner.closing.wait()
-                    self.close_connection = True
+                if held and not owner.wait_release(reply.status == 200 and reply.raw_body is None):
+                    self.close_connection = True  # the client was killed: the answer is dropped, still billed
                     return
                 if reply.raw_body is not None:
                     payload = reply.raw_body
@@ -136,12 +140,45 @@ class Loopback:
         self.thread.start()
         return self
 
-    def hold(self) -> None:
-        """Stops answering (see the class docstring)."""
-        self.held.set()
+    def hold(self, after: int = 0) -> None:
+        """Holds the answers of every request but the next ``after`` ones (see the class docstring)."""
+        with self.lock:
+            self.hold_from = len(self.requests) + after
+
+    def release(self) -> None:
+        """Answers the held requests, and answers again from now on."""
+        with self.lock:
+            self.hold_from = None
+            self.releases += 1
+            self.changed.notify_all()
+
+    def wait_held(self, n: int, timeout: float) -> bool:
+        """Whether the server holds ``n`` requests (billable ones) within ``timeout`` seconds."""
+        with self.lock:
+            return self.changed.wait_for(lambda: self.holding >= n, timeout=timeout)
+
+    def wait_release(self, billable: bool) -> bool:
+        """A request held until :meth:`release` (``True``: answer it) or exit (``False``: drop it, billed)."""
+        with self.lock:
+            releases = self.releases
+            self.holding += int(billable)
+            self.changed.notify_all()
+            self.changed.wait_for(lambda: self.releases > releases or self.closing)
+            if self.releases > releases:
+                self.holding -= int(billable)  # billed when its answer goes out, as any other
+                return True
+            return False
+
+    @property
+    def billed(self) -> int:
+        """What a provider would bill: well-formed 200 answers sent, and the requests whose answers it holds."""
+        with self.lock:
+            return self.completions + self.holding
 
     def __exit__(self, *exc):
-        self.closing.set()
+        with self.lock:
+            self.closing = True
+            self.changed.notify_all()
         self.server.shutdown()
         self.server.server_close()
 

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from loopback import Loopback, Reply
+from loopback import Loopback, Reply, longer_is_better
 
 from lit_route.data import load_pairs
 
@@ -49,37 +49,134 @@ def test_kill_during_evaluate_then_rerun_pays_nothing_twice(tmp_path):
     assert results["judge_stats"]["cached"] == cached and results["judge_failed_pairs"] == 0
 
 
-def test_kill_during_rloo_fit_then_resume_keeps_the_ledger(tmp_path):
+def routing_state(path):
     import torch
+
+    state = torch.load(path, weights_only=False, map_location="cpu")
+    return next(v for k, v in state["callbacks"].items() if "UncertaintyRouting" in k)
+
+
+def test_kill_during_rloo_fit_with_calls_in_flight_then_resume_charges_them(tmp_path):
+    """The synchronous loop (``reward_pipeline: 0``) killed while the judge server holds a step's 3 calls: they
+    were billed and their answers never read. The resumed run charges them (written down before they were sent)
+    and asks them again: the ledger equals the server's billing over both processes."""
     import yaml
 
     config = yaml.safe_load((ROOT / "configs/rloo/debug_tiny.yaml").read_text())
-    config["trainer"]["default_root_dir"] = str(tmp_path / "run")
-    config["trainer"]["max_steps"] = 6
-    config["trainer"]["logger"] = False
-    config["trainer"]["enable_progress_bar"] = False
+    config["trainer"].update(default_root_dir=str(tmp_path / "run"), max_steps=6, logger=False,
+                             enable_progress_bar=False)
+    config["trainer"]["callbacks"][0]["init_args"].update(
+        judge={"class_path": "lit_route.judges.OpenAICompatibleJudge",
+               "init_args": {"model": "judge", "base_url": "URL", "require_key": False,
+                             "policy": {"timeout_s": 600, "deadline_s": 1200}}},  # held answers never time out
+        cache=str(tmp_path / "cache.sqlite"))
     config["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
         "dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 1, "save_top_k": -1}})
-    (tmp_path / "rloo.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "lit_route", "rloo", "fit", "--config", str(tmp_path / "rloo.yaml")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while len(list((tmp_path / "ckpt").glob("*.ckpt"))) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    saved = sorted((tmp_path / "ckpt").glob("*.ckpt"), key=lambda p: int(p.stem.split("step=")[1]))
-    assert saved, "no checkpoint before the kill"
-    last = saved[-1]
-    step = int(last.stem.split("step=")[1])
-    assert step < 6
-    state = torch.load(last, weights_only=False)
-    routing = next(v for k, v in state["callbacks"].items() if "UncertaintyRouting" in k)
-    # debug_tiny: 2 prompts x 3 pairs per step, half judged -> 3 calls per step
-    assert routing["ledger"]["calls"] == 3 * step
-    resume = subprocess.run([*cmd, "--ckpt_path", str(last)], cwd=ROOT, env=env, capture_output=True, timeout=300)
-    assert resume.returncode == 0, resume.stderr.decode()[-2000:]
-    final = max((tmp_path / "ckpt").glob("*.ckpt"), key=lambda p: int(p.stem.split("step=")[1]))
-    routing = next(v for k, v in torch.load(final, weights_only=False)["callbacks"].items() if "UncertaintyRouting" in k)
-    assert routing["ledger"]["calls"] == 3 * 6 and routing["pairs_seen"] == 6 * 6
+
+    def command(url):
+        (tmp_path / "rloo.yaml").write_text(yaml.safe_dump(config).replace("base_url: URL", f"base_url: {url}/v1"))
+        return [sys.executable, "-m", "lit_route", "rloo", "fit", "--config", str(tmp_path / "rloo.yaml")]
+
+    with Loopback(answer=longer_is_better) as first:
+        first.hold(after=12)  # debug_tiny: 2 prompts x 3 pairs a step, half judged: steps 1-4 answered
+        proc = subprocess.Popen(command(first.url), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:  # step 5's calls all at the server: the step waits for them, after step 4's checkpoint was written
+            assert first.wait_held(3, timeout=300), "step 5's judge calls never reached the server"
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        port, billed_first = first.server.server_address[1], first.billed
+    assert billed_first == 15 and first.completions == 12
+    last = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    assert routing_state(last)["ledger"]["calls"] == 12
+    with Loopback(answer=longer_is_better, port=port) as second:
+        resume = subprocess.run([*command(second.url), "--ckpt_path", str(last)], cwd=ROOT, env=env,
+                                capture_output=True, timeout=300)
+        assert resume.returncode == 0, resume.stderr.decode()[-2000:]
+        billed_second = second.billed
+    assert billed_second == 3 + 3  # step 5's calls asked again, step 6's
+    final = routing_state(tmp_path / "ckpt" / "epoch=0-step=6.ckpt")
+    assert final["ledger"]["calls"] == billed_first + billed_second == 21  # before: 18, the 3 held calls unseen
+    assert final["pairs_seen"] == 6 * 6
+    assert "3 judge requests were in flight when an earlier process stopped" in resume.stderr.decode()
+
+
+def serve_process(config: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """``lit-route serve --config CONFIG`` in its own process (stderr to ``log``); it and its URL once it listens."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LIT_ROUTE_LOG": "INFO"}
+    out = open(log, "w")  # noqa: SIM115 - the server writes to it until killed
+    proc = subprocess.Popen([sys.executable, "-m", "lit_route", "serve", "--config", str(config)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=out)
+    with open(log) as reader:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            line = reader.readline()
+            if "listening on " in line:
+                return proc, line.rsplit("listening on ", 1)[1].strip()
+            if not line:
+                time.sleep(0.1)  # nothing written yet: look again
+    proc.kill()
+    raise AssertionError(f"lit-route serve did not start: {log.read_text()[-2000:]}")
+
+
+def test_kill_serve_with_calls_in_flight_then_restart_charges_them(tmp_path):
+    """``lit-route serve`` killed (``kill -9``) while the judge server holds the 6 calls of a request: the provider
+    billed them and their answers are lost. Restarted with the same state file, /stats counts them (written down
+    before they were sent), and the trainer's retry of the request pays them again, counted too."""
+    import threading
+
+    import requests
+    from test_reward_server import EOS, batch_body
+
+    def write_config(url):
+        config = tmp_path / "serve.yaml"
+        config.write_text(f"""
+pm_backbone: {{model_path: "builtin:tiny-llama"}}
+judge:
+  class_path: lit_route.judges.OpenAICompatibleJudge
+  init_args: {{model: judge, base_url: "{url}/v1", require_key: false, policy: {{timeout_s: 600, deadline_s: 1200}}}}
+fraction: 1.0
+order: fixed
+cache: {tmp_path / "cache.sqlite"}
+strip: ["{EOS}"]
+port: 0
+state_file: {tmp_path / "state.json"}
+""")
+        return config
+
+    with Loopback(answer=longer_is_better) as judge_server:
+        config = write_config(judge_server.url)
+        proc, url = serve_process(config, tmp_path / "first.log")
+        try:
+            assert len(requests.post(url, json=batch_body([1]), timeout=120).json()["rewards"]) == 4
+            judge_server.hold()
+            # the trainer's request: it never gets an answer (the server is killed under it)
+            threading.Thread(target=lambda: _post_quietly(url, batch_body([2])), daemon=True).start()
+            assert judge_server.wait_held(6, timeout=120), "the request's judge calls never reached the judge"
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert judge_server.billed == 12 and judge_server.completions == 6
+        judge_server.release()
+        proc, url = serve_process(config, tmp_path / "second.log")
+        try:
+            stats = requests.get(f"{url}/stats", timeout=30).json()
+            assert stats["billed"] == judge_server.billed == 12  # before: 6, the held calls were never charged
+            requests.post(url, json=batch_body([2]), timeout=120)  # the trainer retries: the 6 calls paid again
+            stats = requests.get(f"{url}/stats", timeout=30).json()
+        finally:
+            proc.kill()
+            proc.wait()
+        assert stats["billed"] == judge_server.billed == 18
+    assert "6 judge requests were in flight when an earlier process stopped" in (tmp_path / "second.log").read_text()
+
+
+def _post_quietly(url: str, body: dict) -> None:
+    import contextlib
+
+    import requests
+
+    with contextlib.suppress(requests.RequestException):  # the server is killed under it
+        requests.post(url, json=body, timeout=300)

@@ -71,7 +71,7 @@ def run_callback(batches):
     module = SimpleNamespace(device=torch.device("cpu"), hparams={})
     rewards = []
     for t, (prompts, completions, s, u) in enumerate(batches):
-        trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=t, default_root_dir=".")
+        trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=t)
         ctx = RewardContext(prompts, completions, s.clone(), u.clone(), s.clone(), torch.zeros_like(s, dtype=torch.bool))
         cb.on_pairwise_scores(trainer, module, ctx)
         cb.on_before_rewards(trainer, module, ctx)
@@ -241,7 +241,7 @@ def test_a_rejected_key_stops_the_callback_and_the_reward_function(monkeypatch):
         module = SimpleNamespace(device=torch.device("cpu"), hparams={})
         with pytest.raises(JudgeFailing, match=r"failed every routed pair in 2 consecutive steps .*401"):
             for t, (prompts, completions, s, u) in enumerate(batches):
-                trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=t, default_root_dir=".")
+                trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=t)
                 ctx = RewardContext(prompts, completions, s.clone(), u, s.clone(), torch.zeros_like(s, dtype=torch.bool))
                 cb.on_pairwise_scores(trainer, module, ctx)
                 cb.on_before_rewards(trainer, module, ctx)

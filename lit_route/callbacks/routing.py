@@ -16,7 +16,7 @@ import torch
 from lit_route.checks import check_file_path, check_nonnegative
 from lit_route.eval.export import judged_record
 from lit_route.judges.base import JudgeBackend, check_judge
-from lit_route.judges.cache import CachedJudge, spent_by_run
+from lit_route.judges.cache import CachedJudge
 from lit_route.policy.pipeline import gather_ranks
 from lit_route.rewards.pairwise import upper_pairs
 from lit_route.routing.allowance import Hold
@@ -25,7 +25,7 @@ from lit_route.routing.cascade import CascadeStage
 from lit_route.routing.controller import BudgetTarget, Controller
 from lit_route.routing.decision import ROUTERS, Assignment, JudgePlan, RoutingDecision
 from lit_route.routing.health import JudgeHealth, failure_text
-from lit_route.routing.journal import PaidJournal
+from lit_route.routing.journal import PaidJournal, reconcile_with_caches
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ class UncertaintyRouting(L.Callback):
         self._pipelined, self._world = False, 1
         self._journal: PaidJournal | None = None
         self._restore: list | None = None
+        self._set_up, self._resumed = False, False  # the first batch's setup done; state loaded from a checkpoint
         self._run_id_agreed = False
         self._set_run_id(uuid.uuid4().hex)
 
@@ -276,19 +277,25 @@ class UncertaintyRouting(L.Callback):
 
     # --- pipelined rewards -------------------------------------------------------------------------------------
     def _setup_pipeline(self, trainer, module) -> None:
-        """At the first batch of a pipelined run: the run's id (rank 0's), its paid-calls journal, and the calls of
-        batches that were pending in the checkpoint, asked again (the cache answers those the killed process got;
-        the journal charges what it paid)."""
-        hparams = getattr(module, "hparams", None)
-        if self._journal is not None or not (hparams is not None and hparams.get("reward_pipeline", 0)):
+        """At the first batch: the run's id (rank 0's), its paid-calls journal (under the run's folder; a pipelined
+        run keeps one in any case), the ledger reconciled with the verdict caches' spend records when resuming,
+        and the calls of batches that were pending in the checkpoint, asked again (the cache answers those the
+        killed process got; the journal charges what it paid)."""
+        if self._set_up:
             return
-        self._pipelined, self._world = True, trainer.world_size
+        self._set_up = True
+        hparams = getattr(module, "hparams", None)
+        if hparams is not None and hparams.get("reward_pipeline", 0):
+            self._pipelined, self._world = True, trainer.world_size
         rank = trainer.global_rank if trainer.world_size > 1 else 0
-        root = Path(getattr(trainer, "default_root_dir", None) or ".")
-        self._journal = PaidJournal(root / "judge_journal" / f"{self.run_id}.rank{rank}.jsonl")
+        root = getattr(trainer, "default_root_dir", None)
         restored = self._restore[rank] if self._restore and rank < len(self._restore) else []
-        owed, first_new = {int(r["key"]) for r in restored}, self._key(trainer, module)
-        self._journal.load(lambda key: key in owed or key >= first_new)
+        if root or self._pipelined:
+            self._journal = PaidJournal(Path(root or ".") / "judge_journal" / f"{self.run_id}.rank{rank}.jsonl")
+            owed, first_new = {int(r["key"]) for r in restored}, self._key(trainer, module)
+            self._journal.load(lambda key: key in owed or key >= first_new)
+        if self._resumed:
+            self._reconcile(trainer, module)
         for r in restored:
             plan = JudgePlan([tuple(k) for k in r["keys"]], {tuple(k[:3]): (k[3], k[4], k[5]) for k in r["kinds"]},
                              [[tuple(item) for item in items] for items in r["items"]])
@@ -306,19 +313,34 @@ class UncertaintyRouting(L.Callback):
         world, rank = trainer.world_size, trainer.global_rank if trainer.world_size > 1 else 0
         return hold.reasks // world + int(rank < hold.reasks % world)
 
-    def _paid_so_far(self, pending: PendingJudge) -> tuple[int, float]:
-        """Billed calls and spend of a batch that will not be merged: the journal's record, or the answers that
-        came back."""
+    def _paid_so_far(self, pending: PendingJudge) -> list[tuple[int, float]]:
+        """Billed calls and spend per judge of a batch that will not be merged: the journal's record, or the
+        answers that came back."""
         if self._journal is not None:
             return self._journal.take(pending.key)
         future = pending.future
         if future is None or not future.done() or future.cancelled() or future.exception() is not None:
-            return 0, 0.0
-        judgements = [jd for per_judge in future.result() for jd in per_judge]
-        return sum(jd.billed for jd in judgements), sum(jd.cost_usd for jd in judgements)
+            return []
+        return [(sum(jd.billed for jd in per_judge), sum(jd.cost_usd for jd in per_judge))
+                for per_judge in future.result()]
+
+    def _reconcile(self, trainer, module) -> None:
+        """Calls paid after the checkpoint (a killed step) that a judge's cache recorded and the journal lacks are
+        charged now, judge by judge; what the journals hold for batches not yet charged (every rank's) is charged
+        with those batches instead."""
+        judges = self.decision.judges
+        pending = self._journal.pending(len(judges)) if self._journal is not None else [(0, 0.0)] * len(judges)
+        if trainer.world_size > 1 and any(isinstance(j, CachedJudge) for j in judges):
+            both = trainer.strategy.reduce(torch.tensor(pending, dtype=torch.float64).to(module.device),
+                                           reduce_op="sum").cpu().tolist()
+            pending = [(int(c), usd) for c, usd in both]
+        found = self._journal is not None and self._journal.found  # the killed process's journal, if it had one
+        reconcile_with_caches(self.decision.ledger, judges, self.run_id, pending if found else None)
 
     def _metered(self, key: int) -> list | None:
-        return [self._journal.meter(j, key) for j in self.decision.judges] if self._journal is not None else None
+        if self._journal is None:
+            return None
+        return [self._journal.meter(j, key, index) for index, j in enumerate(self.decision.judges)]
 
     def _inflight_state(self) -> list[dict]:
         return [{"key": p.key, "seed": p.seed, "reserved": p.reserved.state_dict(), "control": p.control,
@@ -343,16 +365,14 @@ class UncertaintyRouting(L.Callback):
         if state_dict.get("run_id"):
             self._set_run_id(state_dict["run_id"])
             self._run_id_agreed = True
-            if "inflight" not in state_dict:
-                # calls paid after this checkpoint was written (a killed step) are charged now: the cache's spend
-                # records are the truth. A pipelined run's journal charges them with their batches instead.
-                self.decision.ledger.reconcile(*spent_by_run(self.decision.judges, self.run_id))
+            self._resumed = True  # calls paid after this checkpoint are charged at the first batch (_reconcile)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         for pending in self._inflight.values():  # batches a crash left behind: charge what they paid
             if pending.future is not None:
                 pending.future.cancel()
-            self.decision.ledger.charge(*self._paid_so_far(pending))
+            paid = self._paid_so_far(pending)
+            self.decision.ledger.charge(sum(c for c, _ in paid), sum(usd for _, usd in paid), by_judge=paid)
             self.decision.release(pending.reserved)
         self._inflight.clear()
         self._pending = None

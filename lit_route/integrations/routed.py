@@ -170,7 +170,8 @@ class RoutedRewards:
                                                                   assignment.audit)))
                 plans.append(decision.plan(local, list(zip(ii.tolist(), jj.tolist(), strict=True)), part.prompts,
                                            part.completions))
-            judges = [self.journal.meter(j, key) for j in decision.judges] if self.journal is not None else None
+            judges = ([self.journal.meter(j, key, index) for index, j in enumerate(decision.judges)]
+                      if self.journal is not None else None)
             reasks = CallAllowance(hold.reasks)  # one allowance for the whole batch, shared by its parts
             futures = [decision.submit(plan, seed=decision.seed + key * 1009 + i, judges=judges, spare_calls=reasks)
                        for i, plan in enumerate(plans)]
@@ -184,7 +185,7 @@ class RoutedRewards:
                     results.append(err)
             with self._lock:
                 paid = self.journal.take(key) if self.journal is not None else None
-                no_pay = None if paid is None else (0, 0.0)  # the journal's record is the whole batch's
+                no_pay = None if paid is None else []  # the journal's record is the whole batch's
                 merged = [decision.apply(plan, result, part.s, part.pm_s, part.judged, paid if i == 0 else no_pay,
                                          uncertainty=part.u)
                           for i, (plan, result, (part, _, _)) in enumerate(zip(plans, results, pieces, strict=True))]
@@ -256,10 +257,12 @@ class RoutedRewards:
 
 
     def use_journal(self, path) -> int:
-        """Writes every billed judge call to ``path`` the moment it returns, and first charges the ledger with
-        what an earlier process wrote there for batches it never charged (killed with calls in flight: batches in
-        flight when its last state was saved, or routed after it). Returns those calls. Call it after
-        :meth:`load_state_dict`, and save the state right after."""
+        """Writes every judge call to ``path`` before it is sent and when it returns
+        (:class:`~lit_route.routing.journal.PaidJournal`), and first charges the ledger with what an earlier
+        process wrote there for batches it never charged (killed with calls in flight: batches in flight when its
+        last state was saved, or routed after it), a call it sent and never read the answer of as billed at an
+        estimated price. Returns those calls. Call it after :meth:`load_state_dict`, and save the state right
+        after."""
         from lit_route.routing.journal import PaidJournal
 
         if self.decision is None:
@@ -276,7 +279,8 @@ class RoutedRewards:
 
             calls = journal.load(owed)
             for key in keys:
-                self.decision.ledger.charge(*journal.take(key))
+                paid = journal.take(key)
+                self.decision.ledger.charge(sum(c for c, _ in paid), sum(usd for _, usd in paid), by_judge=paid)
             self.batches = max([self.batches, *(k + 1 for k in keys)])  # new batches never reuse a journaled key
             self._owed = set()
             self.journal = journal

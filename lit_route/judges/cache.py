@@ -249,15 +249,15 @@ class CachedJudge:
         return result
 
 
-def spent_by_run(judges, run_id: str) -> tuple[int, float]:
-    """``(billed calls, USD)`` recorded under ``run_id`` in the caches among ``judges`` (each file counted once)."""
-    calls, usd, seen = 0, 0.0, set()
-    for judge in judges:
-        if isinstance(judge, CachedJudge) and judge.path.resolve() not in seen:
-            seen.add(judge.path.resolve())
-            c, u = judge.spent(run_id)
-            calls, usd = calls + c, usd + u
-    return calls, usd
+def spent_by_judge(judges, run_id: str) -> list[tuple[list[int], int, float]]:
+    """What each verdict cache among ``judges`` recorded as billed under ``run_id``: ``(indices of the judges
+    behind that file, billed calls, USD)`` per file (judges sharing one file share one record). Judges without a
+    cache keep no record and are in none."""
+    groups: dict[Path, list[int]] = {}
+    for index, judge in enumerate(judges):
+        if isinstance(judge, CachedJudge):
+            groups.setdefault(judge.path.resolve(), []).append(index)
+    return [(indices, *judges[indices[0]].spent(run_id)) for indices in groups.values()]
 
 
 def shared_copy(verdict: Verdict) -> Verdict:

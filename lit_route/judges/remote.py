@@ -7,6 +7,7 @@ exceptions to :class:`RetryableError` / :class:`FatalCallError`; this module doe
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +39,17 @@ class Completion:
 
 
 Complete = Callable[[str, str], Awaitable[Completion]]
+
+CALL_LOG: contextvars.ContextVar = contextvars.ContextVar("call_log", default=None)
+"""Where the running request's calls are written down, each before it is sent and again when it returns: an
+object with ``sent(estimate_usd) -> id`` and ``answered(id, billed, cost_usd)`` (``None``: nowhere). Set by
+:class:`~lit_route.routing.journal.MeteredJudge` around each request; the tasks started inside inherit it."""
+
+
+def estimate_tokens(system: str, user: str) -> tuple[int, int]:
+    """The ``(input, output)`` tokens a call is assumed to take before it is made: about four characters a token
+    in, 1024 out. The token rate limit is charged their sum; a call whose answer was never read is priced by them."""
+    return (len(system) + len(user)) // 4, 1024
 
 
 def classify_http_error(status: int | None, headers, detail: str) -> Exception:
@@ -98,7 +110,7 @@ async def run_requests(
 
 async def _judge_one(request, complete, classify, policy, limits, stats, fmt: PromptFormat) -> Verdict:
     system, user = fmt.render(request)
-    estimate = (len(system) + len(user)) // 4 + 1024
+    estimate = sum(estimate_tokens(system, user))
     start = time.perf_counter()
     counts = {"requests": 0, "billed": 0}
     in_tok = out_tok = 0
@@ -141,14 +153,29 @@ async def _call_with_retries(system, user, complete, classify, policy, limits, s
                 stats.retries += 1
             await limits.acquire_rate(estimate)
             counts["requests"] += 1
+            log = CALL_LOG.get()
+            call = log.sent(policy.cost(*estimate_tokens(system, user))) if log is not None else None
             try:
-                completion = await asyncio.wait_for(complete(system, user), timeout=policy.timeout_s)
-            except asyncio.TimeoutError as err:
-                raise RetryableError("timeout", None, f"no answer within {policy.timeout_s}s") from err
-            except (RetryableError, FatalCallError):
+                completion = await _attempt(system, user, complete, classify, policy)
+            except Exception:  # not billed; a cancelled call (a kill, a teardown) stays "sent": it may have been
+                if call is not None:
+                    log.answered(call, 0, 0.0)
                 raise
-            except Exception as err:  # SDK exceptions: classified; programming errors come back as they are
-                raise classify(err) from err
             counts["billed"] += 1
+            if call is not None:
+                log.answered(call, 1, policy.cost(completion.input_tokens, completion.output_tokens))
             return completion
     raise RetryableError("deadline")  # unreachable: tenacity re-raises the last error
+
+
+async def _attempt(system, user, complete, classify, policy) -> Completion:
+    """One request; its failures as :class:`RetryableError` or :class:`FatalCallError` (programming errors as
+    they are)."""
+    try:
+        return await asyncio.wait_for(complete(system, user), timeout=policy.timeout_s)
+    except asyncio.TimeoutError as err:
+        raise RetryableError("timeout", None, f"no answer within {policy.timeout_s}s") from err
+    except (RetryableError, FatalCallError):
+        raise
+    except Exception as err:  # SDK exceptions: classified; programming errors come back as they are
+        raise classify(err) from err

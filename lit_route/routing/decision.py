@@ -249,12 +249,12 @@ class RoutingDecision:
 
     # --- merge -------------------------------------------------------------------------------------------------
     def apply(self, plan: JudgePlan, result: list[list[PairJudgement]] | BaseException, scores: torch.Tensor,
-              pm_scores: torch.Tensor, judged: torch.Tensor, paid: tuple[int, float] | None = None,
+              pm_scores: torch.Tensor, judged: torch.Tensor, paid: Sequence[tuple[int, float]] | None = None,
               uncertainty: torch.Tensor | None = None) -> Merged:
         """Verdicts into ``scores`` (B, K, K) (``S_ij = ±c`` or 0, ``S_ji = −S_ij``) and ``judged``; a failed pair or a
         judge that raised (``result`` is the exception) leaves the PM's score and is counted. ``paid``: billed calls
-        and spend from a :class:`~lit_route.routing.journal.PaidJournal`, charged instead of the verdicts' own
-        (it also holds what a killed process paid for the batch). ``uncertainty`` (B, K, K): ū, for
+        and spend per judge from a :class:`~lit_route.routing.journal.PaidJournal`, charged instead of the
+        verdicts' own (it also holds what a killed process paid for the batch). ``uncertainty`` (B, K, K): ū, for
         :attr:`Merged.audited`. The batch's pairs (``pm_scores``, and which of them were routed) also go to the
         audit's pool of pairs left to the PM, and each judge's billed calls to the price book."""
         error = result if isinstance(result, BaseException) else None
@@ -262,6 +262,7 @@ class RoutingDecision:
         failures = billed = requests = cached = lasting = 0
         spend = tokens = 0.0
         stage_counts = [0] * len(self.judges)
+        judge_billed, judge_spend = [0] * len(self.judges), [0.0] * len(self.judges)
         decisive, latencies, audited_pairs = [], [], []
         if error is not None:
             failures = len(plan.keys)
@@ -272,6 +273,8 @@ class RoutingDecision:
             cached += jd.cached
             spend += jd.cost_usd
             tokens += jd.tokens
+            judge_billed[plan.kinds[bi, i, j][2]] += jd.billed
+            judge_spend[plan.kinds[bi, i, j][2]] += jd.cost_usd
             call_seconds = [v.latency_s for v in jd.verdicts if not v.cached]
             paid_now = [v for v in jd.verdicts if v.billed and not v.cached]
             self.prices.observe(plan.kinds[bi, i, j][2], sum(v.cost_usd for v in paid_now),
@@ -297,10 +300,13 @@ class RoutingDecision:
             scores[bi, j, i] = -value
             judged[bi, i, j] = judged[bi, j, i] = True
         if paid is not None:
-            billed, spend = paid
+            paid = list(paid) + [(0, 0.0)] * (len(self.judges) - len(paid))
+            judge_billed, judge_spend = [int(b) for b, _ in paid], [float(c) for _, c in paid]
+            billed, spend = sum(judge_billed), sum(judge_spend)
         self._observe_pool(plan, pm_scores)
         totals = torch.tensor([len(plan.keys), failures, billed, requests, cached, spend, tokens, error is not None,
-                               lasting, *stage_counts, *self.audit.step_counts()], dtype=torch.float64)
+                               lasting, *stage_counts, *judge_billed, *judge_spend, *self.audit.step_counts()],
+                              dtype=torch.float64)
         return Merged(totals, decisive, latencies, error, audited_pairs)
 
     def _observe_pool(self, plan: JudgePlan, pm_scores: torch.Tensor) -> None:
@@ -330,10 +336,12 @@ class RoutingDecision:
         self.observe_audit(audited)
         n_routed, n_failed, n_billed, n_requests, n_cached, n_spend, n_tokens, n_errors, n_lasting, *rest = (
             totals.tolist())
-        stage_counts, audit = rest[: len(self.judges)], rest[len(self.judges) :]
+        n = len(self.judges)
+        stage_counts, judge_billed, judge_spend, audit = rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n], rest[3 * n :]
         self.audit.close_step(audit)
         self.pairs_routed += int(n_routed)
-        self.ledger.charge(int(n_billed), n_spend, int(n_failed), int(n_cached))
+        self.ledger.charge(int(n_billed), n_spend, int(n_failed), int(n_cached),
+                           by_judge=[(int(b), c) for b, c in zip(judge_billed, judge_spend, strict=True)])
         return {
             "judge/routed_pairs": n_routed, "judge/failures": n_failed, "judge/billed": n_billed,
             "judge/requests": n_requests, "judge/cached": n_cached, "judge/tokens": n_tokens,
