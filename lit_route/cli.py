@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from lit_route.usage import UsageError, one_line_usage_errors, usage_line  # noqa: F401 (usage_line: public)
+from lit_route.usage import UsageError, chain_line, one_line_usage_errors, raised_in, usage_line
 
 USAGE = """usage: lit-route <command> [options]
 
@@ -228,28 +228,19 @@ def pm_score_cli(args: list[str], run: bool = True):
 
 
 def error_line(err: BaseException) -> str:
-    """One line for an error: the first raised by lit_route in the chain of causes (it names the file, line or
-    option), else the outermost; its first line only."""
-    chain, seen = [], set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        chain.append(current)
-        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
-    ours = [e for e in chain if _raised_in_lit_route(e)]
-    chosen = ours[0] if ours else chain[0]
-    text = str(chosen).strip().splitlines()[0] if str(chosen).strip() else ""
-    if not ours or not text:  # not one of our messages: say what kind of error it is
-        text = f"{type(chosen).__name__}: {text}" if text else type(chosen).__name__
-    return text
+    """One line for an error: lit_route's own message found in the chain of causes (it names the file, line or
+    option), a class path that cannot be imported, else the outermost error's first line (for jsonargparse's
+    aggregated messages, the line in it that names the option)."""
+    import jsonargparse
 
-
-def _raised_in_lit_route(err: BaseException) -> bool:
-    tb = err.__traceback__
-    last = None
-    while tb is not None:
-        last, tb = tb, tb.tb_next
-    return last is not None and f"{os.sep}lit_route{os.sep}" in last.tb_frame.f_code.co_filename
+    line = chain_line(err)
+    if line:
+        return line
+    text = str(err).strip()
+    if raised_in(err, jsonargparse) and len(text.splitlines()) > 1:
+        return usage_line(text, [])
+    text = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> None:

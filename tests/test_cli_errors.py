@@ -4,7 +4,12 @@ option when one is misspelled), a non-zero exit, and no traceback; nothing is tr
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +166,83 @@ def test_usage_line_picks_the_projects_message_out_of_a_union_error():
         "unknown option --modle.beta (did you mean --model.beta?); --help lists the options")
     assert usage_line("unrecognized arguments: --zzz", ["--model.beta"]) == (
         "unknown option --zzz; --help lists the options")
+
+
+SERVE = ["serve", "--config", "configs/serve/debug_tiny.yaml"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_line_does_not_depend_on_the_folder_jsonargparse_is_installed_in(tmp_path):
+    # a virtual environment inside a checkout named lit_route (`git clone ... lit_route; make test`): before, every
+    # frame of jsonargparse counted as lit_route's own and the line was `Does not validate against any of the Union
+    # subtypes`, the outermost jsonargparse message
+    import jsonargparse
+
+    site = tmp_path / "lit_route" / ".venv" / "site-packages"
+    shutil.copytree(Path(jsonargparse.__file__).parent, site / "jsonargparse",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    program = ("import sys, jsonargparse; assert '/lit_route/.venv/' in jsonargparse.__file__; "
+               "from lit_route.cli import main; main(sys.argv[1:])")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    run = subprocess.run([sys.executable, "-c", program, *SERVE, "--judge.init_args.mode", "xyz", "--port", "0"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.splitlines()[-1].startswith("lit-route: error: mode: expected one of"), run.stderr
+
+
+@pytest.mark.parametrize("argv, line", [
+    ([*SERVE, "--judge.class_path", "lit_route.judges.NoSuchJudge"],
+     "judge: cannot import lit_route.judges.NoSuchJudge (lit_route.judges has no attribute 'NoSuchJudge')"),
+    ([*SERVE, "--judge.class_path", "nosuchpkg.judges.Judge"],
+     "judge: cannot import nosuchpkg.judges.Judge (No module named 'nosuchpkg')"),
+    ([*RLOO, "--trainer.callbacks.init_args.judge.class_path", "lit_route.judges.NoSuchJudge"],
+     "trainer.callbacks.judge: cannot import lit_route.judges.NoSuchJudge (lit_route.judges has no attribute "
+     "'NoSuchJudge')"),
+])
+def test_a_judge_class_that_cannot_be_imported_is_named(argv, line, capsys):
+    # before: `judge: Does not validate against any of the Union subtypes` (`trainer.callbacks: ...`)
+    assert one_line(argv, capsys, code=2) == f"lit-route: error: {line}"
+
+
+@pytest.mark.parametrize("command, config, where", [
+    (SERVE, "cascade:\n  - fraction: 0.25\n", "cascade"),
+    (RLOO, "trainer:\n  callbacks:\n    - class_path: lit_route.callbacks.UncertaintyRouting\n      init_args:\n"
+           "        judge: {class_path: lit_route.judges.HFLocalJudge, init_args: {model_path: builtin:tiny-llama}}\n"
+           "        cascade:\n          - fraction: 0.25\n", "trainer.callbacks.cascade"),
+])
+def test_a_cascade_item_without_a_judge_is_named(command, config, where, tmp_path, capsys):
+    extra = tmp_path / "cascade.yaml"
+    extra.write_text(config)
+    # before: `cascade: Does not validate against any of the Union subtypes`
+    assert one_line([*command, "--config", str(extra)], capsys, code=2) == (
+        f"lit-route: error: {where} (lit_route.routing.cascade.CascadeStage): the following arguments are "
+        "required: judge")
+
+
+def test_a_misspelled_argument_of_a_judge_is_named_with_the_closest_name(capsys):
+    # before: `unknown option modd; --help lists the options`, not saying whose option
+    assert one_line([*SERVE, "--judge.init_args.modd", "logprob"], capsys, code=2) == (
+        "lit-route: error: judge (lit_route.judges.HFLocalJudge): unknown option modd (did you mean mode?); "
+        "--help lists the options")
+
+
+def test_the_projects_message_wins_whichever_union_member_jsonargparse_links():
+    # jsonargparse chains the failure of the union member it tried first: with `Callback` before `list[Callback]`,
+    # that is "Not a valid subclass of Callback" and lit_route's own message is only in the text
+    import lightning as L
+    from jsonargparse import ArgumentParser
+
+    from lit_route.cli import error_line
+    from lit_route.usage import chain, raised_in
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--callbacks", type=L.Callback | list[L.Callback] | None)
+    judge = {"class_path": "lit_route.judges.ReplayJudge", "init_args": {"judge": "GPT-4"}}
+    cfg = parser.parse_object({"callbacks": [{"class_path": "lit_route.callbacks.UncertaintyRouting",
+                                              "init_args": {"judge": judge, "max_calls_total": -5}}]})
+    with pytest.raises(ValueError) as refused:
+        parser.instantiate_classes(cfg)
+    import lit_route
+
+    assert not any(raised_in(e, lit_route) for e in chain(refused.value))  # the scenario: ours is not chained
+    assert error_line(refused.value) == "max_calls_total: expected an integer >= 0; got -5"
