@@ -90,6 +90,13 @@ def _cli_class(commands: tuple[str, ...]):
         def subcommands() -> dict[str, set[str]]:
             return {k: v for k, v in LightningCLI.subcommands().items() if k in commands}
 
+        def before_instantiate_classes(self):
+            from lit_route.checks import check_accelerator
+
+            # before the models load (a minute for SmolLM2), and in words Lightning's `gpu` lacks
+            if self.subcommand is not None:  # None: parsed without running (run=False)
+                check_accelerator("trainer.accelerator", self.config[self.subcommand].trainer.get("accelerator"))
+
         def _parse_ckpt_path(self):
             from lit_route.checks import check_checkpoint
 
@@ -141,6 +148,7 @@ def rloo_cli(args: list[str], run: bool = True):
         def before_instantiate_classes(self):
             # the PM checkpoint is read after the policy and the judges have loaded (a minute for SmolLM2): a
             # missing one is named first
+            super().before_instantiate_classes()
             if self.subcommand is None:  # parsed without running (run=False)
                 return
             model = self.config[self.subcommand].get("model") or {}
@@ -194,11 +202,13 @@ def pm_score(
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         limit_per_file: Score at most this many pairs per file.
     """
+    from lit_route.checks import check_device
     from lit_route.data.readers import load_pairs
     from lit_route.eval.run import write_scores
     from lit_route.preference.io import load_preference_model
     from lit_route.preference.scoring import score_pairs
 
+    check_device("device", device)
     pairs = load_pairs(data, format, skip_invalid, limit_per_file)
     module, encoder = load_preference_model(pm_ckpt, device)
     d, u = score_pairs(module, pairs, encoder, batch_size=batch_size)

@@ -246,3 +246,28 @@ def test_the_projects_message_wins_whichever_union_member_jsonargparse_links():
 
     assert not any(raised_in(e, lit_route) for e in chain(refused.value))  # the scenario: ours is not chained
     assert error_line(refused.value) == "max_calls_total: expected an integer >= 0; got -5"
+
+
+@pytest.mark.parametrize("argv, line", [
+    ([*PM, "--trainer.accelerator", "gpu"], "trainer.accelerator: gpu needs a GPU and this machine has none"),
+    ([*RLOO, "--trainer.accelerator", "cuda"], "trainer.accelerator: cuda needs a GPU and this machine has none"),
+    (["fabric", "pm", "--config", "configs/pm/debug_tiny.yaml", "--trainer.accelerator", "gpu"],
+     "trainer.accelerator: gpu needs a GPU and this machine has none"),
+    ([*SERVE, "--device", "cuda"], "device: cuda needs a CUDA GPU and this machine has none"),
+    ([*EVAL, "--device", "cuda:0"], "device: cuda:0 needs a CUDA GPU and this machine has none"),
+    (["pm", "score", "--pm_ckpt", "x.ckpt", "--data", "[bundled:llmbar/Natural.json]", "--output", "s.jsonl",
+      "--device", "cuda"], "device: cuda needs a CUDA GPU and this machine has none"),
+])
+def test_a_gpu_asked_for_on_a_machine_without_one_is_named(argv, line, tmp_path, monkeypatch, capsys):
+    import torch
+
+    # a CPU-only machine, whatever this one has
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if argv[0] in ("pm", "rloo", "fabric") and argv[1] != "score":
+        argv = [*argv, "--trainer.default_root_dir", str(tmp_path / "r")]
+    # before: `MisconfigurationException: No supported gpu backend found!` (`RuntimeError: ...` under Fabric) or,
+    # once the model had loaded, `AssertionError: Torch not compiled with CUDA enabled`
+    assert one_line(argv, capsys).startswith(f"lit-route: error: {line}")
+    assert not (tmp_path / "r").exists()
