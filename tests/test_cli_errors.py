@@ -271,3 +271,19 @@ def test_a_gpu_asked_for_on_a_machine_without_one_is_named(argv, line, tmp_path,
     # once the model had loaded, `AssertionError: Torch not compiled with CUDA enabled`
     assert one_line(argv, capsys).startswith(f"lit-route: error: {line}")
     assert not (tmp_path / "r").exists()
+
+
+def test_the_server_rollout_engine_names_its_url_when_nothing_answers_there(tmp_path, capsys):
+    import socket
+
+    # a port bound and not listening: connecting to it is refused, and nothing else can take it meanwhile
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{taken.getsockname()[1]}/v1"
+        argv = [*RLOO, "--model.generation.engine", "server", "--model.generation.engine_options.base_url", url,
+                "--model.generation.engine_options.max_attempts", "1",
+                "--trainer.default_root_dir", str(tmp_path / "r")]
+        line = one_line(argv, capsys, code=1)
+    # before: `lit-route: error: connection: <urlopen error [Errno 111] Connection refused>`
+    assert line.startswith(f"lit-route: error: generation.engine_options.base_url: nothing answers at {url} (")
+    assert "start the vLLM server there" in line
