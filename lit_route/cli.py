@@ -58,11 +58,25 @@ class _TipFilter(logging.Filter):
         return not str(record.getMessage()).startswith("💡 Tip:")  # adverts for Lightning's cloud services
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each record (as logging's last-resort handler does), not as it was at
+    the first run: a host that replaces ``sys.stderr`` between runs (a notebook, a test runner's capture) reads the
+    lines where it expects them, and a closed earlier stream is never written to."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):  # StreamHandler.__init__ assigns one
+        pass
+
+
 def _setup_logging() -> None:
     # Our own logger only: Lightning already prints its messages through its own handler.
     logger = logging.getLogger("lit_route")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(os.environ.get("LIT_ROUTE_LOG", "INFO"))
@@ -72,6 +86,12 @@ def _setup_logging() -> None:
         target = logging.getLogger(name)
         if not any(isinstance(f, _TipFilter) for f in target.filters):
             target.addFilter(_TipFilter())
+    # Lightning's console handlers hold the sys.stderr of the moment lightning was imported: this run's instead
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler and handler.stream not in (sys.stdout, sys.__stdout__):
+                with handler.lock:  # not setStream(): it flushes the old stream, which may be closed
+                    handler.stream = sys.stderr
     for message in _QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=re.escape(message))
 
