@@ -167,8 +167,7 @@ def rloo_cli(args: list[str], run: bool = True):
     class RLOOCLI(_cli_class(("fit",))):
         def before_instantiate_classes(self):
             # the PM checkpoint is read after the policy and the judges have loaded (a minute for SmolLM2): a
-            # missing one is named first
-            super().before_instantiate_classes()
+            # missing one is named first (then a GPU asked for and missing)
             if self.subcommand is None:  # parsed without running (run=False)
                 return
             model = self.config[self.subcommand].get("model") or {}
@@ -176,6 +175,7 @@ def rloo_cli(args: list[str], run: bool = True):
             if ckpt and not Path(ckpt).exists():
                 raise FileNotFoundError(f"model.pm_ckpt: {ckpt} does not exist; train a PM first (`lit-route pm fit "
                                         "--config ...` writes finalized.ckpt in its trainer.default_root_dir)")
+            super().before_instantiate_classes()
 
         def _instantiate_trainer(self, config, callbacks):
             return super()._instantiate_trainer(config, [*callbacks, *_last_checkpoint(config, callbacks)])
