@@ -68,8 +68,8 @@ def one_line_usage_errors():
         if not parser.exit_on_error:
             return original(parser, message, ex)
         target = getattr(ex, "subcommand_parser", None) or parser
-        line = (chain_line(ex) if ex is not None else None) or usage_line(str(message), list(target._option_string_actions))
-        raise UsageError(line)
+        options = list(target._option_string_actions)
+        raise UsageError((chain_line(ex) if ex is not None else None) or usage_line(str(message), options))
 
     ArgumentParser.error = error
     try:
