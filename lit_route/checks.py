@@ -1,4 +1,5 @@
-"""Checks of numeric and choice options, raised at construction with a one-line message naming the option."""
+"""Checks of numeric, choice, path and device options, raised at construction with a one-line message naming the
+option."""
 
 from __future__ import annotations
 
@@ -60,3 +61,46 @@ def check_file_path(name: str, path: str | None, example: str = "file") -> None:
     """A path a file can be created at: not an existing folder (sqlite and open() would fail without naming it)."""
     if path is not None and Path(path).is_dir():
         raise ValueError(f"{name}: {path} is a folder; give a file path, e.g. {Path(path) / example}")
+
+
+def _no_cuda() -> str:
+    """Why torch sees no CUDA device here, for the error."""
+    import torch
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    return f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but finds no device or driver"
+
+
+def check_device(name: str, value) -> None:
+    """A torch device this machine has (``cpu``, ``cuda``, ``cuda:N``, ``mps``), named in the error: torch's own
+    (``Torch not compiled with CUDA enabled``) comes once a model is loaded and names no option."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{name}: expected a device (cpu, cuda, cuda:N, mps); got {value!r}") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{name}: {value} needs a CUDA GPU and this machine has none that torch can use "
+                             f"({_no_cuda()}); set {name} to cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{name}: {value}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}: mps needs Apple's Metal backend, which torch does not find here; set {name} to cpu")
+
+
+def check_accelerator(name: str, value) -> None:
+    """Lightning's ``accelerator`` (``gpu``, ``cuda``, ``mps``) only where torch sees that GPU, named in the error
+    (Lightning's own for ``gpu`` is ``No supported gpu backend found!``). Other values are left to Lightning."""
+    import torch
+
+    kind = value.lower() if isinstance(value, str) else None
+    if kind == "cuda" or (kind == "gpu" and not torch.backends.mps.is_available()):
+        if not (torch.cuda.is_available() and torch.cuda.device_count()):
+            raise ValueError(f"{name}: {value} needs a GPU and this machine has none that torch can use "
+                             f"({_no_cuda()}); set {name} to cpu (or auto)")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}: mps needs Apple's Metal backend, which torch does not find here; set {name} to cpu")

@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from lit_route.usage import UsageError, one_line_usage_errors, usage_line  # noqa: F401 (usage_line: public)
+from lit_route.usage import UsageError, chain_line, one_line_usage_errors, raised_in, usage_line
 
 USAGE = """usage: lit-route <command> [options]
 
@@ -58,11 +58,25 @@ class _TipFilter(logging.Filter):
         return not str(record.getMessage()).startswith("💡 Tip:")  # adverts for Lightning's cloud services
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each record (as logging's last-resort handler does), not as it was at
+    the first run: a host that replaces ``sys.stderr`` between runs (a notebook, a test runner's capture) reads the
+    lines where it expects them, and a closed earlier stream is never written to."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):  # StreamHandler.__init__ assigns one
+        pass
+
+
 def _setup_logging() -> None:
     # Our own logger only: Lightning already prints its messages through its own handler.
     logger = logging.getLogger("lit_route")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(os.environ.get("LIT_ROUTE_LOG", "INFO"))
@@ -72,6 +86,12 @@ def _setup_logging() -> None:
         target = logging.getLogger(name)
         if not any(isinstance(f, _TipFilter) for f in target.filters):
             target.addFilter(_TipFilter())
+    # Lightning's console handlers hold the sys.stderr of the moment lightning was imported: this run's instead
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler and handler.stream not in (sys.stdout, sys.__stdout__):
+                with handler.lock:  # not setStream(): it flushes the old stream, which may be closed
+                    handler.stream = sys.stderr
     for message in _QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=re.escape(message))
 
@@ -89,6 +109,13 @@ def _cli_class(commands: tuple[str, ...]):
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
             return {k: v for k, v in LightningCLI.subcommands().items() if k in commands}
+
+        def before_instantiate_classes(self):
+            from lit_route.checks import check_accelerator
+
+            # before the models load (a minute for SmolLM2), and in words Lightning's `gpu` lacks
+            if self.subcommand is not None:  # None: parsed without running (run=False)
+                check_accelerator("trainer.accelerator", self.config[self.subcommand].trainer.get("accelerator"))
 
         def _parse_ckpt_path(self):
             from lit_route.checks import check_checkpoint
@@ -140,7 +167,7 @@ def rloo_cli(args: list[str], run: bool = True):
     class RLOOCLI(_cli_class(("fit",))):
         def before_instantiate_classes(self):
             # the PM checkpoint is read after the policy and the judges have loaded (a minute for SmolLM2): a
-            # missing one is named first
+            # missing one is named first (then a GPU asked for and missing)
             if self.subcommand is None:  # parsed without running (run=False)
                 return
             model = self.config[self.subcommand].get("model") or {}
@@ -148,6 +175,7 @@ def rloo_cli(args: list[str], run: bool = True):
             if ckpt and not Path(ckpt).exists():
                 raise FileNotFoundError(f"model.pm_ckpt: {ckpt} does not exist; train a PM first (`lit-route pm fit "
                                         "--config ...` writes finalized.ckpt in its trainer.default_root_dir)")
+            super().before_instantiate_classes()
 
         def _instantiate_trainer(self, config, callbacks):
             return super()._instantiate_trainer(config, [*callbacks, *_last_checkpoint(config, callbacks)])
@@ -194,11 +222,13 @@ def pm_score(
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         limit_per_file: Score at most this many pairs per file.
     """
+    from lit_route.checks import check_device
     from lit_route.data.readers import load_pairs
     from lit_route.eval.run import write_scores
     from lit_route.preference.io import load_preference_model
     from lit_route.preference.scoring import score_pairs
 
+    check_device("device", device)
     pairs = load_pairs(data, format, skip_invalid, limit_per_file)
     module, encoder = load_preference_model(pm_ckpt, device)
     d, u = score_pairs(module, pairs, encoder, batch_size=batch_size)
@@ -228,28 +258,19 @@ def pm_score_cli(args: list[str], run: bool = True):
 
 
 def error_line(err: BaseException) -> str:
-    """One line for an error: the first raised by lit_route in the chain of causes (it names the file, line or
-    option), else the outermost; its first line only."""
-    chain, seen = [], set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        chain.append(current)
-        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
-    ours = [e for e in chain if _raised_in_lit_route(e)]
-    chosen = ours[0] if ours else chain[0]
-    text = str(chosen).strip().splitlines()[0] if str(chosen).strip() else ""
-    if not ours or not text:  # not one of our messages: say what kind of error it is
-        text = f"{type(chosen).__name__}: {text}" if text else type(chosen).__name__
-    return text
+    """One line for an error: lit_route's own message found in the chain of causes (it names the file, line or
+    option), a class path that cannot be imported, else the outermost error's first line (for jsonargparse's
+    aggregated messages, the line in it that names the option)."""
+    import jsonargparse
 
-
-def _raised_in_lit_route(err: BaseException) -> bool:
-    tb = err.__traceback__
-    last = None
-    while tb is not None:
-        last, tb = tb, tb.tb_next
-    return last is not None and f"{os.sep}lit_route{os.sep}" in last.tb_frame.f_code.co_filename
+    line = chain_line(err)
+    if line:
+        return line
+    text = str(err).strip()
+    if raised_in(err, jsonargparse) and len(text.splitlines()) > 1:
+        return usage_line(text, [])
+    text = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,11 @@ option when one is misspelled), a non-zero exit, and no traceback; nothing is tr
 from __future__ import annotations
 
 import json
-import re
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,16 +19,10 @@ RLOO = ["rloo", "fit", "--config", "configs/rloo/debug_tiny.yaml"]
 EVAL = ["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml"]
 
 
-def without_logging_errors(text: str) -> list[str]:
-    """stderr without the reports of log handlers bound to an earlier test's (closed) capture stream: an artefact
-    of several runs in one process, which a user's single run does not have."""
-    return re.sub(r"--- Logging error ---\n.*?\nArguments: [^\n]*\n", "", text, flags=re.S).splitlines()
-
-
 def one_line(argv, capsys, code=None) -> str:
     with pytest.raises(SystemExit) as stop:
         main(argv)
-    err = without_logging_errors(capsys.readouterr().err)
+    err = capsys.readouterr().err.splitlines()
     assert stop.value.code == (code or stop.value.code) and stop.value.code != 0
     assert err and err[-1].startswith("lit-route: error: "), err
     assert not any(line.startswith(("usage:", "  File ")) for line in err), err  # no usage dump, no traceback
@@ -161,3 +159,146 @@ def test_usage_line_picks_the_projects_message_out_of_a_union_error():
         "unknown option --modle.beta (did you mean --model.beta?); --help lists the options")
     assert usage_line("unrecognized arguments: --zzz", ["--model.beta"]) == (
         "unknown option --zzz; --help lists the options")
+
+
+SERVE = ["serve", "--config", "configs/serve/debug_tiny.yaml"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_line_does_not_depend_on_the_folder_jsonargparse_is_installed_in(tmp_path):
+    # a virtual environment inside a checkout named lit_route (`git clone ... lit_route; make test`): before, every
+    # frame of jsonargparse counted as lit_route's own and the line was `Does not validate against any of the Union
+    # subtypes`, the outermost jsonargparse message
+    import jsonargparse
+
+    site = tmp_path / "lit_route" / ".venv" / "site-packages"
+    shutil.copytree(Path(jsonargparse.__file__).parent, site / "jsonargparse",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    program = ("import sys, jsonargparse; assert '/lit_route/.venv/' in jsonargparse.__file__; "
+               "from lit_route.cli import main; main(sys.argv[1:])")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    run = subprocess.run([sys.executable, "-c", program, *SERVE, "--judge.init_args.mode", "xyz", "--port", "0"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.splitlines()[-1].startswith("lit-route: error: mode: expected one of"), run.stderr
+
+
+@pytest.mark.parametrize("argv, line", [
+    ([*SERVE, "--judge.class_path", "lit_route.judges.NoSuchJudge"],
+     "judge: cannot import lit_route.judges.NoSuchJudge (lit_route.judges has no attribute 'NoSuchJudge')"),
+    ([*SERVE, "--judge.class_path", "nosuchpkg.judges.Judge"],
+     "judge: cannot import nosuchpkg.judges.Judge (No module named 'nosuchpkg')"),
+    ([*RLOO, "--trainer.callbacks.init_args.judge.class_path", "lit_route.judges.NoSuchJudge"],
+     "trainer.callbacks.judge: cannot import lit_route.judges.NoSuchJudge (lit_route.judges has no attribute "
+     "'NoSuchJudge')"),
+])
+def test_a_judge_class_that_cannot_be_imported_is_named(argv, line, capsys):
+    # before: `judge: Does not validate against any of the Union subtypes` (`trainer.callbacks: ...`)
+    assert one_line(argv, capsys, code=2) == f"lit-route: error: {line}"
+
+
+@pytest.mark.parametrize("command, config, where", [
+    (SERVE, "cascade:\n  - fraction: 0.25\n", "cascade"),
+    (RLOO, "trainer:\n  callbacks:\n    - class_path: lit_route.callbacks.UncertaintyRouting\n      init_args:\n"
+           "        judge: {class_path: lit_route.judges.HFLocalJudge, init_args: {model_path: builtin:tiny-llama}}\n"
+           "        cascade:\n          - fraction: 0.25\n", "trainer.callbacks.cascade"),
+])
+def test_a_cascade_item_without_a_judge_is_named(command, config, where, tmp_path, capsys):
+    extra = tmp_path / "cascade.yaml"
+    extra.write_text(config)
+    # before: `cascade: Does not validate against any of the Union subtypes`
+    assert one_line([*command, "--config", str(extra)], capsys, code=2) == (
+        f"lit-route: error: {where} (lit_route.routing.cascade.CascadeStage): the following arguments are "
+        "required: judge")
+
+
+def test_a_misspelled_argument_of_a_judge_is_named_with_the_closest_name(capsys):
+    # before: `unknown option modd; --help lists the options`, not saying whose option
+    assert one_line([*SERVE, "--judge.init_args.modd", "logprob"], capsys, code=2) == (
+        "lit-route: error: judge (lit_route.judges.HFLocalJudge): unknown option modd (did you mean mode?); "
+        "--help lists the options")
+
+
+def test_the_projects_message_wins_whichever_union_member_jsonargparse_links():
+    # jsonargparse chains the failure of the union member it tried first: with `Callback` before `list[Callback]`,
+    # that is "Not a valid subclass of Callback" and lit_route's own message is only in the text
+    import lightning as L
+    from jsonargparse import ArgumentParser
+
+    from lit_route.cli import error_line
+    from lit_route.usage import chain, raised_in
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--callbacks", type=L.Callback | list[L.Callback] | None)
+    judge = {"class_path": "lit_route.judges.ReplayJudge", "init_args": {"judge": "GPT-4"}}
+    cfg = parser.parse_object({"callbacks": [{"class_path": "lit_route.callbacks.UncertaintyRouting",
+                                              "init_args": {"judge": judge, "max_calls_total": -5}}]})
+    with pytest.raises(ValueError) as refused:
+        parser.instantiate_classes(cfg)
+    import lit_route
+
+    assert not any(raised_in(e, lit_route) for e in chain(refused.value))  # the scenario: ours is not chained
+    assert error_line(refused.value) == "max_calls_total: expected an integer >= 0; got -5"
+
+
+@pytest.mark.parametrize("argv, line", [
+    ([*PM, "--trainer.accelerator", "gpu"], "trainer.accelerator: gpu needs a GPU and this machine has none"),
+    ([*RLOO, "--trainer.accelerator", "cuda"], "trainer.accelerator: cuda needs a GPU and this machine has none"),
+    (["fabric", "pm", "--config", "configs/pm/debug_tiny.yaml", "--trainer.accelerator", "gpu"],
+     "trainer.accelerator: gpu needs a GPU and this machine has none"),
+    ([*SERVE, "--device", "cuda"], "device: cuda needs a CUDA GPU and this machine has none"),
+    ([*EVAL, "--device", "cuda:0"], "device: cuda:0 needs a CUDA GPU and this machine has none"),
+    (["pm", "score", "--pm_ckpt", "x.ckpt", "--data", "[bundled:llmbar/Natural.json]", "--output", "s.jsonl",
+      "--device", "cuda"], "device: cuda needs a CUDA GPU and this machine has none"),
+])
+def test_a_gpu_asked_for_on_a_machine_without_one_is_named(argv, line, tmp_path, monkeypatch, capsys):
+    import torch
+
+    # a CPU-only machine, whatever this one has
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if argv[0] in ("pm", "rloo", "fabric") and argv[1] != "score":
+        argv = [*argv, "--trainer.default_root_dir", str(tmp_path / "r")]
+    # before: `MisconfigurationException: No supported gpu backend found!` (`RuntimeError: ...` under Fabric) or,
+    # once the model had loaded, `AssertionError: Torch not compiled with CUDA enabled`
+    assert one_line(argv, capsys).startswith(f"lit-route: error: {line}")
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_server_rollout_engine_names_its_url_when_nothing_answers_there(tmp_path, capsys):
+    import socket
+
+    # a port bound and not listening: connecting to it is refused, and nothing else can take it meanwhile
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{taken.getsockname()[1]}/v1"
+        argv = [*RLOO, "--model.generation.engine", "server", "--model.generation.engine_options.base_url", url,
+                "--model.generation.engine_options.max_attempts", "1",
+                "--trainer.default_root_dir", str(tmp_path / "r")]
+        line = one_line(argv, capsys, code=1)
+    # before: `lit-route: error: connection: <urlopen error [Errno 111] Connection refused>`
+    assert line.startswith(f"lit-route: error: generation.engine_options.base_url: nothing answers at {url} (")
+    assert "start the vLLM server there" in line
+
+
+def test_log_lines_go_to_sys_stderr_as_it_is_now(monkeypatch):
+    import io
+    import logging
+
+    import lightning  # noqa: F401 (its console handler, bound to sys.stderr at import)
+
+    from lit_route.cli import _setup_logging
+
+    # before: the handlers kept the stream of the first run (in a test session, a capture closed since), and
+    # later runs printed `--- Logging error --- ValueError: I/O operation on closed file` instead of their lines
+    earlier = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", earlier)
+    _setup_logging()
+    earlier.close()
+    for text in ("first host stream", "second host stream"):
+        monkeypatch.setattr(sys, "stderr", io.StringIO())
+        _setup_logging()  # each run of main()
+        logging.getLogger("lit_route.cli").warning(text)
+        logging.getLogger("lightning.fabric.utilities.seed").warning(text)
+        assert text in sys.stderr.getvalue() and "Logging error" not in sys.stderr.getvalue()

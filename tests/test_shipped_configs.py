@@ -30,6 +30,8 @@ NEEDS_SOMETHING = {
     # before: `OSError: We couldn't connect to 'https://huggingface.co' ...`, naming no model
     "configs/pm/llama8b_sngp_lora.yaml": ("pm fit", "model_path: meta-llama/Llama-3.1-8B-Instruct is not a local folder"),
 }
+# what those say first on a machine without a GPU (`trainer.accelerator: gpu`), before any model loads
+NEEDS_A_GPU_FIRST = {"configs/pm/llama8b_sngp_lora.yaml": "trainer.accelerator: gpu needs a GPU"}
 # configs that run from bundled data and installed models; the tests named here run them
 RUN_ELSEWHERE = {
     "configs/pm/debug_tiny.yaml": "tests/test_docs.py (the README's tour)",
@@ -58,7 +60,11 @@ def test_no_shipped_config_points_outside_the_users_folder():
 
 @pytest.mark.parametrize("config", sorted(NEEDS_SOMETHING))
 def test_a_config_that_needs_a_file_names_it_in_one_line(config, tmp_path, monkeypatch, capsys):
+    import torch
+
     command, expected = NEEDS_SOMETHING[config]
+    if config in NEEDS_A_GPU_FIRST and not torch.cuda.is_available():
+        expected = NEEDS_A_GPU_FIRST[config]
     if "llama8b_sngp" in config:
         from huggingface_hub import try_to_load_from_cache
 

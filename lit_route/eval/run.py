@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lit_route.artefacts.provenance import judge_label, provenance
-from lit_route.checks import check_choice, check_file_path, check_fraction, check_nonnegative
+from lit_route.checks import check_choice, check_device, check_file_path, check_fraction, check_nonnegative
 from lit_route.data.readers import load_pairs
 from lit_route.eval.cascade import bidirectional_entropy, cascade_report
 from lit_route.eval.curves import (
@@ -159,6 +159,7 @@ def evaluate(
             to every evaluated pair (``results["risk"]["from_file"]``).
     """
     check_judge(judge)
+    check_device("device", device)
     check_choice("order", order, ORDERS)
     check_fraction("fraction_step", fraction_step, open_low=True)
     check_fraction("max_failed_fraction", max_failed_fraction)

@@ -97,12 +97,13 @@ def run(program: str, args: list[str]) -> dict[str, Any]:
     """Parses ``args`` for ``program`` (``pm`` or ``rloo``), launches Fabric and runs the loop; returns its summary."""
     import lightning as L
 
-    from lit_route.checks import check_checkpoint
+    from lit_route.checks import check_accelerator, check_checkpoint
     from lit_route.fabric.settings import build_fabric, launch, split_trainer_section
 
     parser = build_parser(program)
     cfg = parser.parse_args(args)
     check_checkpoint("ckpt_path", cfg.ckpt_path)  # before any model is loaded, with the path in the message
+    check_accelerator("trainer.accelerator", cfg.trainer.accelerator)  # Fabric's own for `gpu` names no option
     trainer = cfg.trainer.as_dict()
     try:
         fabric_args, loop, callback_specs = split_trainer_section(trainer, trainer_defaults())

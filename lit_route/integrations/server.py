@@ -286,8 +286,10 @@ def serve(
         pm_backbone: Instead of ``pm_ckpt``, an untrained PM on this backbone (debugging only).
         run: Serve until interrupted (``False``: return the started server; for tests).
     """
+    from lit_route.checks import check_device
     from lit_route.integrations.routed import RoutedRewards
 
+    check_device("device", device)
     if pm_ckpt is None and pm_backbone is None:
         raise ValueError("pm_ckpt: no reward model given; pass a finalised PM checkpoint")
     # the listening settings first: a wrong one is reported before the PM is loaded

@@ -82,13 +82,25 @@ class ServerEngine:
 
     def _request(self, path: str, body: dict | None = None) -> bytes:
         """:meth:`_once` under the retry policy; every attempt is counted."""
-        for attempt in Retrying(stop=stop_after_attempt(self._policy.max_attempts), wait=backoff_wait(self._policy),
-                                retry=retry_if_exception_type(RetryableError), reraise=True):
-            with attempt:
-                self.stats["requests"] += 1
-                if attempt.retry_state.attempt_number > 1:
-                    self.stats["retries"] += 1
-                return self._once(path, body)
+        try:
+            for attempt in Retrying(stop=stop_after_attempt(self._policy.max_attempts),
+                                    wait=backoff_wait(self._policy), retry=retry_if_exception_type(RetryableError),
+                                    reraise=True):
+                with attempt:
+                    self.stats["requests"] += 1
+                    if attempt.retry_state.attempt_number > 1:
+                        self.stats["retries"] += 1
+                    return self._once(path, body)
+        except RetryableError as err:
+            if err.reason != "connection":
+                raise
+            # a server not started (or gone): say which URL and what to start, not urllib's `Connection refused`
+            cause = getattr(err.__cause__, "reason", err.__cause__) or err
+            tries = self._policy.max_attempts
+            raise ServerError(
+                f"generation.engine_options.base_url: nothing answers at {self.base_url} ({cause}; "
+                f"{tries} attempt{'s' if tries != 1 else ''}): start the vLLM server there (`vllm serve <model> "
+                "--enable-lora ...`, docs/engines.md) or correct the URL") from err
         raise AssertionError("unreachable")
 
     def _post(self, path: str, body: dict) -> bytes:
