@@ -247,6 +247,7 @@ def test_the_projects_message_wins_whichever_union_member_jsonargparse_links():
     (["fabric", "pm", "--config", "configs/pm/debug_tiny.yaml", "--trainer.accelerator", "gpu"],
      "trainer.accelerator: gpu needs a GPU and this machine has none"),
     ([*SERVE, "--device", "cuda"], "device: cuda needs a CUDA GPU and this machine has none"),
+    ([*SERVE, "--judge.init_args.device", "cuda"], "HFLocalJudge.device: cuda needs a CUDA GPU and this machine"),
     ([*EVAL, "--device", "cuda:0"], "device: cuda:0 needs a CUDA GPU and this machine has none"),
     (["pm", "score", "--pm_ckpt", "x.ckpt", "--data", "[bundled:llmbar/Natural.json]", "--output", "s.jsonl",
       "--device", "cuda"], "device: cuda needs a CUDA GPU and this machine has none"),

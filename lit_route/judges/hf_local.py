@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from lit_route.checks import check_device
 from lit_route.judges.base import JudgeStats
 from lit_route.judges.prompt import PromptFormat
 from lit_route.models.backbone import BackboneSpec, load_backbone, load_tokenizer, resolve_model_dir
@@ -67,6 +68,7 @@ class HFLocalJudge:
     ):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        check_device("HFLocalJudge.device", device)  # before the model loads: torch's message names no option
         gguf_file = gguf_file or _single_gguf(model_path)
         spec = BackboneSpec(model_path=model_path, gguf_file=gguf_file)
         self.model = f"{model_path}/{gguf_file}" if gguf_file else model_path
