@@ -177,8 +177,7 @@ def sync_shortfall(pushed: list[str], changed: set[str], fused: dict[str, list[s
     members = {m: g for g, ms in fused.items() for m in ms}
     got: dict[str, set[str]] = {}
     for name in pushed:
-        module, _, param = name.rpartition(".")
-        leaf = module.rpartition(".")[2]
+        leaf = name.rpartition(".")[0].rpartition(".")[2]
         if leaf in members:
             got.setdefault(engine_name(name, fused), set()).add(leaf)
     for target, leaves in sorted(got.items()):
