@@ -6,13 +6,15 @@ per optimiser step, in one of two ways (``engine_options.sync``):
 - ``adapter``: the LoRA adapter alone is written as a versioned peft folder and sampling uses a new
   ``LoRARequest``; the versions before the last ``keep_versions`` are removed from the engine and the disk. The
   base weights never move, which is what scales to an 8B policy.
-- ``merged``: the adapted layers' merged weights ``W + ΔW`` (a policy without LoRA: all its weights) are loaded
-  into the engine's model through vLLM's weight loading (``load_weights``), and the prefix cache is reset.
-  Sampling then runs at the base model's speed, which on a CPU more than pays for the push.
+- ``merged``: the adapted layers' merged weights ``W + ΔW`` (with the unadapted parts of the layers vLLM fuses
+  with them; a policy without LoRA: all its weights) are loaded into the engine's model through vLLM's in-place
+  weight reload, which is checked to have taken every one of them, and the prefix cache is reset. Sampling then
+  runs at the base model's speed, which on a CPU more than pays for the push.
 
 The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that weights are handed over without a copy
-through a socket. Its log-probabilities are those of the distribution it sampled from (``processed_logprobs``:
-after temperature, top-k and top-p), which the module compares with the trainer's.
+through a socket. Each sample is a request of its own with its own seed. Its log-probabilities are those of the
+distribution it sampled from (``processed_logprobs``: after temperature, top-k and top-p), which the module
+compares with the trainer's of the same truncated distribution.
 """
 
 from __future__ import annotations
