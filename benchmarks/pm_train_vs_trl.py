@@ -79,6 +79,10 @@ def run_trl(args) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForSequenceClassification
+
+    from lit_route.integrations.trl import quiet_trl_vllm_notice
+
+    quiet_trl_vllm_notice()  # before trl's import, which is when TRL checks vLLM's version
     from trl import RewardConfig, RewardTrainer
 
     torch.manual_seed(0)

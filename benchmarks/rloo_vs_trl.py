@@ -67,6 +67,10 @@ def run_ours(args, prompts: list[str]) -> dict:
 def run_trl(args, prompts: list[str]) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
+
+    from lit_route.integrations.trl import quiet_trl_vllm_notice
+
+    quiet_trl_vllm_notice()  # before trl's import, which is when TRL checks vLLM's version
     from trl import RLOOConfig, RLOOTrainer
 
     torch.manual_seed(0)

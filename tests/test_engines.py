@@ -5,18 +5,27 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 import torch
 from loopback import Loopback, Reply
 
 from lit_route.models.backbone import BackboneSpec, LoraSpec, apply_lora, load_backbone
+from lit_route.policy.decode import warp
 from lit_route.policy.engines import build_engine
-from lit_route.policy.engines.base import pack
+from lit_route.policy.engines.base import EngineOutput, pack, sample_seeds
 from lit_route.policy.engines.correction import logprob_gap, truncated_is_weights
 from lit_route.policy.engines.server import ServerEngine, ServerError
-from lit_route.policy.engines.weights import engine_lora_rank, merged_weights
-from lit_route.policy.sampling import EngineOptions, GenerationConfig
+from lit_route.policy.engines.weights import engine_lora_rank, merged_weights, sync_shortfall
+from lit_route.policy.sampling import (
+    EngineOptions,
+    GenerationConfig,
+    completion_logprobs,
+    nucleus_logprobs,
+    sample,
+    sequence_inputs,
+)
 
 
 def test_gap_and_truncated_weights_by_hand():
@@ -55,6 +64,102 @@ def test_merged_weights_are_the_adapted_forward():
     assert torch.allclose(x @ weights["model.layers.0.self_attn.q_proj.weight"].T, layer(x), atol=1e-5)
 
 
+def test_merged_weights_bring_the_fused_siblings_of_an_adapted_layer():
+    policy = apply_lora(load_backbone(BackboneSpec(), causal_lm=True),
+                        LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    weights = dict(merged_weights(policy, fused))
+    layers = len(policy.get_base_model().model.layers)
+    # an engine loads qkv_proj whole: k_proj (not adapted) comes along, unchanged; the MLP is not touched
+    assert sorted(weights) == sorted(f"model.layers.{i}.self_attn.{m}_proj.weight" for i in range(layers)
+                                     for m in "qkv")
+    k_proj = policy.get_base_model().model.layers[0].self_attn.k_proj
+    assert torch.equal(weights["model.layers.0.self_attn.k_proj.weight"], k_proj.weight)
+    assert sorted(dict(merged_weights(policy))) == sorted(n for n in weights if "k_proj" not in n)
+
+
+def test_sync_shortfall_names_what_an_engine_did_not_take():
+    fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    layer = "model.layers.3.self_attn"
+    pushed = [f"{layer}.{m}_proj.weight" for m in "qkvo"]
+    changed = {f"{layer}.q_proj.weight", f"{layer}.o_proj.weight"}
+    params = {f"{layer}.qkv_proj.weight", f"{layer}.o_proj.weight", "model.norm.weight"}
+    # the layers a push leaves alone are no shortfall; the weights it brought or had to bring are
+    assert sync_shortfall(pushed, changed, fused, params, {"model.norm.weight"}) == []
+    assert sync_shortfall(pushed[:3], changed, fused, params, {f"{layer}.o_proj.weight"}) == [f"{layer}.o_proj.weight"]
+    assert sync_shortfall(pushed[::2], changed, fused, params, set()) == [f"{layer}.qkv_proj.weight (part: k_proj missing)"]
+
+
+def test_nucleus_logprobs_are_the_truncated_distribution():
+    logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0, -3.0]] * 3])  # (1, T + 1 = 3, V = 5)
+    completions, mask = torch.tensor([[0, 1]]), torch.ones(1, 2)
+    temperature = 0.9
+    p = torch.softmax(logits[0, 0] / temperature, -1)  # 0.656, 0.216, 0.071, 0.023, 0.005
+    config = GenerationConfig(temperature=temperature, top_p=0.9)
+    nucleus = p[:3].sum()  # the smallest top set reaching 0.9
+    expected = torch.log(p[[0, 1]] / nucleus)
+    assert torch.allclose(nucleus_logprobs(logits, completions, mask, config)[0], expected, atol=1e-6)
+    top2 = torch.log(p[[0, 1]] / p[:2].sum())
+    assert torch.allclose(nucleus_logprobs(logits, completions, mask, GenerationConfig(temperature=temperature,
+                                                                                       top_k=2))[0], top2, atol=1e-6)
+    # nothing truncated: the untruncated log-probs; a token outside the nucleus stays finite
+    untruncated = completion_logprobs(logits, completions, mask, temperature)
+    assert torch.equal(nucleus_logprobs(logits, completions, mask, GenerationConfig(temperature=temperature)),
+                       untruncated)
+    edge = nucleus_logprobs(logits, torch.tensor([[3, 0]]), torch.tensor([[1.0, 0.0]]), config)
+    assert torch.isfinite(edge).all() and edge[0, 1] == 0
+
+
+class InStepEngine:
+    """An engine exactly in step with the trainer: it samples with the training model (the lean loop) and
+    reports the log-probs of the truncated distribution it sampled from, computed its own way (a softmax over
+    the warped logits of a whole forward)."""
+
+    name = "in-step"
+
+    def sync(self, model, version):
+        pass
+
+    def close(self):
+        pass
+
+    @torch.no_grad()
+    def generate(self, model, prompt_ids, prompt_mask, config, eos_ids, pad_id, seed) -> EngineOutput:
+        comps, mask = sample(model, prompt_ids, prompt_mask, config, eos_ids, pad_id, seed)
+        k = config.num_samples
+        inputs = sequence_inputs(prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0), comps, mask)
+        logits = model(**inputs, use_cache=False).logits[:, prompt_ids.shape[1] - 1 : -1]
+        n, t, v = logits.shape
+        warped = warp(logits.reshape(n * t, v), config.temperature, config.top_k, config.top_p).view(n, t, v)
+        logp = torch.log_softmax(warped, -1).gather(-1, comps.unsqueeze(-1)).squeeze(-1)
+        return EngineOutput(comps, mask, torch.where(mask.bool(), logp, 0.0))
+
+
+def test_an_engine_in_step_shows_no_gap_and_unit_weights_at_top_p(tmp_path):
+    """At top-p 0.95 the gap of an engine in step is rounding, not the nucleus' mass (−ln 0.95 = 0.05)."""
+    import lightning as L
+
+    from lit_route.policy.data import PromptDataModule
+    from lit_route.policy.module import RLOOPolicyModule
+
+    L.seed_everything(0)
+    options = EngineOptions(importance_sampling=True)
+    module = RLOOPolicyModule(policy=BackboneSpec(), lora=LoraSpec(r=4, alpha=8), pm_backbone=BackboneSpec(), lr=1e-2,
+                              generation=GenerationConfig(num_samples=3, max_new_tokens=6, temperature=0.9,
+                                                          top_p=0.95, top_k=50, engine_options=options))
+    module.engine = InStepEngine()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"Tell me about the number {i}." for i in range(4)))
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(module, PromptDataModule(prompts=str(prompts), batch_size=2))
+    step = module.last_step
+    # float32, one model: the two sides differ by summation orders only (a whole forward against the
+    # trainer's split one); 1e-4 is far above that and far below the nucleus' 5e-2
+    assert step["engine/logprob_gap_max"] < 1e-4, step
+    assert abs(step["engine/is_weight_mean"] - 1) < 1e-4, step
+
+
 def test_lean_engine_is_the_sampling_loop():
     engine = build_engine(GenerationConfig(), BackboneSpec(), None)
     model = load_backbone(BackboneSpec(), causal_lm=True).eval()
@@ -78,7 +183,7 @@ def test_server_engine_retries_transport_failures(tmp_path):
     with Loopback() as server:
         server.script = [Reply(raw_body=b"Success"),  # load_lora_adapter v0
                          Reply(status=503), Reply(status=429, headers={"retry-after": "0.01"}),
-                         Reply(raw_body=_completion(2, [70, 71, 1]))]
+                         Reply(raw_body=_completion(1, [70, 71, 1])), Reply(raw_body=_completion(1, [70, 71, 1]))]
         options = EngineOptions(base_url=f"{server.url}/v1", served_model="base", adapter_dir=str(tmp_path),
                                 max_attempts=4)
         engine = ServerEngine(options)
@@ -87,12 +192,55 @@ def test_server_engine_retries_transport_failures(tmp_path):
         engine.sync(policy, 0)
         out = engine.generate(policy, torch.tensor([[65, 66]]), torch.tensor([[1, 1]]),
                               GenerationConfig(num_samples=2, max_new_tokens=3), [1], 0, 7)
-    assert engine.stats == {"requests": 4, "retries": 2}
+    # one request per sample: two of them, one 503 and one 429 among their attempts
+    assert engine.stats == {"requests": 5, "retries": 2}
     assert out.completions.tolist() == [[70, 71, 1]] * 2 and out.logprobs[0].tolist() == [-0.5] * 3
-    load, completion = server.requests[0], server.requests[-1]
+    load, completions = server.requests[0], server.requests[1:]
     assert load["path"] == "/v1/load_lora_adapter" and (tmp_path / "v0" / "adapter_config.json").exists()
-    assert completion["body"]["model"] == load["body"]["lora_name"] and completion["body"]["prompt"] == [65, 66]
-    assert completion["body"]["n"] == 2 and completion["body"]["seed"] is not None
+    for completion in completions:
+        assert completion["body"]["model"] == load["body"]["lora_name"] and completion["body"]["prompt"] == [65, 66]
+        assert completion["body"]["n"] == 1
+    assert {c["body"]["seed"] for c in completions} == set(sample_seeds(7, 1, 2))
+
+
+def _seeded_server(body: dict) -> Reply:
+    """Answers like vLLM's seeding: choice j of an ``n``-sample request is drawn with seed ``seed + j``, and the
+    same prompt and seed always draw the same tokens."""
+    def draw(seed):
+        rng = random.Random(f"{body['prompt']}/{seed}")
+        return [rng.randrange(2, 1000) for _ in range(3)]
+
+    choices = [{"index": j, "text": "", "token_ids": draw(body["seed"] + j), "finish_reason": "length",
+                "logprobs": {"token_logprobs": [-0.5] * 3, "tokens": [], "top_logprobs": []}}
+               for j in range(body["n"])]
+    return Reply(raw_body=json.dumps({"id": "c", "object": "text_completion", "choices": choices}).encode())
+
+
+def test_server_engine_gives_every_sample_its_own_stream(tmp_path):
+    with Loopback(answer=_seeded_server) as server:
+        server.script = [Reply(raw_body=b"Success")]  # load_lora_adapter v0
+        engine = ServerEngine(EngineOptions(base_url=f"{server.url}/v1", served_model="base",
+                                            adapter_dir=str(tmp_path)))
+        policy = _policy()
+        engine.sync(policy, 0)
+        prompts, mask = torch.tensor([[65, 66], [65, 66], [67, 68]]), torch.ones(3, 2, dtype=torch.long)
+        config = GenerationConfig(num_samples=4, max_new_tokens=3)
+        first = engine.generate(policy, prompts, mask, config, [1], 0, 7).completions.tolist()
+        again = engine.generate(policy, prompts, mask, config, [1], 0, 7).completions.tolist()
+        other = engine.generate(policy, prompts, mask, config, [1], 0, 8).completions.tolist()
+    groups = [{tuple(c) for c in first[i * 4 : (i + 1) * 4]} for i in range(3)]
+    assert all(len(g) == 4 for g in groups)
+    assert not groups[0] & groups[1]  # the duplicated prompt's two groups share no sample
+    assert again == first and other != first  # a seed gives the same samples again, another seed others
+
+
+def test_sample_seeds_are_one_per_sample_and_reproducible():
+    seeds = sample_seeds(7, 3, 4)
+    assert len(set(seeds)) == 12 and seeds == sample_seeds(7, 3, 4) and seeds != sample_seeds(8, 3, 4)
+    assert all(0 <= s < 2**31 - 1 for s in seeds)
+    # vLLM seeds an n-sample request's samples seed + j: no sample's stream is another's shifted by a few
+    assert not {s + j for s in seeds for j in range(1, 8)} & set(seeds)
+    assert sample_seeds(None, 2, 3) == [None] * 6
 
 
 def test_server_engine_refusal_is_one_clear_error(tmp_path):

@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -236,3 +239,17 @@ def test_conversational_batches_score_as_their_text(tiny_pm):
     chat = function()([chat_prompt] * 3, [[{"role": "assistant", "content": t}] for t in texts])
     plain = function()(["Say something."] * 3, texts)
     assert chat == pytest.approx(plain, abs=1e-6)  # the same sequences: float rounding at most
+
+
+def test_importing_trl_after_the_integration_drops_only_trls_vllm_notice():
+    """With vLLM 0.32 installed (lit-route[vllm]) TRL warns five times as it imports that it supports vLLM 0.22 to
+    0.31; after ``lit_route.integrations.trl`` that notice is gone and other warnings still show. (Where no vLLM
+    outside TRL's range is installed there is no notice to drop and the test checks the rest.)"""
+    code = ("import warnings\nimport lit_route.integrations.trl\nfrom trl import GRPOTrainer, RLOOTrainer\n"
+            "warnings.warn('another notice', UserWarning)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "TRL currently supports vLLM" not in done.stderr and "another notice" in done.stderr, done.stderr[-2000:]

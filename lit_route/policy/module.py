@@ -31,7 +31,9 @@ from lit_route.policy.pipeline import (
 from lit_route.policy.pm_scoring import load_reward_pm, score_groups
 from lit_route.policy.sampling import (
     GenerationConfig,
+    completion_logits,
     completion_logprobs,
+    nucleus_logprobs,
     sequence_inputs,
     token_logprobs,
 )
@@ -168,10 +170,13 @@ class RLOOPolicyModule(L.LightningModule):
             self.__dict__["_trunk_obj"] = trunk if trunk is not None and trunk.start is not None else None
         return self.__dict__["_trunk_obj"]
 
-    def _top_logprobs(self, hidden, prompt_ids, prompt_mask, comps, cmask) -> torch.Tensor:
+    def _top_logits(self, hidden, prompt_ids, prompt_mask, comps, cmask) -> torch.Tensor:
         inputs = sequence_inputs(prompt_ids, prompt_mask, comps, cmask)
-        logits = self._trunk().forward_top(hidden, inputs["attention_mask"], inputs["position_ids"],
-                                           logits_to_keep=comps.shape[1] + 1).logits
+        return self._trunk().forward_top(hidden, inputs["attention_mask"], inputs["position_ids"],
+                                         logits_to_keep=comps.shape[1] + 1).logits
+
+    def _top_logprobs(self, hidden, prompt_ids, prompt_mask, comps, cmask) -> torch.Tensor:
+        logits = self._top_logits(hidden, prompt_ids, prompt_mask, comps, cmask)
         return completion_logprobs(logits, comps, cmask, self.generation.temperature)
 
     def _reference_logprobs(self, *args) -> torch.Tensor:
@@ -227,11 +232,17 @@ class RLOOPolicyModule(L.LightningModule):
                 with trunk.capture():
                     ref_logp = self._reference_logprobs(prompt_ids, prompt_mask, comps, cmask)
                 hidden = trunk.hidden
-                old_logp = self._top_logprobs(hidden, prompt_ids, prompt_mask, comps, cmask)
+                old_logits = self._top_logits(hidden, prompt_ids, prompt_mask, comps, cmask)
             else:
                 ref_logp = self._reference_logprobs(prompt_ids, prompt_mask, comps, cmask)
-                old_logp = self._logprobs(self.policy, prompt_ids, prompt_mask, comps, cmask)
-        is_weights = engine_statistics(self.engine, out, old_logp, cmask, self.generation.engine_options, ctx.stats)
+                old_logits = completion_logits(self.policy, prompt_ids, prompt_mask, comps, cmask)
+            old_logp = completion_logprobs(old_logits, comps, cmask, self.generation.temperature)
+            # an engine reports the log-probs of the truncated distribution it sampled from: like with like
+            sampled_logp = None if out.logprobs is None else nucleus_logprobs(old_logits, comps, cmask,
+                                                                              self.generation)
+            del old_logits
+        is_weights = engine_statistics(self.engine, out, sampled_logp, cmask, self.generation.engine_options,
+                                       ctx.stats)
         return PendingBatch(prompt_ids, prompt_mask, comps, cmask, old_logp, ref_logp, ctx, hidden, version,
                             is_weights=is_weights)
 

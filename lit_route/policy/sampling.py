@@ -6,7 +6,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
-from lit_route.policy.decode import lean_generate
+from lit_route.policy.decode import lean_generate, warp
 
 
 @dataclass
@@ -173,14 +173,56 @@ def completion_logprobs(logits: torch.Tensor, completions: torch.Tensor, comp_ma
     return logp * comp_mask
 
 
+def nucleus_logprobs(logits: torch.Tensor, completions: torch.Tensor, comp_mask: torch.Tensor,
+                     config: GenerationConfig, chunk: int = 256) -> torch.Tensor:
+    """Log-probabilities of the completion tokens under the distribution they were sampled from: temperature,
+    then top-k and top-p, renormalised (what vLLM reports as ``processed_logprobs``).
+
+    This is the trainer's side of an engine comparison: at ``top_p < 1`` the untruncated log-probs of
+    :func:`completion_logprobs` sit up to −ln(top_p) below the sampled distribution's in every token, whatever
+    the engine's weights. Each token's logit is taken against the mass of the trainer's own nucleus, so a token
+    the engine kept at the nucleus' edge and the trainer (by rounding) did not still gets a finite value.
+
+    Args:
+        logits: (N, T + 1, V) logits of the last T + 1 positions (the last one predicts nothing and is dropped).
+        completions: (N, T).
+        comp_mask: (N, T).
+        config: The sampling options (``temperature``, ``top_k``, ``top_p``).
+        chunk: Positions warped at a time (warping sorts the vocabulary: a few (chunk, V) copies).
+
+    Returns:
+        (N, T) log-probs (0 where the mask is 0); :func:`completion_logprobs` when nothing is truncated.
+    """
+    if config.top_p >= 1.0 and not 0 < config.top_k < logits.shape[-1]:
+        return completion_logprobs(logits, completions, comp_mask, config.temperature)
+    out = torch.zeros(completions.shape, dtype=torch.float32, device=logits.device)
+    rows, cols = comp_mask.bool().nonzero(as_tuple=True)  # only the completion tokens' positions
+    for start in range(0, rows.numel(), chunk):
+        r, c = rows[start : start + chunk], cols[start : start + chunk]
+        position = logits[r, c].float()  # (chunk, V)
+        kept = warp(position, config.temperature, config.top_k, config.top_p)
+        token = position.gather(-1, completions[r, c].unsqueeze(-1)).squeeze(-1) / config.temperature
+        out[r, c] = token - torch.logsumexp(kept, dim=-1)
+    return out
+
+
+def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.Tensor,
+                      comp_mask: torch.Tensor) -> torch.Tensor:
+    """(N, T + 1, V) logits of the positions that predict the completion tokens (and the one after the last):
+    only those go through the output layer."""
+    inputs = sequence_inputs(prompt_ids, prompt_mask, completions, comp_mask)
+    return model(**inputs, use_cache=False, logits_to_keep=completions.shape[1] + 1).logits
+
+
 def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.Tensor,
                    comp_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-probability of each completion token under ``model`` at the sampling ``temperature``.
 
     The logits are divided by the temperature the completions were sampled at, so that ratios and KL are those
     of the distribution that produced the samples (as TRL does); at temperature 1 they would describe a
-    distribution nobody sampled from. (Top-p truncation is not applied: it would make most ratios undefined.)
-    Only the completion positions go through the output layer and the log-softmax.
+    distribution nobody sampled from. (Top-p truncation is not applied: it would make most ratios undefined;
+    :func:`nucleus_logprobs` applies it, for comparisons with an engine.) Only the completion positions go
+    through the output layer and the log-softmax.
 
     Args:
         prompt_ids: (N, P) left-padded prompts (already repeated K times).
@@ -192,9 +234,7 @@ def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
     Returns:
         (N, T) log-probs (0 where the mask is 0).
     """
-    inputs = sequence_inputs(prompt_ids, prompt_mask, completions, comp_mask)
-    t = completions.shape[1]
-    logits = model(**inputs, use_cache=False, logits_to_keep=t + 1).logits
+    logits = completion_logits(model, prompt_ids, prompt_mask, completions, comp_mask)
     return completion_logprobs(logits, completions, comp_mask, temperature)
 
 

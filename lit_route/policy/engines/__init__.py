@@ -62,9 +62,14 @@ def engine_statistics(engine, output: EngineOutput, trainer_logp, mask, options,
     sync's seconds in ``stats``; returns the truncated importance-sampling weights when
     ``options.importance_sampling`` is on (``None`` otherwise, and for engines without log-probs).
 
+    Both sides are log-probs of the distribution the engine sampled from (after temperature, top-k and top-p,
+    renormalised), so the gap is the engine's error alone and the weights correct that error alone: on an engine
+    in step with the trainer the gap is rounding noise and the weights are 1, whatever ``top_p`` is.
+
     Args:
         output: What the engine sampled.
-        trainer_logp: (N, T) the trainer's old log-probs of the same tokens.
+        trainer_logp: (N, T) the trainer's log-probs of the same tokens under the same truncated distribution
+            (:func:`~lit_route.policy.sampling.nucleus_logprobs`); ``None`` when the engine has no log-probs.
         mask: (N, T) completion mask.
     """
     if output.logprobs is None:

@@ -8,6 +8,7 @@ external one (``vllm``, ``server``) pushes the adapter or the weights.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -56,6 +57,32 @@ class RolloutEngine(Protocol):
 def prompt_lists(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[list[int]]:
     """(B, P) left-padded prompts -> B lists of their real token ids."""
     return [row[m.bool()].tolist() for row, m in zip(prompt_ids.cpu(), prompt_mask.cpu(), strict=True)]
+
+
+def sample_seeds(seed: int | None, num_prompts: int, k: int) -> list[int | None]:
+    """One seed per sample, prompt-major: sample j of prompt b gets a hash of ``(seed, b, j)``.
+
+    vLLM seeds sample j of an ``n = K`` request with ``seed + j``, so per-prompt seeds ``s + b`` (or any seeds a
+    small distance apart) make neighbouring prompts share random streams, shifted by one sample: duplicated
+    prompts would then get identical completions. Hashing gives every sample its own stream, and the same ones
+    for the same ``seed``, in every process (Python's ``hash`` is salted per process for strings).
+
+    Args:
+        seed: The batch's seed (``None``: unseeded, every sample gets ``None``).
+        num_prompts: B.
+        k: Samples per prompt.
+
+    Returns:
+        B·K seeds in ``[0, 2**31 − 1)``, or B·K ``None``.
+    """
+    if seed is None:
+        return [None] * (num_prompts * k)
+    out = []
+    for b in range(num_prompts):
+        for j in range(k):
+            digest = hashlib.blake2b(f"{seed}/{b}/{j}".encode(), digest_size=8).digest()
+            out.append(int.from_bytes(digest, "little") % (2**31 - 1))
+    return out
 
 
 def pack(token_ids: list[list[int]], logprobs: list[list[float]] | None, eos_ids: list[int], pad_id: int,

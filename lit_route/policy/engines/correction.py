@@ -5,6 +5,11 @@ the gap over the sampled tokens says which. When the engine's sampling distribut
 trainer's π_old, the policy gradient estimated on μ's samples is off by π_old/μ per token; truncated importance
 sampling (TIS, as TRL's ``vllm_importance_sampling_correction`` in its ``token_truncate`` mode) weights each
 token's loss by ``min(π_old/μ, C)``.
+
+Both take log-probs of one distribution on both sides: with top-k or top-p, μ is the engine's truncated and
+renormalised distribution and π_old must be the trainer's version of the same truncation
+(:func:`~lit_route.policy.sampling.nucleus_logprobs`). The untruncated π_old would put the nucleus' mass
+(−ln 0.95 = 0.0513 per token at ``top_p = 0.95``) into every gap and every weight.
 """
 
 from __future__ import annotations

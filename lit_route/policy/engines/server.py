@@ -5,7 +5,8 @@ Start the server with LoRA and runtime adapter loading (``VLLM_ALLOW_RUNTIME_LOR
 adapter is written as a versioned peft folder (which the server must be able to read: a shared filesystem or the
 same machine), loaded through ``/v1/load_lora_adapter`` under a versioned name, and the versions before the last
 ``keep_versions`` are unloaded (``/v1/unload_lora_adapter``) and deleted. Completions come from
-``/v1/completions`` with the prompts' token ids, ``return_token_ids`` and the sampled tokens' log-probs.
+``/v1/completions``, one request per sample (each with its own seed), with the prompt's token ids,
+``return_token_ids`` and the sampled tokens' log-probs.
 
 Transport failures, timeouts, 429 and 5xx are retried with the judges' policy (exponential backoff with jitter,
 ``Retry-After`` honoured); every attempt is counted in :attr:`ServerEngine.stats`.
@@ -25,7 +26,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from lit_route.judges.limits import CallPolicy, RetryableError, backoff_wait
 from lit_route.judges.remote import classify_http_error
-from lit_route.policy.engines.base import EngineOutput, pack, prompt_lists
+from lit_route.policy.engines.base import EngineOutput, pack, prompt_lists, sample_seeds
 from lit_route.policy.engines.weights import AdapterVersions, is_peft
 
 
@@ -125,9 +126,11 @@ class ServerEngine:
                 self._post("/unload_lora_adapter", {"lora_name": old_name})
         self._synced = (id(model), version)
 
-    def _complete(self, prompt: list[int], config, eos_ids: list[int], seed: int | None) -> list[dict]:
+    def _complete(self, prompt: list[int], config, eos_ids: list[int], seed: int | None) -> dict:
+        """One sample of ``prompt`` (``n = 1``: vLLM would seed the samples of an ``n = K`` request ``seed + j``,
+        the streams of the next seeds)."""
         body = {
-            "model": self._current or self.base_model, "prompt": prompt, "n": config.num_samples,
+            "model": self._current or self.base_model, "prompt": prompt, "n": 1,
             "max_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p,
             "top_k": config.top_k, "stop_token_ids": list(eos_ids), "logprobs": 0, "return_token_ids": True,
             "skip_special_tokens": False, "seed": seed,
@@ -136,23 +139,22 @@ class ServerEngine:
             choices = json.loads(self._post("/completions", body)).get("choices") or []
         except json.JSONDecodeError as err:
             raise ServerError(f"{self.base_url}/completions: not a JSON answer ({err})") from err
-        if len(choices) != config.num_samples:
-            raise ServerError(f"{self.base_url}/completions: expected {config.num_samples} choices, got {len(choices)}")
-        return choices
+        if len(choices) != 1:
+            raise ServerError(f"{self.base_url}/completions: expected 1 choice, got {len(choices)}")
+        return choices[0]
 
     def generate(self, model, prompt_ids, prompt_mask, config, eos_ids, pad_id, seed) -> EngineOutput:
         if self._current is None:
             raise RuntimeError("ServerEngine.generate: sync(model, version) first")
         prompts = prompt_lists(prompt_ids, prompt_mask)
-        seeds = [None if seed is None else (seed * 1_000_003 + i) % (2**31 - 1) for i in range(len(prompts))]
-        # one request per prompt, so each has its own seed (as the colocated engine); sent concurrently
-        with ThreadPoolExecutor(max_workers=min(8, len(prompts))) as pool:
-            answers = list(pool.map(lambda a: self._complete(a[0], config, eos_ids, a[1]), zip(prompts, seeds, strict=True)))
-        ids, logps = [], []
-        for choices in answers:
-            for c in sorted(choices, key=lambda c: c["index"]):
-                ids.append(list(c["token_ids"]))
-                logps.append([float(x) for x in c["logprobs"]["token_logprobs"]])
+        k = config.num_samples
+        jobs = list(zip([p for p in prompts for _ in range(k)], sample_seeds(seed, len(prompts), k), strict=True))
+        # one request per sample, each with its own seed (as the colocated engine), sent concurrently: the
+        # server batches them as it would the samples of one request
+        with ThreadPoolExecutor(max_workers=min(64, len(jobs))) as pool:
+            choices = list(pool.map(lambda job: self._complete(job[0], config, eos_ids, job[1]), jobs))
+        ids = [list(c["token_ids"]) for c in choices]
+        logps = [[float(x) for x in c["logprobs"]["token_logprobs"]] for c in choices]
         return pack(ids, logps, eos_ids, pad_id, prompt_ids.device)
 
     def close(self) -> None:

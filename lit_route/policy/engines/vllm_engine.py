@@ -6,25 +6,35 @@ per optimiser step, in one of two ways (``engine_options.sync``):
 - ``adapter``: the LoRA adapter alone is written as a versioned peft folder and sampling uses a new
   ``LoRARequest``; the versions before the last ``keep_versions`` are removed from the engine and the disk. The
   base weights never move, which is what scales to an 8B policy.
-- ``merged``: the adapted layers' merged weights ``W + ΔW`` (a policy without LoRA: all its weights) are loaded
-  into the engine's model through vLLM's weight loading (``load_weights``), and the prefix cache is reset.
-  Sampling then runs at the base model's speed, which on a CPU more than pays for the push.
+- ``merged``: the adapted layers' merged weights ``W + ΔW`` (with the unadapted parts of the layers vLLM fuses
+  with them; a policy without LoRA: all its weights) are loaded into the engine's model through vLLM's in-place
+  weight reload, which is checked to have taken every one of them, and the prefix cache is reset. Sampling then
+  runs at the base model's speed, which on a CPU more than pays for the push.
 
 The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that weights are handed over without a copy
-through a socket. Its log-probabilities are those of the distribution it sampled from (``processed_logprobs``:
-after temperature, top-k and top-p), which the module compares with the trainer's.
+through a socket. Each sample is a request of its own with its own seed. Its log-probabilities are those of the
+distribution it sampled from (``processed_logprobs``: after temperature, top-k and top-p), which the module
+compares with the trainer's of the same truncated distribution.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 
 import torch
 
-from lit_route.policy.engines.base import EngineOutput, pack, prompt_lists
-from lit_route.policy.engines.weights import AdapterVersions, engine_lora_rank, is_peft, merged_weights
+from lit_route.policy.engines.base import EngineOutput, pack, prompt_lists, sample_seeds
+from lit_route.policy.engines.weights import (
+    AdapterVersions,
+    changed_weight_names,
+    engine_lora_rank,
+    is_peft,
+    merged_weights,
+    sync_shortfall,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +47,64 @@ def cpu_environment(kv_cache_gb: int) -> dict[str, str]:
             "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb)}
 
 
-def sampling_params(config, eos_ids: list[int], seed: int | None, index: int):
-    """The project's sampling options as vLLM's ``SamplingParams``, one to one: K samples via ``n``."""
+def sampling_params(config, eos_ids: list[int], seed: int | None):
+    """The project's sampling options as vLLM's ``SamplingParams`` for ONE sample (``n = 1``: each sample is its
+    own request with its own seed, see :func:`~lit_route.policy.engines.base.sample_seeds`)."""
     from vllm import SamplingParams
 
     return SamplingParams(
-        n=config.num_samples, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-        max_tokens=config.max_new_tokens, stop_token_ids=list(eos_ids), logprobs=0, detokenize=False,
-        # one seed per prompt (a shared one would give every prompt the same random stream)
-        seed=None if seed is None else (seed * 1_000_003 + index) % (2**31 - 1),
+        n=1, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+        max_tokens=config.max_new_tokens, stop_token_ids=list(eos_ids), logprobs=0, detokenize=False, seed=seed,
     )
+
+
+def engine_layout(model) -> tuple[dict[str, list[str]], set[str]]:
+    """(Runs inside vLLM's worker.) The engine model's fused layers (``packed_modules_mapping``) and its
+    parameter names, as its weight reload names them (without LoRA's ``.base_layer``)."""
+    fused = {k: list(v) for k, v in (getattr(model, "packed_modules_mapping", None) or {}).items()}
+    return fused, {name.replace(".base_layer.", ".") for name, _ in model.named_parameters()}
+
+
+# what vLLM's in-place reload logs, per sync, about the layers and weights a partial push leaves alone
+_RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace")
+_LAYER_NOT_LOADED = "%s: Failed to load weights"
+_WEIGHTS_NOT_LOADED = "Following weights were not loaded from checkpoint: %s"
+
+
+class _ReloadNotices(logging.Filter):
+    """Takes vLLM's notices about weights a reload did not touch off its log and keeps their names.
+
+    A merged push brings only the adapted layers: every other layer keeps its weights, and vLLM says so, one
+    warning per layer and one list of every untouched weight per sync. Those are expected; whether the push
+    missed a weight that must change is :func:`~lit_route.policy.engines.weights.sync_shortfall`'s call, on the
+    names kept here. Every other record passes.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.not_loaded: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == _LAYER_NOT_LOADED:
+            return False
+        if record.msg == _WEIGHTS_NOT_LOADED and record.args:
+            self.not_loaded |= set(record.args[0])
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def reload_notices():
+    """:class:`_ReloadNotices` on vLLM's reload loggers for the duration of the block."""
+    notices = _ReloadNotices()
+    loggers = [logging.getLogger(name) for name in _RELOAD_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(notices)
+    try:
+        yield notices
+    finally:
+        for logger in loggers:
+            logger.removeFilter(notices)
 
 
 def unpack_outputs(outputs) -> tuple[list[list[int]], list[list[float]]]:
@@ -100,6 +158,7 @@ class VLLMEngine:
         self._lora_ids: dict[int, int] = {}
         self._next_id = 0
         self._synced: tuple[int, int] | None = None
+        self._layout: tuple[dict[str, list[str]], set[str]] | None = None
         self.last_sync_s = 0.0
         self.syncs = 0
 
@@ -116,15 +175,33 @@ class VLLMEngine:
                 raise ValueError("generation.engine_options.sync: adapter needs a LoRA policy; use merged")
             self._sync_adapter(model, version)
         else:
-            # vLLM's in-place reload: checkpoint names and layouts in, its own kernel layouts (packed, stacked,
-            # LoRA-wrapped) restored around the load; a plain `load_weights` fails once the CPU backend has
-            # repacked the weights
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(merged_weights(model)),
-                                                              "is_checkpoint_format": True})
-            self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+            self._sync_merged(model)
         self._synced = (id(model), version)
         self.last_sync_s = time.perf_counter() - started
         self.syncs += 1
+
+    def _sync_merged(self, model) -> None:
+        """Pushes the merged weights through vLLM's in-place reload (checkpoint names and layouts in, its own
+        kernel layouts (packed, stacked, LoRA-wrapped) restored around the load; a plain ``load_weights`` fails
+        once the CPU backend has repacked the weights), then checks that every weight that must change did.
+
+        Raises:
+            RuntimeError: The engine did not take all of the policy's changed weights.
+        """
+        if self._layout is None:
+            self._layout = self.llm.apply_model(engine_layout)[0]
+        fused, engine_params = self._layout
+        weights = merged_weights(model, fused)
+        with reload_notices() as notices:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
+                                                              "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        short = sync_shortfall([n for n, _ in weights], changed_weight_names(model), fused, engine_params,
+                               notices.not_loaded)
+        if short:
+            shown = ", ".join(short[:5]) + (f" and {len(short) - 5} more" if len(short) > 5 else "")
+            raise RuntimeError(f"vllm engine: the weight sync left {len(short)} of the policy's weights unloaded "
+                               f"({shown}); the engine would sample from another model")
 
     def _sync_adapter(self, model, version: int) -> None:
         from vllm.lora.request import LoRARequest
@@ -142,9 +219,12 @@ class VLLMEngine:
         if self._synced is None or self._synced[0] != id(model):
             raise RuntimeError("VLLMEngine.generate: sync(model, version) first")
         prompts = prompt_lists(prompt_ids, prompt_mask)
-        params = [sampling_params(config, eos_ids, seed, i) for i in range(len(prompts))]
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=self._lora,
-                                    use_tqdm=False)
+        k = config.num_samples
+        # B·K requests of one sample each, prompt-major: what vLLM makes of an `n = K` request itself, but with
+        # a seed per sample
+        requests = [{"prompt_token_ids": p} for p in prompts for _ in range(k)]
+        params = [sampling_params(config, eos_ids, s) for s in sample_seeds(seed, len(prompts), k)]
+        outputs = self.llm.generate(requests, params, lora_request=self._lora, use_tqdm=False)
         ids, logps = unpack_outputs(outputs)
         return pack(ids, logps, eos_ids, pad_id, prompt_ids.device)
 

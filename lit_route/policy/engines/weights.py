@@ -83,12 +83,46 @@ def _hf_name(peft_name: str) -> str:
     return name.removesuffix(".base_layer")
 
 
+def engine_name(name: str, fused: dict[str, list[str]]) -> str:
+    """A checkpoint parameter name under an engine that fuses layers: ``...self_attn.k_proj.weight`` ->
+    ``...self_attn.qkv_proj.weight`` for ``fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}``."""
+    module, _, param = name.rpartition(".")
+    parent, _, leaf = module.rpartition(".")
+    for group, members in fused.items():
+        if leaf in members:
+            return f"{parent}.{group}.{param}" if parent else f"{group}.{param}"
+    return name
+
+
+def changed_weight_names(model) -> set[str]:
+    """The checkpoint names of the weights an engine started from the base model lacks: the adapted layers'
+    (weight and bias) with LoRA, every parameter without."""
+    if not is_peft(model):
+        return {name for name, _ in model.named_parameters()}
+    from peft.tuners.lora import LoraLayer
+
+    out = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and model.active_adapter in getattr(module, "lora_A", {}):
+            base = module.get_base_layer()
+            out |= {f"{_hf_name(name)}.{p}" for p in ("weight", "bias") if getattr(base, p, None) is not None}
+    return out
+
+
 @torch.no_grad()
-def merged_weights(model) -> list[tuple[str, torch.Tensor]]:
+def merged_weights(model, fused: dict[str, list[str]] | None = None) -> list[tuple[str, torch.Tensor]]:
     """The weights an engine needs to sample from ``model``, under the base model's parameter names.
 
-    With LoRA: the adapted layers' merged weights ``W + ΔW`` only (the rest of the base never changes). Without
-    LoRA: every parameter (a fully trained policy changes all of them).
+    With LoRA: the adapted layers' merged weights ``W + ΔW`` (the rest of the base never changes), and with them
+    the unchanged weights of the layers an engine fuses with an adapted one (``fused``, vLLM's
+    ``packed_modules_mapping``): an engine loads a fused layer as a whole, so a LoRA on ``q_proj`` alone must
+    bring ``k_proj`` and ``v_proj`` along, or their part of ``qkv_proj`` is left uninitialised. Without LoRA:
+    every parameter (a fully trained policy changes all of them).
+
+    Args:
+        model: The policy (a peft model or a plain causal LM).
+        fused: Engine layer -> the checkpoint layers it fuses, e.g. ``{"qkv_proj": ["q_proj", "k_proj",
+            "v_proj"]}`` (``None``: no fusion).
 
     Returns:
         ``(name, tensor)`` pairs in the Hugging Face checkpoint's names, on the model's device.
@@ -97,7 +131,7 @@ def merged_weights(model) -> list[tuple[str, torch.Tensor]]:
         return [(name, p.detach()) for name, p in model.named_parameters()]
     from peft.tuners.lora import LoraLayer
 
-    out = []
+    out, siblings = [], []
     adapter = model.active_adapter
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or adapter not in getattr(module, "lora_A", {}):
@@ -107,4 +141,47 @@ def merged_weights(model) -> list[tuple[str, torch.Tensor]]:
         out.append((f"{_hf_name(name)}.weight", weight))
         if getattr(base, "bias", None) is not None:
             out.append((f"{_hf_name(name)}.bias", base.bias.detach()))
+        parent, _, leaf = name.rpartition(".")
+        for members in (fused or {}).values():
+            if leaf in members:
+                siblings += [f"{parent}.{m}" for m in members if m != leaf]
+    pushed = {n for n, _ in out}
+    for sibling in dict.fromkeys(siblings):  # in order, once each
+        module = model.get_submodule(sibling)
+        if isinstance(module, LoraLayer):
+            module = module.get_base_layer()
+        for param in ("weight", "bias"):
+            tensor = getattr(module, param, None)
+            if tensor is not None and f"{_hf_name(sibling)}.{param}" not in pushed:
+                out.append((f"{_hf_name(sibling)}.{param}", tensor.detach()))
     return out
+
+
+def sync_shortfall(pushed: list[str], changed: set[str], fused: dict[str, list[str]], engine_params: set[str],
+                   not_loaded: set[str]) -> list[str]:
+    """What a weight push left the engine without, by our own account and the engine's.
+
+    Args:
+        pushed: Checkpoint names of the weights pushed.
+        changed: Checkpoint names of the weights the engine must take (:func:`changed_weight_names`).
+        fused: The engine's fused layers (see :func:`merged_weights`).
+        engine_params: The engine model's parameter names (fused names).
+        not_loaded: The engine's parameters its load left untouched (the engine's own report).
+
+    Returns:
+        Sorted engine parameter names that the push should have loaded and did not, and the fused parameters it
+        loaded in part (``name (part: k_proj, v_proj missing)``); empty for a complete push.
+    """
+    expected = {engine_name(n, fused) for n in set(pushed) | changed}
+    missing = sorted((expected & engine_params) & not_loaded)
+    members = {m: g for g, ms in fused.items() for m in ms}
+    got: dict[str, set[str]] = {}
+    for name in pushed:
+        leaf = name.rpartition(".")[0].rpartition(".")[2]
+        if leaf in members:
+            got.setdefault(engine_name(name, fused), set()).add(leaf)
+    for target, leaves in sorted(got.items()):
+        absent = [m for m in fused[members[next(iter(leaves))]] if m not in leaves]
+        if absent:
+            missing.append(f"{target} (part: {', '.join(absent)} missing)")
+    return missing
