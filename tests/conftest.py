@@ -53,5 +53,6 @@ def shared_file(*parts: str) -> Path:
     """A file of the shared real-data folder; the test is skipped where the folder does not exist."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} not present (shared data exists in CI and development only)")
+        pytest.skip(f"needs {path}: real benchmark samples in ../shared/data, a folder beside the repository that "
+                    "only the project's own development machines and CI have (a clone never has it)")
     return path

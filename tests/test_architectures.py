@@ -76,7 +76,7 @@ def test_peft_options_reach_lora_config_and_unknown_ones_are_named(arch_dirs):
 
 def test_quantization_is_refused_clearly_without_a_gpu(arch_dirs):
     if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
+        pytest.skip("needs a machine without a CUDA GPU: it checks the refusal of quantization on CPU")
     with pytest.raises(ValueError, match="quantization: bitsandbytes quantisation needs a CUDA GPU"):
         load_backbone(BackboneSpec(model_path=str(arch_dirs["qwen2"]), quantization="4bit"))
 

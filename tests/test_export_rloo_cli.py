@@ -1,8 +1,10 @@
 """The policy of a `lit-route rloo fit` run (the Trainer path, LightningCLI, the shipped tiny config) exports from
 its `last.ckpt` with `lit-route export`, as adapters and merged, and loads with transformers/peft alone giving the
-module's log-probabilities. (A LightningCLI checkpoint records the options as dicts, not dataclasses.)"""
+module's log-probabilities, after the export folder is moved. (A LightningCLI checkpoint records the options as
+dicts, not dataclasses.)"""
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -31,10 +33,12 @@ def test_trainer_rloo_policy_exports_and_loads_with_transformers_and_peft(tmp_pa
             return token_logprobs(model.eval(), ids[:, :8], mask[:, :8], ids[:, 8:], mask[:, 8:])
 
     reference = logp(cli.model.policy)
-    main(["export", "--ckpt", str(ckpt), "--output_dir", str(tmp_path / "policy")])
+    main(["export", "--ckpt", str(ckpt), "--output_dir", str(tmp_path / "written")])
+    shutil.move(tmp_path / "written", tmp_path / "policy")  # the base written into the export moves with it
     config = json.loads((tmp_path / "policy/lit_route.json").read_text())
-    assert config["kind"] == "policy" and config["weights"] == "adapter"
-    base = AutoModelForCausalLM.from_pretrained(config["base_model"]["path"], gguf_file=config["base_model"]["gguf_file"])
+    assert config["kind"] == "policy" and config["weights"] == "adapter" and config["base_model"]["in_export"]
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "policy" / config["base_model"]["path"],
+                                                gguf_file=config["base_model"]["gguf_file"])
     untrained = logp(base)
     adapted = logp(PeftModel.from_pretrained(base, tmp_path / "policy"))
     assert not torch.allclose(untrained, reference, atol=1e-3)  # training moved the policy: the adapters matter

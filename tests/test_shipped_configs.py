@@ -69,7 +69,8 @@ def test_a_config_that_needs_a_file_names_it_in_one_line(config, tmp_path, monke
         from huggingface_hub import try_to_load_from_cache
 
         if try_to_load_from_cache("meta-llama/Llama-3.1-8B-Instruct", "config.json"):
-            pytest.skip("the 8B model is in this machine's Hugging Face cache")
+            pytest.skip("needs Llama-3.1-8B-Instruct absent from the Hugging Face cache: it checks the error "
+                        "for a missing model, and this machine has it")
     for name in ("LIT_ROUTE_PM_CKPT", "RMBENCH_DIR", "REWARDBENCH_FILE", "ANTHROPIC_API_KEY", "LIT_ROUTE_TRAIN",
                  "LIT_ROUTE_BASE_MODEL", "LIT_ROUTE_PROMPTS", "JUDGE_BASE_URL", "JUDGE_MODEL"):
         monkeypatch.delenv(name, raising=False)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytest.importorskip("trl")
+pytest.importorskip("trl", reason="needs trl: pip install 'lit-route[trl]' (`make test` installs it)")
 
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer

@@ -12,12 +12,16 @@ A preference model becomes::
 and a policy the same without the head (``merge: true`` gives a plain causal LM folder that any transformers
 user or server loads). ``lit_route.json``'s ``base_model.path`` is what ``from_pretrained`` takes for the base
 (a folder, or a hub id), with ``base_model.gguf_file`` when the base is a GGUF file in that folder: ``pkg:``
-names are resolved to their package's folder, and the in-memory ``builtin:tiny-llama`` is written out. Load an
+names are resolved to their package's folder, and the in-memory ``builtin:tiny-llama`` is written out. A base
+inside the export (``base_model/``) is recorded relative to the export folder, here and as
+``adapter_config.json``'s ``base_model_name_or_path``, with ``base_model.in_export`` true: the folder loads
+after it is moved or copied. Load an
 exported PM with :func:`load_exported_pm` (or pass the folder wherever lit-route takes a PM checkpoint), or by
-hand (``docs/export-snippet.md``, run by the tests)::
+hand (``docs/export.md``, run by the tests)::
 
     base = config["base_model"]
-    backbone = AutoModel.from_pretrained(base["path"], gguf_file=base["gguf_file"], revision=base["revision"])
+    path = FOLDER / base["path"] if base["in_export"] else base["path"]
+    backbone = AutoModel.from_pretrained(path, gguf_file=base["gguf_file"], revision=base["revision"])
     backbone = PeftModel.from_pretrained(backbone, FOLDER)
     options = dict(config["head"])
     head = build_head(options.pop("kind"), options.pop("in_features"), **options).eval()  # eval, then load
@@ -54,14 +58,21 @@ def _base_model_entry(spec: BackboneSpec, output: Path) -> dict:
 
     ``pkg:`` names become their package's folder and local folders absolute paths (hub ids stay as they are);
     ``builtin:tiny-llama`` exists only in memory, so it is written into ``output`` (it is seeded: the same
-    weights every time).
+    weights every time). A base folder inside ``output`` is recorded relative to it, with ``in_export`` true:
+    an absolute path would point at the place the export was written, not where it is read.
     """
     entry = describe(spec)
     if spec.model_path == TINY_SPEC:
-        entry["path"] = str(save_tiny_llama(output / BUILTIN_BASE_DIR).resolve())
+        path = str(save_tiny_llama(output / BUILTIN_BASE_DIR))
+    else:
+        path = resolve_model_dir(spec.model_path)
+    entry["in_export"] = False
+    if not Path(path).is_dir():  # a hub id
+        entry["path"] = path
         return entry
-    path = resolve_model_dir(spec.model_path)
-    entry["path"] = str(Path(path).resolve()) if Path(path).is_dir() else path
+    folder, root = Path(path).resolve(), output.resolve()
+    entry["in_export"] = folder.is_relative_to(root)
+    entry["path"] = folder.relative_to(root).as_posix() if entry["in_export"] else str(folder)
     return entry
 
 
