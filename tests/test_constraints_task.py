@@ -122,10 +122,10 @@ def test_label_pairs_pairs_each_passing_sample_with_each_failing_one():
 
 
 def test_bundled_pairs_are_labelled_by_the_verifier():
-    for split in ("train", "heldout"):
+    for split in ("train", "heldout", "shift"):
         pairs = [r for _, r in iter_records(resolve_path(f"bundled:constraints/pairs-{split}.jsonl.gz"))]
         assert pairs and all(passes(p["prompt"], p["chosen"]) and not passes(p["prompt"], p["rejected"]) for p in pairs)
-        assert {p["subset"] for p in pairs} == set(FAMILIES)
+        assert {p["subset"] for p in pairs} == set(SHIFT_FAMILIES if split == "shift" else FAMILIES)
         prompts = {r["prompt"] for r in bundled(split)}
         assert all(p["prompt"] in prompts for p in pairs)  # held-out pairs come from held-out prompts only
 
