@@ -2,6 +2,8 @@
 
     python benchmarks/pm_constraints_select.py                 # every candidate; cached features are reused
     python benchmarks/pm_constraints_select.py --only lora4    # some of them
+    python benchmarks/pm_constraints_select.py --only lora4 --tag=_lora4 --out runs/select &   # in parallel ...
+    python benchmarks/pm_constraints_select.py --merge runs/select/*.json                     # ... then one table
 
 Every candidate trains on the bundled training pairs minus 20% of their prompts (``data.val_fraction: 0.2``,
 seed 0: the split ``lit-route pm fit`` makes with the shipped configs), through the ordinary Lightning path
@@ -150,12 +152,24 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--tag", default="", help="results file suffix, for candidates run in parallel processes")
+    parser.add_argument("--merge", nargs="+", default=None, help="only merge these results files into --out")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     path = out / f"pm_constraints_select{args.tag}.json"
     results = json.loads(path.read_text()) if path.exists() else {"n_boot": args.n_boot, "candidates": {}}
+    if args.merge:
+        for part in args.merge:
+            results["candidates"].update(json.loads(Path(part).read_text())["candidates"])
+        order = list(CANDIDATES)
+        results["candidates"] = dict(sorted(results["candidates"].items(), key=lambda kv: order.index(kv[0])))
+        results["chosen"] = choose(results)
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2))
+        (out / "pm_constraints_select.md").write_text(markdown(results))
+        print(markdown(results))
+        return
     for name in args.only or list(CANDIDATES):
         settings = CANDIDATES[name]
         module, dm, fit_s = fit(name, settings, args)

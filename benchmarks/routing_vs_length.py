@@ -14,7 +14,8 @@ Sets (the verifier of ``lit_route.tasks.verify`` is the judge; 95% intervals: cl
 Routers, each judging the same share of pairs: random (expected value), oracle, ``uncertainty`` (highest ū),
 ``margin`` (smallest |d|), ``learned_pm`` (P(PM wrong) from |d| and log ū), ``learned_pm_surface`` (the same plus
 the surface signals log(1 + |a| + |b|) and log(1 + ||a| − |b||)), ``learned_surface`` (the surface signals alone)
-and ``length`` (``lit_route.eval.controls``). The learned routers are logistic regressions
+and ``length`` (``lit_route.eval.controls``; its other variants are reported beside it as ``length:<by>``). The
+learned routers are logistic regressions
 (``lit_route.uncertainty.delegation``) fitted on the validation pairs; "PM signals (+ surface)" against "surface
 alone" is the PM's own contribution.
 
@@ -140,7 +141,9 @@ def evaluate_set(name, pairs, d, u, models, length_by, args, detector: torch.Ten
     len_a, len_b = response_lengths(pairs)
     signals = delegation_signals(d, u, len_a, len_b)
     priorities = {"length": length_priority(len_a, len_b, length_by),
-                  **{k: m.predict(signals) for k, m in models.items()}}
+                  **{k: m.predict(signals) for k, m in models.items()},
+                  # every variant of the length control, so that a reader sees the strongest one here too
+                  **{f"length:{by}": length_priority(len_a, len_b, by) for by in LENGTH_BY if by != length_by}}
     if detector is not None:
         priorities["detector"] = detector
     names = list(priorities)
