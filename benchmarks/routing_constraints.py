@@ -14,7 +14,9 @@
 5. Controls: *shuffled ū* (each method's ū permuted across pairs, the PM's scores kept: any "gain" is noise, and
    the intervals should cover 0), and *length* routers (judge the pairs with the longest / shortest responses
    first), on the real PM and on a shuffled PM (its scores permuted across pairs): a router that does as well on
-   a shuffled PM exploits the verifier's labels correlating with length, not the PM's errors.
+   a shuffled PM exploits the verifier's labels correlating with length, not the PM's errors. Every row also
+   gives its recovered share minus that of the length-only control of ``lit-route evaluate``
+   (``lit_route.eval.controls``, default variant), paired on the same redraws.
 
 Writes benchmarks/results/routing_quality_constraints.{json,md}.
 """
@@ -34,6 +36,7 @@ from lit_route.callbacks.finalize import FinalizeCovariance
 from lit_route.data.datamodule import PreferenceDataModule
 from lit_route.data.encoding import PairEncoder
 from lit_route.data.readers import load_pairs
+from lit_route.eval.controls import DEFAULT_LENGTH_BY, length_priority, response_lengths
 from lit_route.eval.stats import cluster_ids, risk_split_test, routing_intervals
 from lit_route.preference.head_configs import LaplaceConfig, MCDropoutConfig, SNGPConfig
 from lit_route.preference.metrics import auroc
@@ -120,8 +123,11 @@ def run(args) -> None:
                "methods": {}, "controls": {}}
     perm = torch.randperm(len(heldout), generator=torch.Generator().manual_seed(args.seed))
 
+    control = length_priority(*response_lengths(heldout), DEFAULT_LENGTH_BY)
+
     def intervals(d, u):
-        return routing_intervals(d, u, credit, FRACTIONS, clusters, args.n_boot, seed=args.seed)
+        return routing_intervals(d, u, credit, FRACTIONS, clusters, args.n_boot, seed=args.seed,
+                                 priorities={"length": control})
 
     for method in args.methods:
         if method not in GRIDS:  # the linear head has no ū: nothing to route by
@@ -173,19 +179,21 @@ def _cell(iv: dict, *path) -> str:
 def _row(name: str, iv: dict) -> str:
     idx = [FRACTIONS.index(f) for f in SHOW]
     diffs = " | ".join(_cell(iv, "difference_uncertainty_random", i) for i in idx)
+    against = _cell(iv, "recovered_vs_length", "uncertainty") if "recovered_vs_length" in iv["point"] else "—"
     return (f"| {name} | {_cell(iv, 'pm_accuracy')} | {_cell(iv, 'auroc_uncertainty')} | {diffs} | "
-            f"{_cell(iv, 'recovered_share')} |")
+            f"{_cell(iv, 'recovered_share')} | {against} |")
 
 
 def markdown(results: dict) -> str:
     s = results["setup"]
     head = ("| router | PM acc | AUROC(score→err) | " + " | ".join(f"Δ vs random @{int(f * 100)}%" for f in SHOW)
-            + " | recovered [0,50%] |")
+            + " | recovered [0,50%] | − length-only control (paired) |")
     lines = [f"Constraints task: {s['fit_pairs']} training pairs (+{s['val_pairs']} validation pairs by prompt for the "
              f"hyper-parameters), frozen SmolLM2-135M-Instruct features, {s['epochs']} epochs; {s['heldout_pairs']} "
              f"held-out pairs of {s['heldout_prompts']} prompts, verifier as judge (accuracy {s['judge_accuracy']:.3f}). "
              f"95% intervals: cluster bootstrap over prompts, {s['n_boot']} redraws. Δ: accuracy of the router minus "
-             "random routing at the same share judged (paired).", "", head, "|" + "---|" * 7]
+             "random routing at the same share judged (paired). Length-only control: "
+             f"{DEFAULT_LENGTH_BY} (lit_route.eval.controls).", "", head, "|" + "---|" * 8]
     for name, m in results["methods"].items():
         lines.append(_row(f"{name} ({m['chosen']})", m["intervals"]))
     for name, m in results["methods"].items():

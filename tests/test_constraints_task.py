@@ -6,7 +6,15 @@ import pytest
 
 from lit_route.data.io import iter_records, resolve_path
 from lit_route.tasks.build import label_pairs
-from lit_route.tasks.constraints import FAMILIES, Constraint, generate_prompts, parse_prompt, split_subjects
+from lit_route.tasks.constraints import (
+    FAMILIES,
+    SHIFT_FAMILIES,
+    Constraint,
+    generate_prompts,
+    generate_shift_prompts,
+    parse_prompt,
+    split_subjects,
+)
 from lit_route.tasks.verify import judge_pair, passes
 
 
@@ -23,6 +31,15 @@ def test_bundled_prompts_are_what_the_committed_script_writes():
     # the shipped files must be reproducible: `python -m lit_route.tasks.build prompts --seed 0`
     expected = generate_prompts(0)
     assert bundled("train") == expected["train"] and bundled("heldout") == expected["heldout"]
+    assert bundled("shift") == generate_shift_prompts(0)
+
+
+def test_shift_prompts_share_neither_family_nor_topic_with_training():
+    train, shift = bundled("train"), bundled("shift")
+    assert {r["family"] for r in shift} == set(SHIFT_FAMILIES) and not set(SHIFT_FAMILIES) & set(FAMILIES)
+    assert {r["subject"] for r in shift} <= set(split_subjects(0)["heldout"]["topics"])
+    assert not {r["subject"] for r in shift} & {r["subject"] for r in train}
+    assert len({r["prompt"] for r in shift}) == len(shift) == 40
 
 
 def test_heldout_split_is_disjoint_from_train():
@@ -36,7 +53,7 @@ def test_heldout_split_is_disjoint_from_train():
 
 
 def test_every_bundled_prompt_parses_back_to_its_record():
-    for r in bundled("train") + bundled("heldout"):
+    for r in bundled("train") + bundled("heldout") + bundled("shift"):
         c = parse_prompt(r["prompt"])
         assert (c.family, c.subject, c.param) == (r["family"], r["subject"], r["param"])
         assert c.prompt() == r["prompt"]
@@ -49,6 +66,10 @@ def test_every_bundled_prompt_parses_back_to_its_record():
     ("Describe cats in at most 4 words.", "Cat's well-known purr!", True),
     ("Describe cats in at most 4 words.", "  ...  ", False),
     ("Describe the night sky in at most 10 words.", "one two three four five six seven eight nine ten", True),
+    # min_words: n words or more, counted as max_words counts them
+    ("Describe cats in at least 4 words.", "Cats are soft, curious.", True),
+    ("Describe cats in at least 4 words.", "Cat's well-known purr!", False),
+    ("Describe cats in at least 4 words.", "", False),
     # start_word: the first word, any case, quotes and punctuation around it ignored
     ('Write one sentence about rain. Start your answer with the word "Today".', "Today, rain fell.", True),
     ('Write one sentence about rain. Start your answer with the word "Today".', '"today it rained"', True),
@@ -101,10 +122,10 @@ def test_label_pairs_pairs_each_passing_sample_with_each_failing_one():
 
 
 def test_bundled_pairs_are_labelled_by_the_verifier():
-    for split in ("train", "heldout"):
+    for split in ("train", "heldout", "shift"):
         pairs = [r for _, r in iter_records(resolve_path(f"bundled:constraints/pairs-{split}.jsonl.gz"))]
         assert pairs and all(passes(p["prompt"], p["chosen"]) and not passes(p["prompt"], p["rejected"]) for p in pairs)
-        assert {p["subset"] for p in pairs} == set(FAMILIES)
+        assert {p["subset"] for p in pairs} == set(SHIFT_FAMILIES if split == "shift" else FAMILIES)
         prompts = {r["prompt"] for r in bundled(split)}
         assert all(p["prompt"] in prompts for p in pairs)  # held-out pairs come from held-out prompts only
 

@@ -156,7 +156,45 @@ def test_evaluate_writes_intervals_the_paired_difference_and_the_risk_row(tmp_pa
     table = (out / "results.md").read_text()
     assert "uncertainty − random" in table and "risk-controlled routing" in table
     assert (out / "difference.png").exists()
-    assert "95% intervals, 200 bootstrap redraws of 60 pairs" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "95% intervals, 200 bootstrap redraws of 60 pairs" in printed
+    # the length-only control is reported by default, with each PM router's paired difference against it
+    assert len(results["curves"]["length"]) == f and results["routers"]["length"].startswith("length-only control")
+    assert set(iv["point"]["recovered_vs_length"]) == {"uncertainty", "margin"}
+    assert "uncertainty − length" in table and "| length |" in table and "− length" in printed
+    assert (out / "curves.csv").read_text().splitlines()[0].startswith("fraction,uncertainty,random,margin,oracle,length,")
+
+
+def test_evaluate_routes_by_a_delegation_model_beside_the_length_control(tmp_path):
+    from lit_route.data import load_pairs
+    from lit_route.uncertainty.delegation import DelegationModel
+
+    pairs = load_pairs("bundled:llmbar/Natural.json", limit=40)
+    scores = write_scores(tmp_path / "s.jsonl", pairs, score=lambda i: (i % 5) - 1.0, uncertainty=lambda i: 1.0 + i % 7)
+    model = tmp_path / "delegation.json"
+    # P(wrong) falls with |d| only: the learned router ranks pairs as the margin router does
+    DelegationModel(("abs_d", "log_len_sum"), [0.0, 0.0], [1.0, 1.0], [-2.0, 0.0], 0.0, {}).save(model)
+    out = tmp_path / "e"
+    main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm_ckpt", "null", "--scores", str(scores),
+          "--data", "[bundled:llmbar/Natural.json]", "--limit_per_file", "40", "--output_dir", str(out),
+          "--n_boot", "50", "--cache", "null", "--delegation", str(model), "--length_by", "closest"])
+    results = _strict((out / "results.json").read_text())
+    iv = results["intervals"]
+    assert iv["priorities"] == ["length", "learned"] and "learned" in iv["point"]["recovered_vs_length"]
+    # ties in |d| are broken at random in expectation, not by position: the areas agree, not every point
+    assert results["area_under_curve"]["learned"] == pytest.approx(results["area_under_curve"]["margin"], abs=0.02)
+    assert "closest" in results["routers"]["length"] and "abs_d, log_len_sum" in results["routers"]["learned"]
+    assert "learned − length" in (out / "results.md").read_text()
+
+
+def test_evaluate_refuses_an_unreadable_delegation_model_before_judging(tmp_path, capsys):
+    bad = tmp_path / "m.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--config", "configs/eval/llmbar_replay_gpt4.yaml", "--pm_ckpt", "null", "--scores", "x",
+              "--delegation", str(bad), "--output_dir", str(tmp_path / "e")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"delegation: {bad} is not a delegation model file" in err[0]
 
 
 def test_evaluate_refuses_a_risk_level_outside_0_1_in_one_line(tmp_path, capsys):

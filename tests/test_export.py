@@ -101,6 +101,33 @@ def test_merged_pm_is_a_plain_transformers_model(pm_ckpt, tmp_path, toy_pairs):
     assert torch.allclose(d, d_ckpt, atol=1e-4)
 
 
+def test_a_cut_mean_pooling_pm_exports_and_loads_with_its_pooling(tiny_model_dir, tmp_path, toy_pairs):
+    L.seed_everything(0)
+    module = PreferenceModule(backbone=BackboneSpec(model_path=str(tiny_model_dir), num_layers=1),
+                              lora=LoraSpec(r=4, alpha=8, target_modules="all-linear", top_layers=1),
+                              sngp=SNGPConfig(num_features=64), pooling="mean")
+    module.head.finalize()
+    with torch.no_grad():  # adapters that do something
+        for name, p in module.backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    ckpt = tmp_path / "cut.ckpt"
+    trainer.save_checkpoint(ckpt)
+    loaded, encoder = load_preference_model(ckpt)
+    assert loaded.pooling == "mean" and len(loaded.backbone.base_model.model.layers) == 1
+    d_ckpt, _ = score_pairs(loaded, toy_pairs, encoder, batch_size=len(toy_pairs), progress=False)
+    out = tmp_path / "cut_export"
+    main(["export", "--ckpt", str(ckpt), "--output_dir", str(out)])
+    config = json.loads((out / "lit_route.json").read_text())
+    assert config["pooling"] == "mean" and config["backbone"]["num_layers"] == 1
+    again, enc2 = load_preference_model(out)
+    d_export, _ = score_pairs(again, toy_pairs, enc2, batch_size=len(toy_pairs), progress=False)
+    # identical modules and batches: equal up to float rounding of the adapter's separate path
+    assert torch.allclose(d_export, d_ckpt, rtol=1e-4, atol=1e-6)
+
+
 def test_checkpoint_loads_without_listing_frozen_base_weights(pm_ckpt):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -115,3 +115,50 @@ def test_lora_top_layers_read_cached_layer_inputs_and_match_the_full_forward(tin
     grads = [p.grad for n, p in module.backbone.named_parameters() if "lora_A" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
     assert "layer" in (module.feature_cache.folder / "model.json").read_text()
+
+
+def test_a_cut_backbone_pools_its_middle_layer_under_its_own_cache_key(tiny_model_dir, toy_pairs, tmp_path):
+    whole = frozen_module(tiny_model_dir, tmp_path / "cache")
+    n_layers = whole.backbone.config.num_hidden_layers
+    cut = PreferenceModule(backbone=BackboneSpec(model_path=str(tiny_model_dir), num_layers=1), head="linear",
+                           freeze_backbone=True, feature_cache=str(tmp_path / "cache"))
+    assert n_layers > 1 and len(cut.backbone.layers) == cut.backbone.config.num_hidden_layers == 1
+    batch = batch_of(whole, toy_pairs[:3])
+    # the whole model's hidden state after layer 1, through the final norm, at the last token
+    out = whole.backbone(**batch, output_hidden_states=True, use_cache=False)
+    last = batch["attention_mask"].sum(1) - 1
+    expected = whole.backbone.norm(out.hidden_states[1])[torch.arange(last.numel()), last]
+    got = cut.pooled(batch["input_ids"], batch["attention_mask"])
+    assert torch.allclose(got, expected, atol=1e-5)  # float32 rounding of other matmul shapes only
+    whole.pooled(batch["input_ids"], batch["attention_mask"])
+    assert cut.feature_cache.model_key != whole.feature_cache.model_key  # never served the whole model's features
+    assert json.loads((cut.feature_cache.folder / "model.json").read_text())["num_layers"] == 1
+    with pytest.raises(ValueError, match=f"num_layers: expected 1..{n_layers}, got {n_layers + 1}"):
+        PreferenceModule(backbone=BackboneSpec(model_path=str(tiny_model_dir), num_layers=n_layers + 1), head="linear")
+
+
+def test_mean_pooling_averages_the_real_tokens_and_keys_its_own_cache(tiny_model_dir, toy_pairs, tmp_path):
+    from lit_route.data.encoding import PairEncoder
+    from lit_route.policy.pm_scoring import score_groups
+
+    last = frozen_module(tiny_model_dir, tmp_path / "cache")
+    mean = PreferenceModule(backbone=BackboneSpec(model_path=str(tiny_model_dir)), head="linear", freeze_backbone=True,
+                            feature_cache=str(tmp_path / "cache"), pooling="mean")
+    mean.head.load_state_dict(last.head.state_dict())
+    batch = batch_of(mean, toy_pairs[:3])
+    hidden = mean.backbone(**batch, use_cache=False).last_hidden_state
+    mask = batch["attention_mask"]
+    expected = torch.stack([hidden[i, mask[i].bool()].mean(0) for i in range(mask.shape[0])])  # padding left out
+    assert torch.allclose(mean.pooled(batch["input_ids"], mask), expected, atol=1e-5)
+    last.pooled(batch["input_ids"], mask)
+    assert mean.feature_cache.model_key != last.feature_cache.model_key
+    # group scoring of a mean-pooling PM runs whole sequences (a shared prefix's hidden states are not kept)
+    mean.feature_cache = None
+    encoder = PairEncoder(mean.tokenizer, max_length=256)
+    s, _ = score_groups(mean, encoder, ["Name a colour."], [["Red.", "Blue, like the sky.", "I like green"]])
+    ab, ba = encoder.encode_orders("Name a colour.", "Red.", "I like green")
+    pair = pad_batch([ab.input_ids, ba.input_ids], mean.tokenizer.pad_token_id)
+    d, _ = mean.score_batch(pair)
+    assert float(s[0, 0, 2]) == pytest.approx(float(d[0]), abs=1e-5)  # float32 rounding of other batch shapes
+    with pytest.raises(ValueError, match="pooling: expected one of"):
+        PreferenceModule(backbone=BackboneSpec(model_path=str(tiny_model_dir)), head="linear", pooling="max")

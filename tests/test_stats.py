@@ -9,7 +9,10 @@ import torch
 from lit_route.eval.curves import curve_for_order, random_expected_curve, uncertainty_order
 from lit_route.eval.stats import (
     bootstrap,
+    curve_at,
+    expected_curve_at,
     percentile_interval,
+    random_curve_at,
     resample_indices,
     risk_split_test,
     routing_intervals,
@@ -74,6 +77,37 @@ def test_paired_difference_by_hand():
     assert stats["difference_uncertainty_random"] == pytest.approx([0.0, 0.1875, 0.125])
     # oracle = uncertainty here: the whole (oracle − random) headroom is recovered
     assert stats["recovered_share"] == pytest.approx(1.0)
+
+
+def test_ties_are_broken_at_random_in_expectation():
+    # priorities 2, 1, 1, 0: the first pair, then half the gain of the tied pair each time one of them is judged
+    pm = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    judge = torch.tensor([1.0, 1.0, 1.0, 0.0])  # gains 1, 1, 0, −1
+    got = expected_curve_at(torch.tensor([2.0, 1.0, 1.0, 0.0]), pm, judge, torch.arange(5))
+    assert got.tolist() == pytest.approx([0.5, 0.75, 0.875, 1.0, 0.75])
+    ks = torch.arange(5)
+    assert torch.allclose(expected_curve_at(torch.zeros(4), pm, judge, ks), random_curve_at(pm, judge, ks))
+    distinct = torch.tensor([0.3, 0.1, 0.9, 0.5])
+    assert torch.allclose(expected_curve_at(distinct, pm, judge, ks),
+                          curve_at(torch.argsort(distinct, descending=True), pm, judge, ks))
+
+
+def test_paired_difference_against_the_length_control_by_hand():
+    # the PM is wrong on pair 0 only; uncertainty finds it first, the length control (longest first) last
+    d = torch.tensor([-1.0, 1.0, 2.0, 3.0])
+    u = torch.tensor([9.0, 1.0, 2.0, 3.0])
+    length = torch.tensor([1.0, 4.0, 3.0, 2.0])
+    stats = unpack_statistics(routing_statistics(d, u, torch.ones(4), [0.0, 0.25, 0.5], priorities={"length": length}),
+                              3, ["length"])
+    assert stats["curves"]["length"] == pytest.approx([0.75, 0.75, 0.75])
+    assert stats["difference_vs_length"]["uncertainty"] == pytest.approx([0.0, 0.25, 0.25])
+    # mean accuracy on [0, 0.5]: random (0.75, 0.8125, 0.875) 0.8125, oracle (0.75, 1, 1) 0.9375, length 0.75:
+    # length recovers (0.75 − 0.8125) / 0.125 = −0.5 of the headroom, uncertainty all of it
+    assert stats["recovered"]["length"] == pytest.approx(-0.5)
+    assert stats["recovered"]["uncertainty"] == pytest.approx(1.0) == stats["recovered_share"]
+    assert stats["recovered_vs_length"]["uncertainty"] == pytest.approx(1.5)
+    iv = routing_intervals(d, u, torch.ones(4), [0.0, 0.25, 0.5], n_boot=20, priorities={"length": length})
+    assert iv["priorities"] == ["length"] and iv["point"]["recovered_vs_length"]["uncertainty"] == pytest.approx(1.5)
 
 
 def _coverage(data_fn, truth, clusters_fn, reps=200, n_boot=300):

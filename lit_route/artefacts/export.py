@@ -115,6 +115,7 @@ def export_pm(ckpt: str | Path, output: str | Path, merge: bool = False) -> Path
         "backbone": asdict(module.backbone_spec),
         "head": {"kind": module.head_kind, "in_features": _hidden_size(module.backbone), **head_kwargs},
         "mode": module.mode,
+        "pooling": module.pooling,
         "encoder": {"max_length": encoder.max_length, "template": encoder.template},
         "source_checkpoint": str(ckpt),
     }
@@ -145,7 +146,7 @@ def load_exported_pm(folder: str | Path, device: str = "cpu"):
     kind = head.pop("kind")
     head.pop("in_features")
     module = PreferenceModule(backbone=spec, lora=None, head=kind, sngp=SNGPConfig(**head) if kind == "sngp" else None,
-                              freeze_backbone=True, mode=config["mode"])
+                              freeze_backbone=True, mode=config["mode"], pooling=config.get("pooling", "last_token"))
     if config["weights"] == "adapter":
         module.backbone = PeftModel.from_pretrained(module.backbone, folder)
     # eval mode first: leaving train mode refreshes the spectral-norm estimate, which must come from the file

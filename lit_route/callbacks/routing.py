@@ -39,7 +39,9 @@ class UncertaintyRouting(L.Callback):
 
     - ``router: uncertainty`` judges the pairs with the highest ū (the method);
     - ``router: random`` judges as many pairs, drawn at random (the paper's baseline at equal judge calls);
-    - ``router: margin`` judges the pairs with the smallest |d| (no uncertainty model needed).
+    - ``router: margin`` judges the pairs with the smallest |d| (no uncertainty model needed);
+    - ``router: learned`` judges the pairs of highest P(PM wrong) under a model fitted on validation pairs
+      (``delegation``: :mod:`lit_route.uncertainty.delegation`).
 
     How many: ``fraction`` of the pairs (top-k), or with ``threshold`` every pair with ū > τ (``random`` then
     draws as many pairs as the threshold selects), or with a ``controller`` a τ moved between steps so that the
@@ -65,7 +67,7 @@ class UncertaintyRouting(L.Callback):
 
     Args:
         judge: The judge backend (``class_path`` + ``init_args``).
-        router: ``uncertainty``, ``random`` or ``margin``.
+        router: ``uncertainty``, ``random``, ``margin`` or ``learned``.
         fraction: Share of each step's pairs to judge; ignored when ``threshold`` is set.
         threshold: Judge every pair with ū above this instead (``uncertainty`` and ``random`` routers).
         max_calls_per_step: Cap on billed judge requests per step (all ranks together).
@@ -84,6 +86,7 @@ class UncertaintyRouting(L.Callback):
         export_judged: Append every decisive verdict of the main judge to this preference file (``prompt``,
             ``chosen``, ``rejected``: the verdict is the label), for ``pm fit`` to learn from; under DDP each rank
             writes its own file (``.rankN`` before the suffix).
+        delegation: The ``learned`` router's model file (fitted on ``|d|`` and ``log ū``).
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class UncertaintyRouting(L.Callback):
         audit_fraction: float = 0.0,
         cascade: list[CascadeStage] | None = None,
         export_judged: str | None = None,
+        delegation: str | None = None,
     ):
         check_judge(judge)
         check_file_path("cache", cache, "judge_cache.sqlite")
@@ -118,7 +122,8 @@ class UncertaintyRouting(L.Callback):
         stages = [(CachedJudge(st.judge, st.cache) if st.cache else st.judge, st.fraction) for st in cascade or []]
         self.decision = RoutingDecision(main, router, fraction, threshold,
                                         BudgetLedger(max_calls_per_step, max_calls_total, max_spend_usd),
-                                        verdict_logit, order, seed, controller, target, audit_fraction, stages)
+                                        verdict_logit, order, seed, controller, target, audit_fraction, stages,
+                                        delegation=delegation)
         self.export_judged = export_judged
         self.health = JudgeHealth(max_consecutive_errors, unit="steps")
         self.batches = None  # sampled batches so far: keys the random draws (None: not known yet, see _key)

@@ -7,33 +7,43 @@ import json
 from pathlib import Path
 
 ROUTERS = ("uncertainty", "random", "margin", "oracle")
+CONTROLS = ("length", "learned")  # the length-only control (always), the learned router (with a delegation model)
+
+
+def routers(results: dict) -> list[str]:
+    """The routers whose curves ``results`` holds, in table order."""
+    return [r for r in (*ROUTERS, *CONTROLS) if r in results["curves"]]
 
 
 def write_curves_csv(path: Path, results: dict) -> None:
     curves = results["curves"]
+    names = routers(results)
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["fraction", *ROUTERS, "judge_seconds", "judge_tokens"])
+        writer.writerow(["fraction", *names, "judge_seconds", "judge_tokens"])
         for i, f in enumerate(results["fractions"]):
-            writer.writerow([f, *(round(curves[r][i], 6) for r in ROUTERS),
+            writer.writerow([f, *(round(curves[r][i], 6) for r in names),
                              round(results["judge_cost"]["seconds"][i], 3), results["judge_cost"]["tokens"][i]])
 
 
 def console_table(results: dict, show=(0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)) -> str:
     fr = results["fractions"]
+    names = routers(results)
     lines = [
         f"pairs: {results['n_pairs']}   PM alone: {results['pm_accuracy']:.3f}   judge alone: "
         f"{results['judge_accuracy']:.3f}   ECE: {results['metrics']['ece']:.3f}   "
         f"AUROC(ū→error): {results['metrics'].get('auroc_uncertainty', float('nan')):.3f}",
         "",
-        f"{'judged':>8} " + " ".join(f"{r:>12}" for r in ROUTERS),
+        f"{'judged':>8} " + " ".join(f"{r:>12}" for r in names),
     ]
     for f in show:
         i = min(range(len(fr)), key=lambda j: abs(fr[j] - f))
-        lines.append(f"{fr[i] * 100:>7.0f}% " + " ".join(f"{results['curves'][r][i]:>12.3f}" for r in ROUTERS))
-    lines.append(f"{'AUC':>8} " + " ".join(f"{results['area_under_curve'][r]:>12.3f}" for r in ROUTERS))
+        lines.append(f"{fr[i] * 100:>7.0f}% " + " ".join(f"{results['curves'][r][i]:>12.3f}" for r in names))
+    lines.append(f"{'AUC':>8} " + " ".join(f"{results['area_under_curve'][r]:>12.3f}" for r in names))
+    if "routers" in results:
+        lines.append("; ".join(f"{k}: {v}" for k, v in results["routers"].items()))
     if "intervals" in results:
-        lines += ["", *interval_lines(results, show)]
+        lines += ["", *interval_lines(results, show), *length_lines(results)]
     if "risk" in results:
         lines += ["", risk_line(results["risk"])]
     if results.get("cascade", {}).get("risk_escalation"):
@@ -76,6 +86,20 @@ def interval_lines(results: dict, show=(0.05, 0.1, 0.25, 0.5)) -> list[str]:
     return lines
 
 
+def length_lines(results: dict) -> list[str]:
+    """Each router's recovered share and its paired difference against the length-only control, with intervals
+    (nothing when the intervals carry no length control)."""
+    iv = results["intervals"]
+    if "recovered_vs_length" not in iv["point"]:
+        return []
+    lines = [f"recovered share of the (oracle − random) area on [0, {iv['upto']:.0%}], and the paired difference "
+             "against the length-only control:"]
+    for name in iv["point"]["recovered"]:
+        against = "" if name == "length" else f"   − length {_ci(iv, 'recovered_vs_length', name):>22}"
+        lines.append(f"  {name:>12} {_ci(iv, 'recovered', name):>22}{against}")
+    return lines
+
+
 def risk_line(risk: dict) -> str:
     return (f"risk-controlled routing (α={risk['alpha']}, δ={risk['delta']}, {risk['splits']} calibration/test splits): "
             f"judged {risk['judged_fraction']:.1%} (range {risk['judged_fraction_range'][0]:.1%}–"
@@ -94,21 +118,30 @@ def escalation_line(esc: dict, results: dict) -> str:
 def markdown_table(results: dict, show=(0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)) -> str:
     """``results.md``: accuracy per router and budget with intervals, and the paired difference."""
     fr, iv = results["fractions"], results.get("intervals")
+    names = routers(results)
     cell = (lambda *path: _ci(iv, *path)) if iv else None
-    head = ["judged", *ROUTERS] + (["uncertainty − random"] if iv else [])
+    against = [r for r in names if iv and r in iv["point"].get("difference_vs_length", {})]
+    head = ["judged", *names] + (["uncertainty − random"] if iv else []) + [f"{r} − length" for r in against]
     lines = [f"{_short_label(results['benchmark'])}: {results['n_pairs']} pairs, judge {results.get('judge_model')}; "
              f"PM alone {results['pm_accuracy']:.3f}, judge alone {results['judge_accuracy']:.3f}"
              + (f"; {iv['level']:.0%} intervals over {iv['n_boot']} bootstrap redraws of {iv['resampled']}s" if iv else ""),
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f in show:
         i = min(range(len(fr)), key=lambda j: abs(fr[j] - f))
-        cells = [cell("curves", r, i) if iv else f"{results['curves'][r][i]:.3f}" for r in ROUTERS]
+        cells = [cell("curves", r, i) if iv else f"{results['curves'][r][i]:.3f}" for r in names]
         if iv:
             cells.append(cell("difference_uncertainty_random", i))
+        cells += [cell("difference_vs_length", r, i) for r in against]
         lines.append(f"| {fr[i]:.0%} | " + " | ".join(cells) + " |")
     if iv:
         lines += ["", f"AUROC(ū→error) {cell('auroc_uncertainty')}; ECE {cell('ece')}; recovered share of the "
                   f"(oracle − random) area on [0, {iv['upto']:.0%}] {cell('recovered_share')}."]
+        if "recovered_vs_length" in iv["point"]:
+            lines += ["", "| router | recovered share [0, " + f"{iv['upto']:.0%}] | − length (paired) |", "|---|---|---|"]
+            lines += [f"| {r} | {cell('recovered', r)} | {'—' if r == 'length' else cell('recovered_vs_length', r)} |"
+                      for r in iv["point"]["recovered"]]
+        if "routers" in results:
+            lines += ["", "; ".join(f"{k}: {v}" for k, v in results["routers"].items()) + "."]
     if "risk" in results:
         lines += ["", risk_line(results["risk"]) + "."]
     esc = results.get("cascade", {}).get("risk_escalation")
@@ -134,10 +167,11 @@ def plot(results: dict, output_dir: Path) -> list[str]:
         return []
     fr = [100 * f for f in results["fractions"]]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    styles = {"uncertainty": ("C0", "-"), "random": ("C1", "--"), "margin": ("C2", "-."), "oracle": ("C3", ":")}
-    for name in ROUTERS:
+    styles = {"uncertainty": ("C0", "-"), "random": ("C1", "--"), "margin": ("C2", "-."), "oracle": ("C3", ":"),
+              "length": ("C7", (0, (5, 1, 1, 1))), "learned": ("C4", "-")}
+    for name in routers(results):
         color, ls = styles[name]
-        ax.plot(fr, results["curves"][name], ls, color=color, label=f"{name} (AUC {results['area_under_curve'][name]:.3f})")
+        ax.plot(fr, results["curves"][name], linestyle=ls, color=color, label=f"{name} (AUC {results['area_under_curve'][name]:.3f})")
         if "intervals" in results and name in ("uncertainty", "random"):
             lo, hi = results["intervals"]["lo"]["curves"][name], results["intervals"]["hi"]["curves"][name]
             ax.fill_between(fr, lo, hi, color=color, alpha=0.15, lw=0)

@@ -14,6 +14,7 @@ from lit_route.artefacts.provenance import judge_label, provenance
 from lit_route.checks import check_choice, check_device, check_file_path, check_fraction, check_nonnegative
 from lit_route.data.readers import load_pairs
 from lit_route.eval.cascade import bidirectional_entropy, cascade_report
+from lit_route.eval.controls import DEFAULT_LENGTH_BY, LENGTH_BY, length_priority, response_lengths
 from lit_route.eval.curves import (
     area_under_curve,
     curve_for_order,
@@ -24,7 +25,7 @@ from lit_route.eval.curves import (
 )
 from lit_route.eval.export import write_judged_pairs
 from lit_route.eval.report import console_table, write_results
-from lit_route.eval.stats import cluster_ids, risk_split_test, routing_intervals
+from lit_route.eval.stats import cluster_ids, expected_curve_at, risk_split_test, routing_intervals
 from lit_route.eval.stats import risk_splits as split_risk
 from lit_route.judges.base import JudgeBackend, check_judge
 from lit_route.judges.cache import CachedJudge
@@ -33,6 +34,7 @@ from lit_route.judges.pairwise import ORDERS, judge_pairs
 from lit_route.preference.metrics import PreferenceMetrics
 from lit_route.routing.risk import check_risk, risk_threshold
 from lit_route.routing.routers import count_for_fraction
+from lit_route.uncertainty.delegation import DelegationModel, delegation_signals
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +115,11 @@ def evaluate(
     risk_delta: float = 0.1,
     risk_splits: int = 200,
     risk_calibration: str | None = None,
+    length_by: str = DEFAULT_LENGTH_BY,
+    delegation: str | None = None,
 ) -> dict:
-    """Accuracy against judge budget for uncertainty, random, margin and oracle routing.
+    """Accuracy against judge budget for uncertainty, random, margin and oracle routing, the length-only control
+    (``length``) and, with a delegation model, the learned router (``learned``).
 
     Args:
         data: Benchmark file(s), any supported format; ``bundled:<path>`` for shipped data.
@@ -157,6 +162,11 @@ def evaluate(
         risk_calibration: A labelled calibration set instead of splits: a ``pm score`` file of other pairs (its
             ``uncertainty`` and ``correct``: the PM against the pairs' labels). τ is chosen on it once and applied
             to every evaluated pair (``results["risk"]["from_file"]``).
+        length_by: How the length-only control ranks pairs (``sum``, ``max``, ``closest``, ``farthest``:
+            :mod:`lit_route.eval.controls`). Every PM router's paired difference against it is in
+            ``results["intervals"]`` (``difference_vs_length``, ``recovered_vs_length``).
+        delegation: A :class:`~lit_route.uncertainty.delegation.DelegationModel` file: adds the ``learned``
+            router, which judges the pairs of highest fitted ``P(PM wrong)`` first.
     """
     check_judge(judge)
     check_device("device", device)
@@ -171,6 +181,8 @@ def evaluate(
     check_choice("bootstrap_by", bootstrap_by, ("auto", "pair", "prompt"))
     check_fraction("interval_level", interval_level, open_low=True)
     check_nonnegative("risk_splits", risk_splits, integer=True, positive=True)
+    check_choice("length_by", length_by, LENGTH_BY)
+    learned = DelegationModel.load(delegation) if delegation is not None else None
     if risk_alpha is not None:
         check_risk("risk_", risk_alpha, risk_delta, "hb")
     # read before any judge call is paid for
@@ -205,6 +217,13 @@ def evaluate(
     }
     curves = {name: curve_for_order(o, pm_correct, judge_score, fractions) for name, o in orders.items()}
     curves["random"] = random_expected_curve(pm_correct, judge_score, fractions)
+    len_a, len_b = response_lengths(pairs)
+    priorities = {"length": length_priority(len_a, len_b, length_by)}
+    if learned is not None:
+        priorities["learned"] = learned.predict(delegation_signals(d, u, len_a, len_b))
+    ks_all = torch.tensor([count_for_fraction(n, f) for f in fractions])
+    for name, priority in priorities.items():
+        curves[name] = expected_curve_at(priority, pm_correct, judge_score, ks_all).tolist()
     latency = torch.tensor([j.latency_s for j in judgements], dtype=torch.float64)[orders["uncertainty"]]
     tokens = torch.tensor([j.tokens for j in judgements], dtype=torch.long)[orders["uncertainty"]]
     usd = torch.tensor([j.verdict_cost_usd for j in judgements], dtype=torch.float64)[orders["uncertainty"]]
@@ -228,6 +247,8 @@ def evaluate(
         "judge_model": str(getattr(judge, "model", judge_label(judge))),
         "order": order,
         "n_pairs": n,
+        "routers": {"length": f"length-only control, by {length_by} of the two responses' characters",
+                    **({"learned": f"P(PM wrong) of {delegation} from {', '.join(learned.signals)}"} if learned else {})},
         "fractions": fractions,
         "curves": curves,
         "area_under_curve": {k: area_under_curve(fractions, v) for k, v in curves.items()},
@@ -255,7 +276,8 @@ def evaluate(
     by_prompt = bootstrap_by == "prompt" or (bootstrap_by == "auto" and int(prompts.max()) + 1 < n if n else False)
     clusters = prompts if by_prompt else None
     if n_boot and n > 1:
-        results["intervals"] = routing_intervals(d, u, judge_score, fractions, clusters, n_boot, interval_level, seed)
+        results["intervals"] = routing_intervals(d, u, judge_score, fractions, clusters, n_boot, interval_level, seed,
+                                                 priorities=priorities)
     if risk_alpha is not None and n > 1:
         results["risk"] = risk_split_test(d, u, judge_score, risk_alpha, risk_delta, risk_splits, clusters=clusters,
                                           seed=seed)

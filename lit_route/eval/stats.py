@@ -8,12 +8,17 @@ the 2.5% and 97.5% quantiles of the redrawn values form the 95% percentile inter
 
 The paired difference is computed on the *same* redraw for both routers, so what the two curves share (which
 pairs are hard for the judge) cancels, and its interval is narrower than the two curves' intervals suggest.
+
+Routers beyond the four built in (uncertainty, random, margin, oracle) enter as *priorities* (higher first, ties
+broken at random in expectation: :func:`expected_curve_at`): a length-only control, a learned delegation score, a
+perfect detector of a shifted family. With a ``length`` priority, every other router's paired difference against
+it is reported too: the share of the PM's errors a router finds beyond what response length alone finds.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torchmetrics.functional.classification import binary_calibration_error
@@ -107,6 +112,35 @@ def random_curve_at(pm_correct: torch.Tensor, judge_score: torch.Tensor, ks: tor
     return pm_correct.double().mean() + ks.double() / n * mean_gain
 
 
+def expected_curve_at(priority: torch.Tensor, pm_correct: torch.Tensor, judge_score: torch.Tensor,
+                      ks: torch.Tensor) -> torch.Tensor:
+    """Expected accuracy when the ``k`` pairs of highest ``priority`` take the judge's answer, ties broken uniformly at
+    random, for each ``k`` in ``ks`` (F,): (F,) float64.
+
+    Pairs of equal priority form a group; the first ``k`` pairs take whole groups in priority order and, from the
+    group that ``k`` cuts, ``k − start`` pairs whose expected gain is that many times the group's mean gain. A
+    constant priority gives :func:`random_curve_at`; distinct priorities give :func:`curve_at` of their order.
+
+    Args:
+        priority: (N,) higher first.
+        pm_correct: (N,) 1 where the PM is right.
+        judge_score: (N,) the judge's credit.
+        ks: (F,) long, numbers of pairs judged.
+    """
+    n = pm_correct.numel()
+    order = torch.argsort(priority.double(), descending=True, stable=True)
+    gain = (judge_score.double() - pm_correct.double())[order]
+    _, group, counts = torch.unique_consecutive(priority.double()[order], return_inverse=True, return_counts=True)
+    sums = torch.zeros(counts.numel(), dtype=torch.float64).index_add_(0, group, gain)
+    ends = counts.cumsum(0)  # (G,) pairs judged once group g is taken whole
+    starts = ends - counts
+    before = torch.cat([torch.zeros(1, dtype=torch.float64), sums.cumsum(0)[:-1]])  # gain of the groups above g
+    g = torch.searchsorted(ends, ks, right=False).clamp(max=counts.numel() - 1)  # the group the k-th pair is in
+    partial = (ks - starts[g]).clamp(min=0).double() * sums[g] / counts[g].double()
+    cumulative = torch.where(ks > 0, before[g] + partial, torch.zeros_like(partial))
+    return (pm_correct.double().sum() + cumulative) / n
+
+
 def trapezoid_area(fractions: torch.Tensor, accuracy: torch.Tensor) -> torch.Tensor:
     """Mean accuracy over ``fractions`` (F,) by the trapezoid rule; ``accuracy`` (..., F) -> (...)."""
     return torch.trapezoid(accuracy, fractions, dim=-1) / (fractions[-1] - fractions[0])
@@ -116,7 +150,8 @@ ROUTERS = ("uncertainty", "random", "margin", "oracle")
 
 
 def routing_statistics(d: torch.Tensor, u: torch.Tensor, judge_score: torch.Tensor, fractions: Sequence[float],
-                       upto: float = 0.5, n_bins: int = 10) -> torch.Tensor:
+                       upto: float = 0.5, n_bins: int = 10,
+                       priorities: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Every reported number of one set of pairs, flattened into one vector (see :func:`unpack_statistics`).
 
     Args:
@@ -126,11 +161,15 @@ def routing_statistics(d: torch.Tensor, u: torch.Tensor, judge_score: torch.Tens
         fractions: (F,) judge fractions in [0, 1], increasing.
         upto: The recovered share is measured on the fractions ≤ ``upto``.
         n_bins: Bins of the ECE.
+        priorities: More routers, name -> (N,) priority (higher first; :func:`expected_curve_at`).
 
     Returns:
         (4·F + F + 4 + 5,) float64: the four routers' curves, the difference uncertainty − random per fraction, the
         four areas over all fractions, then the recovered share on [0, upto] (NaN when oracle and random areas are
-        equal), AUROC(ū → error), ECE of σ(d), PM accuracy, judge accuracy.
+        equal), AUROC(ū → error), ECE of σ(d), PM accuracy, judge accuracy. With ``priorities`` (M of them), then:
+        their curves (M·F), the recovered share of uncertainty, margin and each of them (2 + M), and, when one is
+        named ``length``, the paired difference against it per fraction and of the recovered share for
+        uncertainty, margin and every other priority (R·F + R, R = M + 1).
     """
     n = d.numel()
     d, u, judge_score = d.double(), u.double(), judge_score.double()
@@ -153,26 +192,59 @@ def routing_statistics(d: torch.Tensor, u: torch.Tensor, judge_score: torch.Tens
     ece = binary_calibration_error(torch.cat([p, 1 - p]).float(), torch.cat([target, 1 - target]), n_bins=n_bins)
     scalars = torch.stack([recovered.double(), torch.tensor(auroc(u, 1 - pm_correct), dtype=torch.float64),
                            ece.double(), pm_correct.mean(), judge_score.mean()])
-    return torch.cat([curves.flatten(), curves[0] - curves[1], areas, scalars])
+    base = torch.cat([curves.flatten(), curves[0] - curves[1], areas, scalars])
+    if not priorities:
+        return base
+    extra = torch.stack([expected_curve_at(p.double(), pm_correct, judge_score, ks) for p in priorities.values()])
+    routed = torch.cat([curves[[0, 2]], extra])  # uncertainty, margin, then the priorities
+    share = trapezoid_area(x[head], routed[:, head]) if int(head.sum()) > 1 else routed[:, 0]
+    shares = (share - part[1]) / headroom if float(headroom) > 1e-12 else torch.full_like(share, float("nan"))
+    out = [base, extra.flatten(), shares]
+    names = list(priorities)
+    if "length" in names:
+        at = 2 + names.index("length")
+        others = [i for i in range(routed.shape[0]) if i != at]
+        out += [(routed[others] - routed[at]).flatten(), shares[others] - shares[at]]
+    return torch.cat(out)
 
 
 SCALARS = ("recovered_share", "auroc_uncertainty", "ece", "pm_accuracy", "judge_accuracy")
 
 
-def unpack_statistics(vector: torch.Tensor, n_fractions: int) -> dict:
-    """Splits a :func:`routing_statistics` vector (or interval bound) into named lists and floats (NaN -> None)."""
+def unpack_statistics(vector: torch.Tensor, n_fractions: int, priorities: Sequence[str] = ()) -> dict:
+    """Splits a :func:`routing_statistics` vector (or interval bound) into named lists and floats (NaN -> None).
+
+    With ``priorities`` (the names given to :func:`routing_statistics`, in order), also ``curves`` of each,
+    ``recovered`` (router -> recovered share, for uncertainty, margin and each priority) and, with a ``length``
+    priority, ``difference_vs_length`` (router -> per-fraction difference) and ``recovered_vs_length`` (router ->
+    difference of recovered shares)."""
     values = [None if v != v else v for v in vector.tolist()]
     f = n_fractions
     out = {"curves": {r: values[i * f : (i + 1) * f] for i, r in enumerate(ROUTERS)},
            "difference_uncertainty_random": values[4 * f : 5 * f],
            "area_under_curve": dict(zip(ROUTERS, values[5 * f : 5 * f + 4], strict=True))}
-    out.update(zip(SCALARS, values[5 * f + 4 :], strict=True))
+    out.update(zip(SCALARS, values[5 * f + 4 : 5 * f + 9], strict=True))
+    if not priorities:
+        return out
+    names = list(priorities)
+    pos = 5 * f + 9
+    for name in names:
+        out["curves"][name] = values[pos : pos + f]
+        pos += f
+    routers = ["uncertainty", "margin", *names]
+    out["recovered"] = dict(zip(routers, values[pos : pos + len(routers)], strict=True))
+    pos += len(routers)
+    if "length" in names:
+        others = [r for r in routers if r != "length"]
+        out["difference_vs_length"] = {r: values[pos + i * f : pos + (i + 1) * f] for i, r in enumerate(others)}
+        pos += len(others) * f
+        out["recovered_vs_length"] = dict(zip(others, values[pos : pos + len(others)], strict=True))
     return out
 
 
 def routing_intervals(d: torch.Tensor, u: torch.Tensor, judge_score: torch.Tensor, fractions: Sequence[float],
                       clusters: torch.Tensor | None = None, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
-                      upto: float = 0.5) -> dict:
+                      upto: float = 0.5, priorities: Mapping[str, torch.Tensor] | None = None) -> dict:
     """Bootstrap intervals of every number of :func:`routing_statistics`, over pairs or over clusters (prompts).
 
     Args:
@@ -183,6 +255,7 @@ def routing_intervals(d: torch.Tensor, u: torch.Tensor, judge_score: torch.Tenso
         level: Coverage of the intervals.
         seed: Seed of the redraws.
         upto: Upper end of the range of the recovered share.
+        priorities: More routers (see :func:`routing_statistics`), redrawn with the pairs.
 
     Returns:
         ``{"level", "n_boot", "resampled" ("pair" or "prompt"), "units", "upto", "point", "lo", "hi",
@@ -191,8 +264,11 @@ def routing_intervals(d: torch.Tensor, u: torch.Tensor, judge_score: torch.Tenso
     """
     n = d.numel()
 
+    priorities = dict(priorities or {})
+
     def stat(idx: torch.Tensor) -> torch.Tensor:
-        return routing_statistics(d[idx], u[idx], judge_score[idx], fractions, upto)
+        return routing_statistics(d[idx], u[idx], judge_score[idx], fractions, upto,
+                                  priorities={k: v[idx] for k, v in priorities.items()})
 
     boot = bootstrap(stat, n, n_boot, level, seed, clusters)
     f = len(fractions)
@@ -200,7 +276,8 @@ def routing_intervals(d: torch.Tensor, u: torch.Tensor, judge_score: torch.Tenso
     separated = [1 if lo > 0 else -1 if hi < 0 else 0 for lo, hi in zip(lo_diff.tolist(), hi_diff.tolist(), strict=True)]
     units = int(torch.unique(clusters).numel()) if clusters is not None else n
     return {"level": level, "n_boot": n_boot, "resampled": "prompt" if clusters is not None else "pair",
-            "units": units, "upto": upto, **{k: unpack_statistics(boot[k], f) for k in ("point", "lo", "hi")},
+            "units": units, "upto": upto, "priorities": list(priorities),
+            **{k: unpack_statistics(boot[k], f, list(priorities)) for k in ("point", "lo", "hi")},
             "separated": separated}
 
 

@@ -45,6 +45,8 @@ class BackboneSpec:
         quantization: ``4bit`` (NF4 with double quantisation: QLoRA) or ``8bit`` base weights through
             bitsandbytes, for LoRA training on a CUDA GPU (``pip install bitsandbytes``); ``dtype`` is then the
             compute dtype. Not available on CPU or with ``gguf_file``.
+        num_layers: Keep only the first N decoder layers (the final norm then follows layer N): a preference model
+            pools a middle layer, at the cost of those layers only. ``None`` keeps them all.
     """
 
     model_path: str = TINY_SPEC
@@ -53,6 +55,7 @@ class BackboneSpec:
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     quantization: str | None = None
+    num_layers: int | None = None
 
 
 @dataclass
@@ -168,6 +171,8 @@ def describe(spec: BackboneSpec) -> dict:
     """What a checkpoint records about its base model: path, file, revision and the package version."""
     out = {"model_path": spec.model_path, "gguf_file": spec.gguf_file, "revision": spec.revision,
            "quantization": spec.quantization}
+    if spec.num_layers is not None:  # only when set: descriptions (and feature-cache keys) of whole models unchanged
+        out["num_layers"] = spec.num_layers
     if spec.model_path.startswith("pkg:"):
         name = spec.model_path[4:]
         try:
@@ -257,6 +262,8 @@ def load_backbone(spec: BackboneSpec, causal_lm: bool = False) -> torch.nn.Modul
             model.config.quantization_config = None
             model.hf_quantizer = None
             model.is_quantized = False
+    if spec.num_layers is not None:
+        keep_layers(model, spec.num_layers)
     if spec.quantization:
         from peft import prepare_model_for_kbit_training
 
@@ -264,6 +271,25 @@ def load_backbone(spec: BackboneSpec, causal_lm: bool = False) -> torch.nn.Modul
     elif spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def keep_layers(model: torch.nn.Module, n: int) -> None:
+    """Cuts a decoder (bare or inside a causal LM) to its first ``n`` layers in place, its config with it."""
+    from lit_route.models.split import decoder
+
+    try:
+        dec = decoder(model)
+    except ValueError as err:
+        raise ValueError("num_layers: cuts decoders that hold `layers` and a final `norm` (Llama, Qwen2, Mistral, "
+                         f"Gemma, ...); {type(model).__name__} has none") from err
+    total = len(dec.layers)
+    if not 0 < n <= total:
+        raise ValueError(f"num_layers: expected 1..{total}, got {n}")
+    dec.layers = dec.layers[:n]
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.num_hidden_layers = n
+        if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (sliding windows)
+            config.layer_types = config.layer_types[:n]
 
 
 def apply_lora(model: torch.nn.Module, lora, freeze_backbone: bool = False) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""Pooling the hidden state of the last real token."""
+"""Pooling a sequence's hidden states into one feature: the last real token's, or their mean."""
 
 from __future__ import annotations
 
@@ -30,3 +30,27 @@ def pool_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
     """
     idx = last_token_index(attention_mask)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+
+
+def pool_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` over each row's real tokens.
+
+    Args:
+        hidden: (B, L, H) hidden states.
+        attention_mask: (B, L), 1 for real tokens (left or right padding).
+
+    Returns:
+        (B, H).
+    """
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+POOLINGS = {"last_token": pool_last_token, "mean": pool_mean}
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str = "last_token") -> torch.Tensor:
+    """(B, L, H) -> (B, H) by ``how``: ``last_token`` (the last real token) or ``mean`` (over the real tokens)."""
+    if how not in POOLINGS:
+        raise ValueError(f"pooling: expected one of {sorted(POOLINGS)}, got {how!r}")
+    return POOLINGS[how](hidden, attention_mask)

@@ -78,7 +78,10 @@ def score_groups(pm, encoder: PairEncoder, prompts: list, completions: list[list
     for bi in range(b):
         encoded = [encoder.encode_orders(prompts[bi], completions[bi][i], completions[bi][j]) for i, j in pairs]
         sequences = [e[0].input_ids for e in encoded] + [e[1].input_ids for e in encoded]
-        prefix_len = common_prefix(sequences) if share_prefix and getattr(pm, "feature_cache", None) is None else 0
+        # a shared prefix is run once for its keys and values: what last-token pooling needs (a mean needs the
+        # prefix's hidden states too)
+        shared = share_prefix and getattr(pm, "pooling", "last_token") == "last_token"
+        prefix_len = common_prefix(sequences) if shared and getattr(pm, "feature_cache", None) is None else 0
         cache = None
         if prefix_len:
             prefix = torch.tensor([sequences[0][:prefix_len]], device=device)

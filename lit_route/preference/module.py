@@ -18,7 +18,7 @@ from lit_route.models.backbone import (
     load_backbone,
     load_tokenizer,
 )
-from lit_route.models.pooling import pool_last_token
+from lit_route.models.pooling import POOLINGS, pool
 from lit_route.models.precision import warn_low_precision_trainables
 from lit_route.models.sharding import clean_name, trainable_names
 from lit_route.models.split import bottom_hidden, right_padded, run_top, trainable_start_layer
@@ -51,7 +51,7 @@ class OptimConfig:
 
 
 class PreferenceModule(L.LightningModule):
-    """Pairwise preference model: reads ``(x, a, b)`` as one sequence, pools the last token, scores it.
+    """Pairwise preference model: reads ``(x, a, b)`` as one sequence, pools it (its last token), scores it.
 
     Batches hold every pair in both orders: rows ``[0, B)`` are ``(x, chosen, rejected)`` (label 1) and rows
     ``[B, 2B)`` are ``(x, rejected, chosen)`` (label 0).
@@ -78,6 +78,9 @@ class PreferenceModule(L.LightningModule):
             LoRA on the top layers only (``lora.top_layers``), the hidden states entering the lowest adapted
             layer are cached (kept in memory: a few GB for a few thousand pairs), and each step runs only the
             adapted layers. Not saved in checkpoints (a loaded model scores without it unless given one).
+        pooling: ``last_token`` (the hidden state of the sequence's last token, after the final norm) or
+            ``mean`` (the mean over all its tokens): with a cut backbone (``backbone.num_layers``), a middle
+            layer's tokens, which carry more of what a short response contains than its last one does.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class PreferenceModule(L.LightningModule):
         mc_dropout: MCDropoutConfig | None = None,
         ensemble: EnsembleConfig | None = None,
         feature_cache: str | None = None,
+        pooling: str = "last_token",
     ):
         super().__init__()
         if backbone is None:
@@ -104,6 +108,9 @@ class PreferenceModule(L.LightningModule):
         self.save_hyperparameters(ignore=["feature_cache"])
         if mode not in ("pairwise", "pointwise"):
             raise ValueError(f"mode: expected 'pairwise' or 'pointwise', got {mode!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling: expected one of {sorted(POOLINGS)}, got {pooling!r}")
+        self.pooling = pooling
         self.backbone_spec, self.optim, self.mode = backbone, optim, mode
         self.tokenizer = load_tokenizer(backbone)
         base = load_backbone(backbone)
@@ -127,10 +134,10 @@ class PreferenceModule(L.LightningModule):
     def _backbone_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # no KV cache: nothing is generated, and building one costs a copy of every layer's keys and values
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return pool_last_token(out.last_hidden_state, attention_mask)
+        return pool(out.last_hidden_state, attention_mask, self.pooling)
 
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(N, L) token ids -> (N, H) hidden state of the last real token after the final norm.
+        """(N, L) token ids -> (N, H) pooled hidden states after the final norm (``pooling``).
 
         With a feature cache, what the frozen part of the backbone computes is read from the cache when these
         exact token ids were seen before: the pooled feature when nothing below the head trains, or the hidden
@@ -159,7 +166,7 @@ class PreferenceModule(L.LightningModule):
         finally:
             self.backbone.train(was_training)
         hidden = hidden.to(next(self.backbone.parameters()).dtype)
-        return pool_last_token(run_top(self.backbone, start, hidden, attention_mask), attention_mask)
+        return pool(run_top(self.backbone, start, hidden, attention_mask), attention_mask, self.pooling)
 
     def _bind_cache(self, kind: str) -> None:
         import hashlib
@@ -167,7 +174,7 @@ class PreferenceModule(L.LightningModule):
 
         if getattr(self, "_cache_kind", None) == kind and self.feature_cache.model_key is not None:
             return
-        desc = {**describe(self.backbone_spec), "dtype": self.backbone_spec.dtype, "pooling": "last_token",
+        desc = {**describe(self.backbone_spec), "dtype": self.backbone_spec.dtype, "pooling": self.pooling,
                 "weights": weights_fingerprint(self.backbone)}
         if kind != "pooled":
             desc["cached"] = kind

