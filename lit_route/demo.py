@@ -1,13 +1,20 @@
 """The main job, offline, on a real small model (``make demo`` / ``python -m lit_route.demo``).
 
-1. trains an uncertainty-aware preference model on frozen SmolLM2-135M-Instruct features with bundled real
-   preference data: the backbone reads each pair once (feature cache), the head trains for many epochs;
-2. finalises the posterior (one pass over the cached training features);
-3. evaluates uncertainty routing on the bundled LLMBar sets with recorded GPT-4 verdicts, and again with a
-   weaker recorded judge (LLaMA2), reusing the PM scores, and prints the routing table it measured;
-4. runs a short RLOO with the routing callback: SmolLM2 policy (LoRA), the PM from step 1 as the reward,
-   SmolLM2 as a local judge;
-5. prints a summary and where every artefact was written.
+Two sets, two answers to "does routing by the PM's uncertainty pay?", each against random routing and a
+length-only control, with 95% intervals:
+
+1. a constraints-task PM (frozen SmolLM2-135M-Instruct cut to 12 layers, mean-pooled, a Laplace head: a posterior
+   over its last layer gives each pair's uncertainty ū) trained on bundled verifier-labelled pairs, then its
+   covariance pass;
+2. routing on the pre-registered shift set: held-out prompts plus a family it never saw (``at least N words``,
+   whose cue is the opposite of the ``at most N words`` it learned), the task's verifier as the judge: here the
+   PM's uncertainty finds its errors;
+3. a general PM with an SNGP head (the paper's) on frozen SmolLM2 features of MT-Bench, LLMEval² and FairEval
+   human-labelled pairs, then its covariance pass;
+4. routing on LLMBar (Natural + 4 Adversarial sets) with GPT-4's and LLaMA2's recorded verdicts: here it does not;
+5. a short RLOO run with the routing callback on the constraints task: SmolLM2 policy (LoRA), the PM of step 1 as
+   the reward, the verifier as the judge for the most uncertain quarter of the pairs;
+6. a summary and where every artefact was written.
 """
 
 from __future__ import annotations
@@ -27,18 +34,16 @@ LLMBAR_EVAL = [
     "bundled:llmbar/Adversarial-GPTOut.json",
     "bundled:llmbar/Adversarial-Manual.json",
 ]
+SHIFT_SET = ["bundled:constraints/pairs-heldout.jsonl.gz", "bundled:constraints/pairs-shift.jsonl.gz"]
+CONSTRAINTS_PM = "configs/pm/constraints_mean12.yaml"
+LLMBAR_PM = "configs/pm/demo_llmbar_sngp.yaml"
+RLOO_CONFIG = "configs/rloo/demo_constraints.yaml"
+VERIFIER = "lit_route.tasks.verify:judge_pair"
 
-
-DEFAULT_PM_CONFIG = "configs/pm/smollm2_frozen_uq.yaml"
-
-# The up-front estimate of the default run. Timed on 2 idle AVX-512 cores before the feature pass read sequences
-# in length order: 22.1 min, 17.0 of them in the backbone's pass over 2,130 sequences read as 817,920 padded
-# tokens; in length order the pass reads 565,745 (tests/test_feature_pass.py checks the ordering), and its time
-# is taken as proportional to the tokens read: 11.8 min. An idle AVX2 CPU ran the old pass at ~70 s per 32-pair
-# batch (34 batches: 2.3 times as long), so its pass takes about 27 min, and the other stages at least their 5 min.
-ESTIMATE = ("about 17 min on 2 idle cores with AVX-512, at least 32 with AVX2 (about 12 and 27 of them in the "
-            "backbone's one pass over 2,130 sequences, 566k tokens; its bar shows the time left)")
-ESTIMATE_CACHED = "about 5 min on 2 idle cores (the backbone's features are in the cache)"
+# Wall times measured on 2 idle AVX2 cores (this project's reference machine) with an empty feature cache and
+# with a full one; the run scales them by how fast this machine runs the backbone (see calibrate()).
+REFERENCE_S = {"empty": 480.0, "cached": 150.0}
+REFERENCE_RATE = 1.0  # backbone tokens·layers per second on that machine, in millions (calibrate() measures)
 
 
 class Stopped:
@@ -60,12 +65,13 @@ class Stopped:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    # the first line, before any heavy import: a new user sees at once what runs and for about how long
+    print("lit_route demo: two PMs on frozen SmolLM2-135M features, routing on a set where it pays and on one "
+          "where it does not, then RLOO with routed rewards (offline). Importing...", flush=True)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="output folder")
-    parser.add_argument("--pm-config", default=DEFAULT_PM_CONFIG)
-    parser.add_argument("--rloo-config", default="configs/rloo/smollm2_local.yaml")
     parser.add_argument("--rloo-steps", type=int, default=8)
-    parser.add_argument("--limit-per-file", type=int, default=None, help="evaluate at most N pairs per LLMBar file")
+    parser.add_argument("--limit-per-file", type=int, default=None, help="evaluate at most N pairs per file")
     args = parser.parse_args(argv)
     state = Stopped()
     caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -86,58 +92,102 @@ def main(argv: list[str] | None = None) -> dict:
             signal.signal(s, handler)
 
 
-def run(args, state: Stopped) -> dict:
-    """The demo's stages (see the module docstring); ``state`` records which one is running."""
-    from lit_route.cli import _setup_logging, pm_cli, rloo_cli
+def calibrate(seconds: float = 1.0) -> float:
+    """This machine's float32 matmul rate (GFLOP/s) on the backbone's feed-forward shape, with the threads torch
+    uses: what the feature passes, which take most of the run, scale with."""
+    import torch
+
+    a, b = torch.randn(1024, 576), torch.randn(576, 1536)
+    a @ b  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        done += 1
+    return 2 * 1024 * 576 * 1536 * done / (time.perf_counter() - start) / 1e9
+
+
+def estimate(cached: bool) -> str:
+    rate = calibrate()
+    minutes = REFERENCE_S["cached" if cached else "empty"] * REFERENCE_RATE / rate / 60
+    return (f"Estimated time: {minutes:.0f} min on this machine ({rate:.0f} GFLOP/s measured just now; "
+            f"{REFERENCE_S['empty'] / 60:.0f} min on 2 idle AVX2 cores with an empty feature cache, "
+            f"{REFERENCE_S['cached'] / 60:.0f} min with a full one). Each feature pass shows its time left.")
+
+
+def fit_pm(config: str, out: Path) -> tuple[str, object, dict]:
+    """``pm fit`` of ``config`` into ``out``: the finalised checkpoint, the CLI (module, datamodule) and the
+    validation metrics."""
+    from lit_route.cli import pm_cli
+
+    cli = pm_cli(["fit", "--config", config, "--trainer.default_root_dir", str(out)])
+    finalize = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "FinalizeCovariance")
+    val = {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+    return finalize.ckpt_path, cli, val
+
+
+def score(cli, data: list[str], path: Path, limit: int | None):
+    """The trained module's ``(d, ū)`` on ``data`` (its features land in, or come from, the feature cache),
+    written as a ``pm score`` file."""
     from lit_route.data.encoding import PairEncoder
     from lit_route.data.readers import load_pairs
-    from lit_route.eval.run import evaluate, write_scores
-    from lit_route.judges.replay import ReplayJudge
+    from lit_route.eval.run import write_scores
     from lit_route.preference.scoring import score_pairs
+
+    module, dm = cli.model, cli.datamodule
+    pairs = load_pairs(data, limit=limit)
+    encoder = PairEncoder(module.tokenizer, dm.hparams.max_length, dm.hparams.template, module.mode)
+    d, u = score_pairs(module, pairs, encoder, batch_size=8)
+    write_scores(path, pairs, d, u)
+    return str(path)
+
+
+def run(args, state: Stopped) -> dict:
+    """The demo's stages (see the module docstring); ``state`` records which one is running."""
+    from lit_route.cli import _setup_logging, rloo_cli
+    from lit_route.demo_report import table, verdict
+    from lit_route.eval.run import evaluate
+    from lit_route.judges.function import FunctionJudge
+    from lit_route.judges.replay import ReplayJudge
 
     _setup_logging()
     out = Path(args.out)
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    cached = any(Path("runs/feature_cache").glob("*/shard-*.pt"))
+    print(estimate(cached), flush=True)
 
-    if args.pm_config == DEFAULT_PM_CONFIG:
-        cached = any(Path("runs/feature_cache").glob("*/shard-*.pt"))
-        print(f"Estimated time: {ESTIMATE_CACHED if cached else ESTIMATE}.", flush=True)
-    state.enter("1-2. Uncertainty-aware PM on frozen SmolLM2-135M-Instruct features, then the covariance pass")
+    state.enter("1. Constraints PM: frozen SmolLM2 (12 layers, mean-pooled) + Laplace head, then its covariance pass")
     t = time.perf_counter()
-    cli = pm_cli(["fit", "--config", args.pm_config, "--trainer.default_root_dir", str(out / "pm")])
-    timings["pm_fit_and_finalize_s"] = time.perf_counter() - t
-    finalize = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "FinalizeCovariance")
-    ckpt = finalize.ckpt_path
-    val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
-    module, dm = cli.model, cli.datamodule
-    cache_stats = module.feature_cache.stats() if module.feature_cache is not None else {}
+    constraints_ckpt, constraints_cli, constraints_val = fit_pm(CONSTRAINTS_PM, out / "pm_constraints")
+    timings["constraints_pm_s"] = time.perf_counter() - t
 
-    state.enter("3. Routing on LLMBar (419 pairs) with GPT-4's recorded verdicts")
+    state.enter("2. Routing on the shift set (held-out prompts + an unseen family), the verifier as judge")
     t = time.perf_counter()
-    # scored by the trained module itself, so LLMBar features land in (or come from) the same feature cache
-    pairs = load_pairs(LLMBAR_EVAL, limit=args.limit_per_file)
-    encoder = PairEncoder(module.tokenizer, dm.hparams.max_length, dm.hparams.template, module.mode)
-    d, u = score_pairs(module, pairs, encoder, batch_size=8)
-    module.flush_feature_cache()
-    scores = out / "llmbar_scores.jsonl"
-    write_scores(scores, pairs, d, u)
-    gpt4 = evaluate(LLMBAR_EVAL, ReplayJudge(judge="GPT-4"), scores=str(scores), output_dir=str(out / "eval_gpt4"),
-                    cache=None, limit_per_file=args.limit_per_file)
-    timings["score_and_evaluate_gpt4_s"] = time.perf_counter() - t
+    scores = score(constraints_cli, SHIFT_SET, out / "shift_scores.jsonl", args.limit_per_file)
+    shift = evaluate(SHIFT_SET, FunctionJudge(VERIFIER), scores=scores, output_dir=str(out / "eval_shift"),
+                     order="fixed", cache=None, limit_per_file=args.limit_per_file)
+    timings["shift_routing_s"] = time.perf_counter() - t
 
-    state.enter("3b. The same PM scores with a weaker recorded judge (LLaMA2)")
+    state.enter("3. LLMBar PM: frozen SmolLM2 features + SNGP head, then its covariance pass")
     t = time.perf_counter()
-    llama2 = evaluate(LLMBAR_EVAL, ReplayJudge(judge="LLaMA2"), scores=str(scores),
-                      output_dir=str(out / "eval_llama2"), cache=None, limit_per_file=args.limit_per_file)
-    timings["evaluate_llama2_s"] = time.perf_counter() - t
-    table = routing_table({"GPT-4": gpt4, "LLaMA2": llama2})
-    print("\n" + table, flush=True)
-    (out / "routing_table.md").write_text(table)
+    llmbar_ckpt, llmbar_cli, llmbar_val = fit_pm(LLMBAR_PM, out / "pm_llmbar")
+    timings["llmbar_pm_s"] = time.perf_counter() - t
 
-    state.enter("4. RLOO with uncertainty routing to a local judge")
+    state.enter("4. Routing on LLMBar (419 pairs) with GPT-4's, then LLaMA2's recorded verdicts")
     t = time.perf_counter()
-    rloo = rloo_cli(["fit", "--config", args.rloo_config, "--model.pm_ckpt", ckpt,
+    scores = score(llmbar_cli, LLMBAR_EVAL, out / "llmbar_scores.jsonl", args.limit_per_file)
+    llmbar = {name: evaluate(LLMBAR_EVAL, ReplayJudge(judge=name), scores=scores, cache=None,
+                             output_dir=str(out / f"eval_llmbar_{name.lower().replace('-', '')}"),
+                             limit_per_file=args.limit_per_file) for name in ("GPT-4", "LLaMA2")}
+    timings["llmbar_routing_s"] = time.perf_counter() - t
+    sets = {"constraints shift (verifier)": shift, **{f"LLMBar ({k})": v for k, v in llmbar.items()}}
+    report = table(sets)
+    print("\n" + report, flush=True)
+    (out / "routing_table.md").write_text(report)
+
+    state.enter("5. RLOO on the constraints task, the most uncertain quarter of the pairs sent to the verifier")
+    t = time.perf_counter()
+    rloo = rloo_cli(["fit", "--config", RLOO_CONFIG, "--model.pm_ckpt", constraints_ckpt,
                      "--trainer.default_root_dir", str(out / "rloo"), "--trainer.max_steps", str(args.rloo_steps)])
     timings["rloo_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
@@ -148,22 +198,17 @@ def run(args, state: Stopped) -> dict:
         return results["curves"][router][results["fractions"].index(f)]
 
     summary = {
-        "pm_checkpoint": ckpt,
-        "pm_head": module.head_kind,
-        "pm_training_pairs": len(dm.train_set),
-        "pm_feature_cache": cache_stats,
-        "pm_validation": val,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "llmbar": {
-            name: {
-                "pm_accuracy": r["pm_accuracy"],
-                "judge_accuracy": r["judge_accuracy"],
-                "auroc_uncertainty": r["metrics"]["auroc_uncertainty"],
-                "ece": r["metrics"]["ece"],
-                **{f"{router}@{int(f * 100)}%": at(r, router, f) for f in (0.1, 0.25, 0.5)
-                   for router in ("uncertainty", "random", "margin", "oracle")},
-            }
-            for name, r in (("gpt4", gpt4), ("llama2", llama2))
+        "pms": {
+            "constraints": {"checkpoint": constraints_ckpt, "config": CONSTRAINTS_PM, "validation": constraints_val},
+            "llmbar": {"checkpoint": llmbar_ckpt, "config": LLMBAR_PM, "validation": llmbar_val},
+        },
+        "routing": {
+            name: {"verdict": verdict(r), "pm_accuracy": r["pm_accuracy"], "judge_accuracy": r["judge_accuracy"],
+                   "auroc_uncertainty": r["metrics"]["auroc_uncertainty"],
+                   **{f"{router}@{int(f * 100)}%": at(r, router, f) for f in (0.1, 0.25, 0.5)
+                      for router in ("uncertainty", "margin", "random", "length", "oracle")}}
+            for name, r in sets.items()
         },
         "rloo": {
             "steps": len(rloo_log),
@@ -176,37 +221,19 @@ def run(args, state: Stopped) -> dict:
             "reward_std_by_step": [round(r.get("reward/std", 0.0), 4) for r in rloo_log],
         },
         "artefacts": {
-            "pm_checkpoint": ckpt,
-            "pm_logs": str(out / "pm"),
             "routing_table": str(out / "routing_table.md"),
-            "gpt4_results": str(out / "eval_gpt4" / "results.json"),
-            "gpt4_plot": str(out / "eval_gpt4" / "routing_curve.png"),
-            "llama2_results": str(out / "eval_llama2" / "results.json"),
-            "llama2_plot": str(out / "eval_llama2" / "routing_curve.png"),
+            "shift_results": str(out / "eval_shift" / "results.json"),
+            **{f"llmbar_{k}_results": str(out / f"eval_llmbar_{k.lower().replace('-', '')}" / "results.json")
+               for k in llmbar},
             "rloo_metrics": str(Path(rloo.trainer.logger.log_dir) / "metrics.csv"),
         },
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n== Summary ==")
     print(json.dumps(summary, indent=2))
-    print(f"\nsummary: {out / 'summary.json'}   total {timings['total_s'] / 60:.1f} min")
+    print(f"\nrouting table: {out / 'routing_table.md'}   summary: {out / 'summary.json'}   "
+          f"total {timings['total_s'] / 60:.1f} min")
     return summary
-
-
-def routing_table(results: dict[str, dict], fractions=(0.0, 0.05, 0.1, 0.25, 0.5)) -> str:
-    """Markdown: accuracy at each judged share for uncertainty / random / margin / oracle routing, per judge."""
-    lines = ["| judge | judged | uncertainty | random | margin | oracle |", "|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        for i, f in enumerate(fractions):
-            at = {k: r["curves"][k][r["fractions"].index(f)] for k in ("uncertainty", "random", "margin", "oracle")}
-            label = f"{name} (alone: {r['judge_accuracy']:.3f})" if i == 0 else ""
-            lines.append(f"| {label} | {int(f * 100)}% | " + " | ".join(f"{at[k]:.3f}" for k in at) + " |")
-    first = next(iter(results.values()))
-    metrics = first["metrics"]
-    lines.append("")
-    lines.append(f"PM alone: accuracy {first['pm_accuracy']:.3f}, ECE {metrics['ece']:.3f}, "
-                 f"AUROC(ū → error) {metrics['auroc_uncertainty']:.3f} on {first['n_pairs']} pairs.")
-    return "\n".join(lines) + "\n"
 
 
 def _rloo_history(path: Path) -> list[dict[str, float]]:
