@@ -3,7 +3,7 @@
 Two sets, two answers to "does routing by the PM's uncertainty pay?", each against random routing and a
 length-only control, with 95% intervals:
 
-1. a constraints-task PM (frozen SmolLM2-135M-Instruct cut to 12 layers, mean-pooled, a Laplace head: a posterior
+1. a constraints-task PM (frozen SmolLM2-135M-Instruct cut to 6 layers, mean-pooled, a Laplace head: a posterior
    over its last layer gives each pair's uncertainty ū) trained on bundled verifier-labelled pairs, then its
    covariance pass;
 2. routing on the pre-registered shift set: held-out prompts plus a family it never saw (``at least N words``,
@@ -35,7 +35,7 @@ LLMBAR_EVAL = [
     "bundled:llmbar/Adversarial-Manual.json",
 ]
 SHIFT_SET = ["bundled:constraints/pairs-heldout.jsonl.gz", "bundled:constraints/pairs-shift.jsonl.gz"]
-CONSTRAINTS_PM = "configs/pm/constraints_mean12.yaml"
+CONSTRAINTS_PM = "configs/pm/demo_constraints.yaml"
 LLMBAR_PM = "configs/pm/demo_llmbar_sngp.yaml"
 RLOO_CONFIG = "configs/rloo/demo_constraints.yaml"
 VERIFIER = "lit_route.tasks.verify:judge_pair"
@@ -156,7 +156,7 @@ def run(args, state: Stopped) -> dict:
     cached = any(Path("runs/feature_cache").glob("*/shard-*.pt"))
     print(estimate(cached), flush=True)
 
-    state.enter("1. Constraints PM: frozen SmolLM2 (12 layers, mean-pooled) + Laplace head, then its covariance pass")
+    state.enter("1. Constraints PM: frozen SmolLM2 (6 layers, mean-pooled) + Laplace head, then its covariance pass")
     t = time.perf_counter()
     constraints_ckpt, constraints_cli, constraints_val = fit_pm(CONSTRAINTS_PM, out / "pm_constraints")
     timings["constraints_pm_s"] = time.perf_counter() - t
