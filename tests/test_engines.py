@@ -278,6 +278,24 @@ def test_server_engine_gives_every_sample_its_own_stream(tmp_path):
     assert again == first and other != first  # a seed gives the same samples again, another seed others
 
 
+def test_a_model_in_the_place_of_a_freed_one_is_synced_anew(tmp_path, monkeypatch):
+    """A model freed and the next one allocated where it was share an ``id()``: the next one, at the same
+    version, is still loaded, under a name of its own."""
+    from lit_route.policy.engines import server as server_module
+
+    monkeypatch.setattr(server_module, "id", lambda obj: 1, raising=False)  # every model at one address
+    with Loopback() as server:
+        server.script = [Reply(raw_body=b"Success"), Reply(raw_body=b"Success")]  # two load_lora_adapter calls
+        engine = ServerEngine(EngineOptions(base_url=f"{server.url}/v1", served_model="base",
+                                            adapter_dir=str(tmp_path)))
+        first, second = _policy(), _policy()
+        engine.sync(first, 0)
+        engine.sync(first, 0)  # in step already: nothing to send
+        engine.sync(second, 0)
+    names = [r["body"]["lora_name"] for r in server.requests if r["path"] == "/v1/load_lora_adapter"]
+    assert len(names) == 2 and names[0] != names[1] and engine._current == names[1]
+
+
 def test_sample_seeds_are_one_per_sample_and_reproducible():
     seeds = sample_seeds(7, 3, 4)
     assert len(set(seeds)) == 12 and seeds == sample_seeds(7, 3, 4) and seeds != sample_seeds(8, 3, 4)

@@ -323,6 +323,23 @@ def test_a_push_the_engine_did_not_take_is_read_back(model_dir, colocated, monke
         colocated.sync(policy, 500)
 
 
+def test_a_model_in_the_place_of_a_freed_one_is_synced_anew(model_dir, colocated, monkeypatch):
+    """A model freed and the next one allocated where it was share an ``id()``: the next one, at the same
+    version, is still pushed."""
+    from lit_route.policy.engines import vllm_engine
+
+    colocated.mode, colocated._lora = "merged", None
+    monkeypatch.setattr(vllm_engine, "id", lambda obj: 1, raising=False)  # every model at one address
+    first, second = _policy(model_dir), _policy(model_dir)
+    with torch.no_grad():
+        next(p for n, p in second.named_parameters() if "lora_B" in n).add_(0.01)
+    colocated.sync(first, 600)
+    syncs = colocated.syncs
+    colocated.sync(first, 600)  # in step already: nothing to push
+    colocated.sync(second, 600)
+    assert colocated.syncs == syncs + 1
+
+
 def test_merged_sync_of_a_lora_on_part_of_a_fused_layer(model_dir, colocated):
     """A LoRA on q_proj and v_proj only: vLLM's qkv_proj must still get k_proj, or that part is garbage."""
     colocated.mode, colocated._lora = "merged", None

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from lit_route.policy.engines.base import EngineOutput, pack, prompt_lists, sample_seeds
+from lit_route.policy.engines.base import EngineOutput, SyncMark, pack, prompt_lists, sample_seeds
 from lit_route.policy.engines.readback import engine_readback, expected_readback, readback_mismatches
 from lit_route.policy.engines.weights import (
     AdapterVersions,
@@ -151,7 +151,7 @@ class VLLMEngine:
         self._lora = None
         self._lora_ids: dict[int, int] = {}
         self._next_id = 0
-        self._synced: tuple[int, int] | None = None
+        self._synced = SyncMark()
         self._layout: tuple[dict[str, list[str]], set[str]] | None = None
         self.last_sync_s = 0.0
         self.syncs = 0
@@ -161,7 +161,7 @@ class VLLMEngine:
         return {} if torch.cuda.is_available() else cpu_environment(options.cpu_kv_cache_gb)
 
     def sync(self, model, version: int) -> None:
-        if self._synced == (id(model), version):
+        if self._synced.holds(model, version):
             return
         started = time.perf_counter()
         if self.mode == "adapter":
@@ -170,7 +170,7 @@ class VLLMEngine:
             self._sync_adapter(model, version)
         else:
             self._sync_merged(model)
-        self._synced = (id(model), version)
+        self._synced.set(model, version)
         self.last_sync_s = time.perf_counter() - started
         self.syncs += 1
 
@@ -215,7 +215,7 @@ class VLLMEngine:
                 self.llm.llm_engine.remove_lora(lora_id)
 
     def generate(self, model, prompt_ids, prompt_mask, config, eos_ids, pad_id, seed) -> EngineOutput:
-        if self._synced is None or self._synced[0] != id(model):
+        if not self._synced.holds(model):
             raise RuntimeError("VLLMEngine.generate: sync(model, version) first")
         prompts = prompt_lists(prompt_ids, prompt_mask)
         k = config.num_samples
