@@ -16,8 +16,9 @@ from lit_route.policy.decode import warp
 from lit_route.policy.engines import build_engine
 from lit_route.policy.engines.base import EngineOutput, pack, sample_seeds
 from lit_route.policy.engines.correction import logprob_gap, truncated_is_weights
+from lit_route.policy.engines.readback import COLUMNS, expected_readback, readback_mismatches, sample_columns
 from lit_route.policy.engines.server import ServerEngine, ServerError
-from lit_route.policy.engines.weights import engine_lora_rank, merged_weights, sync_shortfall
+from lit_route.policy.engines.weights import conv1d_names, engine_lora_rank, merged_weights, sync_shortfall
 from lit_route.policy.sampling import (
     EngineOptions,
     GenerationConfig,
@@ -84,10 +85,53 @@ def test_sync_shortfall_names_what_an_engine_did_not_take():
     pushed = [f"{layer}.{m}_proj.weight" for m in "qkvo"]
     changed = {f"{layer}.q_proj.weight", f"{layer}.o_proj.weight"}
     params = {f"{layer}.qkv_proj.weight", f"{layer}.o_proj.weight", "model.norm.weight"}
-    # the layers a push leaves alone are no shortfall; the weights it brought or had to bring are
-    assert sync_shortfall(pushed, changed, fused, params, {"model.norm.weight"}) == []
-    assert sync_shortfall(pushed[:3], changed, fused, params, {f"{layer}.o_proj.weight"}) == [f"{layer}.o_proj.weight"]
-    assert sync_shortfall(pushed[::2], changed, fused, params, set()) == [f"{layer}.qkv_proj.weight (part: k_proj missing)"]
+    # a complete push the engine holds (model.norm, which it leaves alone, is no shortfall)
+    assert sync_shortfall(pushed, changed, fused, params, set()) == []
+    # a changed weight left out of the push: by our own account, whatever the engine says
+    assert sync_shortfall(pushed[:3], changed, fused, params, set()) == [f"{layer}.o_proj.weight"]
+    # a pushed weight the engine does not hold: by its read-back
+    qkv = f"{layer}.qkv_proj.weight"
+    assert sync_shortfall(pushed, changed, fused, params, {qkv}) == [qkv]
+    assert sync_shortfall(pushed[::2], changed, fused, params, set()) == [f"{layer}.o_proj.weight",
+                                                                          f"{qkv} (part: k_proj missing)"]
+
+
+def test_readback_compares_exact_columns_of_fused_and_transposed_weights():
+    torch.manual_seed(0)
+    fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    attn = "model.layers.0.self_attn"
+    qkv, o, norm, conv = f"{attn}.qkv_proj.weight", f"{attn}.o_proj.weight", "model.norm.weight", "h.0.c_proj.weight"
+    weights = [(f"{attn}.{m}_proj.weight", torch.randn(rows, 6))
+               for m, rows in zip("qkvo", (4, 2, 2, 4), strict=True)]
+    weights += [(norm, torch.randn(6)), (conv, torch.randn(6, 6))]  # GPT-2's Conv1D stores (in, out)
+    pushed = dict(weights)
+    expected = expected_readback(weights, fused, {qkv, o, norm, conv}, {conv}, seed=3)
+    assert {n: width for n, (width, _) in expected.items()} == {qkv: 6, o: 6, norm: None, conv: 6}
+    cols = sample_columns(6, 3)
+    assert len(set(cols)) == COLUMNS and len({tuple(sample_columns(576, seed)) for seed in range(3)}) == 3
+    # what an engine holding the push reads back: q, k, v stacked in qkv_proj; o_proj with a padded extra row
+    engine = {qkv: torch.cat([pushed[f"{attn}.{m}_proj.weight"] for m in "qkv"])[:, cols],
+              o: torch.cat([pushed[o], torch.zeros(1, 6)])[:, cols], norm: pushed[norm],
+              conv: pushed[conv].T[:, cols]}
+    assert readback_mismatches(expected, engine) == set()
+    # a bfloat16 engine holds the pushed float32 weights rounded to bfloat16
+    assert readback_mismatches(expected, {n: t.to(torch.bfloat16) for n, t in engine.items()}) == set()
+    # weights the engine kept from before: a step of 1e-3 is far above float32 rounding (1e-7 relative)
+    stale = engine | {o: engine[o] + 1e-3, norm: engine[norm] + 1e-3}
+    assert readback_mismatches(expected, stale) == {o, norm}
+    assert readback_mismatches(expected, engine | {conv: pushed[conv][:, cols]}) == {conv}  # (in, out) as (out, in)
+    # a fused layer pushed in part is not read back (sync_shortfall names it)
+    assert qkv not in expected_readback(weights[1:], fused, {qkv, o, norm}, set(), seed=3)
+
+
+def test_conv1d_names_are_gpt2_layers_under_their_checkpoint_names():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=16))
+    names = {f"transformer.h.0.{m}.weight" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert conv1d_names(gpt2) == names
+    assert conv1d_names(apply_lora(gpt2, LoraSpec(r=2, alpha=4, target_modules=["c_attn"]))) == names  # peft's too
+    assert conv1d_names(load_backbone(BackboneSpec(), causal_lm=True)) == set()
 
 
 def test_nucleus_logprobs_are_the_truncated_distribution():
@@ -232,6 +276,24 @@ def test_server_engine_gives_every_sample_its_own_stream(tmp_path):
     assert all(len(g) == 4 for g in groups)
     assert not groups[0] & groups[1]  # the duplicated prompt's two groups share no sample
     assert again == first and other != first  # a seed gives the same samples again, another seed others
+
+
+def test_a_model_in_the_place_of_a_freed_one_is_synced_anew(tmp_path, monkeypatch):
+    """A model freed and the next one allocated where it was share an ``id()``: the next one, at the same
+    version, is still loaded, under a name of its own."""
+    from lit_route.policy.engines import server as server_module
+
+    monkeypatch.setattr(server_module, "id", lambda obj: 1, raising=False)  # every model at one address
+    with Loopback() as server:
+        server.script = [Reply(raw_body=b"Success"), Reply(raw_body=b"Success")]  # two load_lora_adapter calls
+        engine = ServerEngine(EngineOptions(base_url=f"{server.url}/v1", served_model="base",
+                                            adapter_dir=str(tmp_path)))
+        first, second = _policy(), _policy()
+        engine.sync(first, 0)
+        engine.sync(first, 0)  # in step already: nothing to send
+        engine.sync(second, 0)
+    names = [r["body"]["lora_name"] for r in server.requests if r["path"] == "/v1/load_lora_adapter"]
+    assert len(names) == 2 and names[0] != names[1] and engine._current == names[1]
 
 
 def test_sample_seeds_are_one_per_sample_and_reproducible():

@@ -9,6 +9,7 @@ external one (``vllm``, ``server``) pushes the adapter or the weights.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -52,6 +53,22 @@ class RolloutEngine(Protocol):
     def close(self) -> None:
         """Release the engine (processes, folders)."""
         ...
+
+
+class SyncMark:
+    """The model an engine last synced and its version. The model itself is kept (weakly), not its ``id()``: a
+    model freed and the next one allocated in its place share an ``id()``, and the next one would look synced."""
+
+    def __init__(self):
+        self._model: weakref.ref | None = None
+        self.version: int | None = None
+
+    def set(self, model, version: int) -> None:
+        self._model, self.version = weakref.ref(model), version
+
+    def holds(self, model, version: int | None = None) -> bool:
+        """Whether ``model`` (at ``version``, unless ``None``) is the one last synced."""
+        return self._model is not None and self._model() is model and version in (None, self.version)
 
 
 def prompt_lists(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[list[int]]:

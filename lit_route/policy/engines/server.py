@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import os
 import urllib.error
@@ -26,8 +27,11 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from lit_route.judges.limits import CallPolicy, RetryableError, backoff_wait
 from lit_route.judges.remote import classify_http_error
-from lit_route.policy.engines.base import EngineOutput, pack, prompt_lists, sample_seeds
+from lit_route.policy.engines.base import EngineOutput, SyncMark, pack, prompt_lists, sample_seeds
 from lit_route.policy.engines.weights import AdapterVersions, is_peft
+
+# numbers the adapters this process loads: a name is never reused, whichever engine or model loads it
+_LOADS = itertools.count(1)
 
 
 class ServerError(RuntimeError):
@@ -57,7 +61,7 @@ class ServerEngine:
         self._versions = AdapterVersions(options.adapter_dir, options.keep_versions)
         self._names: dict[int, str] = {}
         self._current: str | None = None
-        self._synced: tuple[int, int] | None = None
+        self._synced = SyncMark()
         self.stats = {"requests": 0, "retries": 0}
         self.base_model = options.served_model or self._first_model()
 
@@ -111,20 +115,20 @@ class ServerEngine:
         return json.loads(self._request("/models"))["data"][0]["id"]
 
     def sync(self, model, version: int) -> None:
-        if self._synced == (id(model), version):
+        if self._synced.holds(model, version):
             return
         if not is_peft(model):
             raise ValueError("generation.engine: server syncs LoRA adapters; a policy without LoRA needs the "
                              "vllm engine (weights are pushed in-process) or lora settings")
         path, removed = self._versions.write(model, version)
-        name = f"policy-v{version}-{os.getpid()}-{id(model) & 0xFFFF:x}"
+        name = f"policy-v{version}-{os.getpid()}-{next(_LOADS)}"
         self._post("/load_lora_adapter", {"lora_name": name, "lora_path": str(path.resolve())})
         self._names[version], self._current = name, name
         for old in removed:
             old_name = self._names.pop(old, None)
             if old_name is not None:
                 self._post("/unload_lora_adapter", {"lora_name": old_name})
-        self._synced = (id(model), version)
+        self._synced.set(model, version)
 
     def _complete(self, prompt: list[int], config, eos_ids: list[int], seed: int | None) -> dict:
         """One sample of ``prompt`` (``n = 1``: vLLM would seed the samples of an ``n = K`` request ``seed + j``,

@@ -8,8 +8,9 @@ per optimiser step, in one of two ways (``engine_options.sync``):
   base weights never move, which is what scales to an 8B policy.
 - ``merged``: the adapted layers' merged weights ``W + ΔW`` (with the unadapted parts of the layers vLLM fuses
   with them; a policy without LoRA: all its weights) are loaded into the engine's model through vLLM's in-place
-  weight reload, which is checked to have taken every one of them, and the prefix cache is reset. Sampling then
-  runs at the base model's speed, which on a CPU more than pays for the push.
+  weight reload, read back from the engine to check that it holds every one of them (:mod:`.readback`), and the
+  prefix cache is reset. Sampling then runs at the base model's speed, which on a CPU more than pays for the
+  push.
 
 The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that weights are handed over without a copy
 through a socket. Each sample is a request of its own with its own seed. Its log-probabilities are those of the
@@ -20,16 +21,19 @@ compares with the trainer's of the same truncated distribution.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
 
 import torch
 
-from lit_route.policy.engines.base import EngineOutput, pack, prompt_lists, sample_seeds
+from lit_route.policy.engines.base import EngineOutput, SyncMark, pack, prompt_lists, sample_seeds
+from lit_route.policy.engines.readback import engine_readback, expected_readback, readback_mismatches
 from lit_route.policy.engines.weights import (
     AdapterVersions,
     changed_weight_names,
+    conv1d_names,
     engine_lora_rank,
     is_peft,
     merged_weights,
@@ -67,30 +71,20 @@ def engine_layout(model) -> tuple[dict[str, list[str]], set[str]]:
 
 # what vLLM's in-place reload logs, per sync, about the layers and weights a partial push leaves alone
 _RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace")
-_LAYER_NOT_LOADED = "%s: Failed to load weights"
-_WEIGHTS_NOT_LOADED = "Following weights were not loaded from checkpoint: %s"
+_RELOAD_NOTICES = ("%s: Failed to load weights", "Following weights were not loaded from checkpoint: %s")
 
 
 class _ReloadNotices(logging.Filter):
-    """Takes vLLM's notices about weights a reload did not touch off its log and keeps their names.
+    """Takes vLLM's notices about the weights a reload did not touch off its log; every other record passes.
 
     A merged push brings only the adapted layers: every other layer keeps its weights, and vLLM says so, one
-    warning per layer and one list of every untouched weight per sync. Those are expected; whether the push
-    missed a weight that must change is :func:`~lit_route.policy.engines.weights.sync_shortfall`'s call, on the
-    names kept here. Every other record passes.
+    warning per layer and one list of every untouched weight per sync. Those are expected. Whether the engine
+    holds every weight the push must change is read back from the engine instead (:mod:`.readback`), so nothing
+    depends on these records being emitted or caught.
     """
 
-    def __init__(self):
-        super().__init__()
-        self.not_loaded: set[str] = set()
-
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg == _LAYER_NOT_LOADED:
-            return False
-        if record.msg == _WEIGHTS_NOT_LOADED and record.args:
-            self.not_loaded |= set(record.args[0])
-            return False
-        return True
+        return record.msg not in _RELOAD_NOTICES
 
 
 @contextlib.contextmanager
@@ -101,7 +95,7 @@ def reload_notices():
     for logger in loggers:
         logger.addFilter(notices)
     try:
-        yield notices
+        yield
     finally:
         for logger in loggers:
             logger.removeFilter(notices)
@@ -157,7 +151,7 @@ class VLLMEngine:
         self._lora = None
         self._lora_ids: dict[int, int] = {}
         self._next_id = 0
-        self._synced: tuple[int, int] | None = None
+        self._synced = SyncMark()
         self._layout: tuple[dict[str, list[str]], set[str]] | None = None
         self.last_sync_s = 0.0
         self.syncs = 0
@@ -167,7 +161,7 @@ class VLLMEngine:
         return {} if torch.cuda.is_available() else cpu_environment(options.cpu_kv_cache_gb)
 
     def sync(self, model, version: int) -> None:
-        if self._synced == (id(model), version):
+        if self._synced.holds(model, version):
             return
         started = time.perf_counter()
         if self.mode == "adapter":
@@ -176,14 +170,15 @@ class VLLMEngine:
             self._sync_adapter(model, version)
         else:
             self._sync_merged(model)
-        self._synced = (id(model), version)
+        self._synced.set(model, version)
         self.last_sync_s = time.perf_counter() - started
         self.syncs += 1
 
     def _sync_merged(self, model) -> None:
         """Pushes the merged weights through vLLM's in-place reload (checkpoint names and layouts in, its own
         kernel layouts (packed, stacked, LoRA-wrapped) restored around the load; a plain ``load_weights`` fails
-        once the CPU backend has repacked the weights), then checks that every weight that must change did.
+        once the CPU backend has repacked the weights), then reads a few columns of every engine parameter it
+        filled back from the engine and checks that the engine holds every weight that must change.
 
         Raises:
             RuntimeError: The engine did not take all of the policy's changed weights.
@@ -192,12 +187,16 @@ class VLLMEngine:
             self._layout = self.llm.apply_model(engine_layout)[0]
         fused, engine_params = self._layout
         weights = merged_weights(model, fused)
-        with reload_notices() as notices:
+        with reload_notices():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
                                                               "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        seed = self.syncs  # other columns every sync
+        expected = expected_readback(weights, fused, engine_params, conv1d_names(model), seed)
+        requests = {name: width for name, (width, _) in expected.items()}
+        read = self.llm.apply_model(functools.partial(engine_readback, requests, seed))[0]
         short = sync_shortfall([n for n, _ in weights], changed_weight_names(model), fused, engine_params,
-                               notices.not_loaded)
+                               readback_mismatches(expected, read))
         if short:
             shown = ", ".join(short[:5]) + (f" and {len(short) - 5} more" if len(short) > 5 else "")
             raise RuntimeError(f"vllm engine: the weight sync left {len(short)} of the policy's weights unloaded "
@@ -216,7 +215,7 @@ class VLLMEngine:
                 self.llm.llm_engine.remove_lora(lora_id)
 
     def generate(self, model, prompt_ids, prompt_mask, config, eos_ids, pad_id, seed) -> EngineOutput:
-        if self._synced is None or self._synced[0] != id(model):
+        if not self._synced.holds(model):
             raise RuntimeError("VLLMEngine.generate: sync(model, version) first")
         prompts = prompt_lists(prompt_ids, prompt_mask)
         k = config.num_samples

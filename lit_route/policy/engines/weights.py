@@ -157,8 +157,15 @@ def merged_weights(model, fused: dict[str, list[str]] | None = None) -> list[tup
     return out
 
 
+def conv1d_names(model) -> set[str]:
+    """Checkpoint names of ``model``'s weights stored ``(in, out)``: those of transformers' ``Conv1D`` (GPT-2)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {f"{_hf_name(name)}.weight" for name, module in model.named_modules() if isinstance(module, Conv1D)}
+
+
 def sync_shortfall(pushed: list[str], changed: set[str], fused: dict[str, list[str]], engine_params: set[str],
-                   not_loaded: set[str]) -> list[str]:
+                   mismatched: set[str]) -> list[str]:
     """What a weight push left the engine without, by our own account and the engine's.
 
     Args:
@@ -166,20 +173,22 @@ def sync_shortfall(pushed: list[str], changed: set[str], fused: dict[str, list[s
         changed: Checkpoint names of the weights the engine must take (:func:`changed_weight_names`).
         fused: The engine's fused layers (see :func:`merged_weights`).
         engine_params: The engine model's parameter names (fused names).
-        not_loaded: The engine's parameters its load left untouched (the engine's own report).
+        mismatched: Engine parameters that do not hold what was pushed into them, read back from the engine
+            (:func:`~lit_route.policy.engines.readback.readback_mismatches`).
 
     Returns:
-        Sorted engine parameter names that the push should have loaded and did not, and the fused parameters it
-        loaded in part (``name (part: k_proj, v_proj missing)``); empty for a complete push.
+        Sorted engine parameter names that the push should have filled and did not (a changed weight left out of
+        it, a pushed one the engine does not hold), then the fused parameters it brought in part
+        (``name (part: k_proj, v_proj missing)``); empty for a complete push.
     """
-    expected = {engine_name(n, fused) for n in set(pushed) | changed}
-    missing = sorted((expected & engine_params) & not_loaded)
     members = {m: g for g, ms in fused.items() for m in ms}
     got: dict[str, set[str]] = {}
     for name in pushed:
         leaf = name.rpartition(".")[0].rpartition(".")[2]
         if leaf in members:
             got.setdefault(engine_name(name, fused), set()).add(leaf)
+    left_out = {engine_name(n, fused) for n in changed - set(pushed)} - got.keys()  # a part: named below
+    missing = sorted((left_out | set(mismatched)) & engine_params)
     for target, leaves in sorted(got.items()):
         absent = [m for m in fused[members[next(iter(leaves))]] if m not in leaves]
         if absent:
