@@ -199,7 +199,7 @@ def _last_checkpoint(config, callbacks) -> list:
 
 def pm_score(
     pm_ckpt: str,
-    data: list[str],
+    data: list[str] | str,
     output: str,
     format: str = "auto",
     skip_invalid: bool = False,

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
           "where it does not, then RLOO with routed rewards (offline). Importing...", flush=True)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="output folder")
+    parser.add_argument("--constraints-pm-config", default=CONSTRAINTS_PM, help="stage 1's `pm fit` config")
+    parser.add_argument("--llmbar-pm-config", default=LLMBAR_PM, help="stage 3's `pm fit` config")
+    parser.add_argument("--rloo-config", default=RLOO_CONFIG, help="stage 5's `rloo fit` config")
     parser.add_argument("--rloo-steps", type=int, default=8)
     parser.add_argument("--limit-per-file", type=int, default=None, help="evaluate at most N pairs per file")
     args = parser.parse_args(argv)
@@ -158,7 +161,7 @@ def run(args, state: Stopped) -> dict:
 
     state.enter("1. Constraints PM: frozen SmolLM2 (6 layers, mean-pooled) + Laplace head, then its covariance pass")
     t = time.perf_counter()
-    constraints_ckpt, constraints_cli, constraints_val = fit_pm(CONSTRAINTS_PM, out / "pm_constraints")
+    constraints_ckpt, constraints_cli, constraints_val = fit_pm(args.constraints_pm_config, out / "pm_constraints")
     timings["constraints_pm_s"] = time.perf_counter() - t
 
     state.enter("2. Routing on the shift set (held-out prompts + an unseen family), the verifier as judge")
@@ -170,7 +173,7 @@ def run(args, state: Stopped) -> dict:
 
     state.enter("3. LLMBar PM: frozen SmolLM2 features + SNGP head, then its covariance pass")
     t = time.perf_counter()
-    llmbar_ckpt, llmbar_cli, llmbar_val = fit_pm(LLMBAR_PM, out / "pm_llmbar")
+    llmbar_ckpt, llmbar_cli, llmbar_val = fit_pm(args.llmbar_pm_config, out / "pm_llmbar")
     timings["llmbar_pm_s"] = time.perf_counter() - t
 
     state.enter("4. Routing on LLMBar (419 pairs) with GPT-4's, then LLaMA2's recorded verdicts")
@@ -187,7 +190,7 @@ def run(args, state: Stopped) -> dict:
 
     state.enter("5. RLOO on the constraints task, the most uncertain quarter of the pairs sent to the verifier")
     t = time.perf_counter()
-    rloo = rloo_cli(["fit", "--config", RLOO_CONFIG, "--model.pm_ckpt", constraints_ckpt,
+    rloo = rloo_cli(["fit", "--config", args.rloo_config, "--model.pm_ckpt", constraints_ckpt,
                      "--trainer.default_root_dir", str(out / "rloo"), "--trainer.max_steps", str(args.rloo_steps)])
     timings["rloo_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
@@ -200,8 +203,8 @@ def run(args, state: Stopped) -> dict:
     summary = {
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "pms": {
-            "constraints": {"checkpoint": constraints_ckpt, "config": CONSTRAINTS_PM, "validation": constraints_val},
-            "llmbar": {"checkpoint": llmbar_ckpt, "config": LLMBAR_PM, "validation": llmbar_val},
+            "constraints": {"checkpoint": constraints_ckpt, "config": args.constraints_pm_config, "validation": constraints_val},
+            "llmbar": {"checkpoint": llmbar_ckpt, "config": args.llmbar_pm_config, "validation": llmbar_val},
         },
         "routing": {
             name: {"verdict": verdict(r), "pm_accuracy": r["pm_accuracy"], "judge_accuracy": r["judge_accuracy"],

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_a_demo_stopped_during_training_says_where_and_exits_non_zero(sig, tmp_path):
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    argv = [sys.executable, "-m", "lit_route.demo", "--pm-config", "configs/pm/debug_tiny.yaml",
-            "--rloo-config", "configs/rloo/debug_tiny.yaml", "--out", "runs/demo", "--limit-per-file", "5"]
+    argv = [sys.executable, "-m", "lit_route.demo", "--constraints-pm-config", "configs/pm/debug_tiny.yaml",
+            "--llmbar-pm-config", "configs/pm/debug_tiny.yaml", "--rloo-config", "configs/rloo/debug_tiny.yaml", "--out", "runs/demo", "--limit-per-file", "5"]
     proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seen, deadline = b"", time.monotonic() + 240
     while b"Epoch 0:" not in seen and proc.poll() is None and time.monotonic() < deadline:
@@ -28,6 +28,6 @@ def test_a_demo_stopped_during_training_says_where_and_exits_non_zero(sig, tmp_p
     text = (seen + rest).decode(errors="replace")
     # before: SIGTERM inside fit ended the demo with status 0 and nothing said; SIGINT with Lightning's status 1
     assert proc.returncode == 128 + sig, text[-2000:]
-    assert f"demo: stopped by {sig.name} during stage '1-2." in text
+    assert f"demo: stopped by {sig.name} during stage '1. Constraints PM" in text
     assert "again to continue" in text and "Traceback" not in text
     assert not (tmp_path / "runs" / "demo" / "summary.json").exists()

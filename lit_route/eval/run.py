@@ -89,7 +89,7 @@ def _group_accuracy(groups: list[str], values: torch.Tensor) -> dict[str, float]
 
 
 def evaluate(
-    data: list[str],
+    data: list[str] | str,
     judge: JudgeBackend,
     pm_ckpt: str | None = None,
     scores: str | None = None,
@@ -193,6 +193,7 @@ def evaluate(
         raise ValueError("pm_ckpt: give exactly one of pm_ckpt (a checkpoint) or scores (a `pm score` file)")
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    data = [data] if isinstance(data, str) else list(data)
     pairs = load_pairs(data, format, skip_invalid, limit_per_file)
     if scores is not None:
         d, u = read_scores(scores, pairs)
