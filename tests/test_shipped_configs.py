@@ -40,6 +40,7 @@ RUN_ELSEWHERE = {
     "configs/pm/constraints_sngp.yaml": "benchmarks/rlhf_downstream.py --pm-config (bundled data)",
     "configs/pm/constraints_laplace.yaml": "benchmarks/rlhf_downstream.py (bundled data)",
     "configs/pm/constraints_sngp_shift.yaml": "bundled data (parsed in tests/test_configs.py)",
+    "configs/pm/constraints_mean12.yaml": "benchmarks/routing_vs_length.py (bundled data)",
     "configs/serve/debug_tiny.yaml": "tests/test_reward_server.py",
     "configs/trainer/ddp_cpu_2.yaml": "tests/test_fabric_pm.py, tests/test_rloo_ddp.py",
     "configs/trainer/fsdp.yaml": "a GPU strategy (parsed in tests/test_configs.py)",
