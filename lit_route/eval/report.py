@@ -171,7 +171,8 @@ def plot(results: dict, output_dir: Path) -> list[str]:
               "length": ("C7", (0, (5, 1, 1, 1))), "learned": ("C4", "-")}
     for name in routers(results):
         color, ls = styles[name]
-        ax.plot(fr, results["curves"][name], linestyle=ls, color=color, label=f"{name} (AUC {results['area_under_curve'][name]:.3f})")
+        ax.plot(fr, results["curves"][name], linestyle=ls, color=color,
+                label=f"{name} (AUC {results['area_under_curve'][name]:.3f})")
         if "intervals" in results and name in ("uncertainty", "random"):
             lo, hi = results["intervals"]["lo"]["curves"][name], results["intervals"]["hi"]["curves"][name]
             ax.fill_between(fr, lo, hi, color=color, alpha=0.15, lw=0)
