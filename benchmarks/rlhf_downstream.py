@@ -20,7 +20,10 @@ its 95% t interval, and the number of seeds a two-sided test would need to detec
 80% power.
 
 Logged per step: KL to the reference and judge calls so far; every ``--eval-every`` steps (and before the first)
-the greedy policy's verifier accuracy on the held-out prompts. Writes
+the greedy policy's verifier accuracy on the held-out prompts. Every sampled pair, with the PM's d and ū, the
+completions' lengths and the verifier's label, goes to ``pairs.jsonl`` in the run's folder
+(``benchmarks/onpolicy_routing.py`` computes from it the reward accuracy each router would give on the same
+pairs at the same judge calls). Writes
 ``benchmarks/results/rlhf_downstream.{json,md,png}``; each finished run is kept under ``--work-dir`` so an
 interrupted benchmark resumes where it stopped.
 
@@ -50,18 +53,23 @@ BASE_CONFIG = ROOT / "configs" / "rloo" / "constraints.yaml"
 PM_CONFIG = ROOT / "configs" / "pm" / "constraints_laplace.yaml"
 ARMS = ("pm_only", "random", "uncertainty", "judge_all")
 EXTRA_ARMS = ("risk",)  # τ by lit_route.routing.RiskController from a 10% audit share (needs its observe() wired)
-JUDGE = {"class_path": "lit_route.judges.FunctionJudge", "init_args": {"function": "lit_route.tasks.verify:judge_pair"}}
+JUDGE_FUNCTION = "lit_route.tasks.verify:judge_pair"
+JUDGE = {"class_path": "lit_route.judges.FunctionJudge", "init_args": {"function": JUDGE_FUNCTION}}
 
 log = logging.getLogger("rlhf_downstream")
 
 
-def arm_callbacks(arm: str, fraction: float, seed: int, eval_every: int, heldout: str) -> list[dict]:
-    """The ``trainer.callbacks`` of one arm: the held-out evaluation, and the routing callback unless PM-only."""
+def arm_callbacks(arm: str, fraction: float, seed: int, eval_every: int, heldout: str,
+                  pairs_log: str | None = None) -> list[dict]:
+    """The ``trainer.callbacks`` of one arm: the held-out evaluation, the routing callback unless PM-only, and with
+    ``pairs_log`` the record of every sampled pair with the verifier's label (``onpolicy_routing.PairLog``)."""
     evaluation = {"class_path": "lit_route.callbacks.VerifierEval",
                   "init_args": {"prompts": heldout, "verifier": "lit_route.tasks.verify:passes",
                                 "every_n_steps": eval_every}}
+    extra = [] if pairs_log is None else [{"class_path": "onpolicy_routing.PairLog",
+                                           "init_args": {"path": pairs_log, "verifier": JUDGE_FUNCTION}}]
     if arm == "pm_only":
-        return [evaluation]
+        return [evaluation, *extra]
     router = "random" if arm == "random" else "uncertainty"
     routing = {"class_path": "lit_route.callbacks.UncertaintyRouting",
                "init_args": {"judge": JUDGE, "router": router, "fraction": 1.0 if arm == "judge_all" else fraction,
@@ -69,7 +77,7 @@ def arm_callbacks(arm: str, fraction: float, seed: int, eval_every: int, heldout
     if arm == "risk":  # the PM's disagreement with the verifier on the pairs it keeps ≤ 0.1 w.p. 0.9
         routing["init_args"].update({"audit_fraction": 0.1, "controller": {
             "class_path": "lit_route.routing.RiskController", "init_args": {"alpha": 0.1, "delta": 0.1}}})
-    return [routing, evaluation]
+    return [routing, evaluation, *extra]
 
 
 def train_pm(config: str, work: Path) -> str:
@@ -117,7 +125,9 @@ def run_arm(arm: str, seed: int, args, ckpt: str, work: Path) -> dict:
     out = work / "runs" / f"{arm}-s{seed}"
     config = out / "arm.yaml"
     out.mkdir(parents=True, exist_ok=True)
-    callbacks = arm_callbacks(arm, args.fraction, seed, args.eval_every, args.heldout)
+    pairs_log = out / "pairs.jsonl"
+    pairs_log.unlink(missing_ok=True)  # a rerun records its own pairs, not after an interrupted run's
+    callbacks = arm_callbacks(arm, args.fraction, seed, args.eval_every, args.heldout, str(pairs_log))
     config.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}, sort_keys=False))
     argv = ["fit", "--config", str(BASE_CONFIG), "--config", str(config), "--model.pm_ckpt", ckpt,
             "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),

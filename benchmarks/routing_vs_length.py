@@ -199,7 +199,8 @@ def main() -> None:
     parser.add_argument("--cache", default="runs/feature_cache")
     parser.add_argument("--work", default="runs/routing_vs_length")
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--sets", nargs="+", default=["constraints", "shift"], choices=("constraints", "shift"))
+    parser.add_argument("--sets", nargs="*", default=["constraints", "shift"], choices=("constraints", "shift"),
+                        help="none: only the validation choices and the learned models' files under --work")
     parser.add_argument("--val-share", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-boot", type=int, default=1000)
@@ -221,6 +222,8 @@ def main() -> None:
     val_pairs = [train[i] for i in val_idx]
     d_val, u_val = scores(module, encoder, val_pairs, work / "scores-validation.json", ckpt)
     validation, models = validation_choices(d_val, u_val, verifier_credit(val_pairs), val_pairs, args)
+    for name, model in models.items():  # for routing elsewhere (onpolicy_routing.py, `lit-route evaluate --delegation`)
+        model.save(work / f"delegation-{name}.json")
     print(f"validation: length by {validation['length_by']}, best PM router {validation['best_pm_router']}, "
           f"recovered {validation['router_recovered']}", flush=True)
     path = out / "routing_vs_length.json"
@@ -263,6 +266,9 @@ def summary(results: dict) -> dict:
                      "uncertainty_recovered": block["routers"]["uncertainty"]["recovered"],
                      "uncertainty_minus_length": block["routers"]["uncertainty"]["recovered_minus_length"],
                      "on_policy": None}
+    on_policy = results.get("on_policy")
+    if on_policy is not None and out.get("constraints"):  # the RLOO runs sample the constraints task's prompts
+        out["constraints"]["on_policy"] = on_policy["headline"]
     return out
 
 
@@ -318,7 +324,28 @@ def markdown(results: dict) -> str:
         lines += ["", f"Post hoc (not chosen in advance): against `{post['strongest_length_variant']}`, the length variant "
                   "strongest on this set itself (a choice that favours the control), recovered share minus its: "
                   + "; ".join(f"{r} {_ci(v)}" for r, v in post["recovered_minus_it"].items()) + "."]
+    if results.get("on_policy"):
+        lines += ["", *on_policy_lines(results["on_policy"])]
     return "\n".join(lines) + "\n"
+
+
+def on_policy_lines(block: dict) -> list[str]:
+    """The on-policy table (``onpolicy_routing.py``): each router's pooled reward accuracy on the pairs RLOO runs
+    sampled, and its paired differences against random and the length control, at 25% judged."""
+    n = block["n"]
+    shares = list(block["accuracy"]["random"])
+    lines = [f"### on policy: {n['pairs']} pairs sampled by the `{block['arm']}` arm of `rlhf_downstream.py` "
+             f"({n['seeds']} seeds x {n['steps'] // max(n['seeds'], 1)} steps; {n['decided_pairs']} pairs the "
+             "verifier decides)", "",
+             "Reward accuracy on the decided pairs when each router's top share of every step's pairs takes the "
+             f"verifier's answer; {block['n_boot']} bootstrap redraws of the (seed, step) units, paired.", "",
+             "| router | " + " | ".join(f"accuracy @{s}" for s in shares) + " | − random @25% | − length @25% |",
+             "|---|" + "---|" * (len(shares) + 2)]
+    for r in block["routers"]:
+        acc = " | ".join(_ci(block["accuracy"][r][s], pct=False).replace("+", "") for s in shares)
+        lines.append(f"| {r} | {acc} | {_ci(block['minus_random'][r]['25%'], pct=False)} | "
+                     f"{'—' if r == 'length' else _ci(block['minus_length'][r]['25%'], pct=False)} |")
+    return lines
 
 
 if __name__ == "__main__":
