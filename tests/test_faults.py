@@ -15,7 +15,11 @@ from lit_route.judges import CallPolicy
 from lit_route.judges.anthropic_judge import AnthropicJudge
 from lit_route.judges.openai_judge import OpenAICompatibleJudge
 
-POLICY = dict(max_attempts=8, timeout_s=0.3, backoff_base_s=0.01, backoff_max_s=0.1, deadline_s=30, max_concurrency=8)
+# A client timeout no healthy answer reaches on a loaded machine (2 s; 0.3 s was tripped by slow healthy answers under
+# load, which the server then billed as answers the client had given up on), and injected timeouts that hold their
+# answer well past it (TIMEOUT_DELAY_S): only the injected ones time out.
+POLICY = dict(max_attempts=8, timeout_s=2.0, backoff_base_s=0.01, backoff_max_s=0.1, deadline_s=60, max_concurrency=8)
+TIMEOUT_DELAY_S = 3.0
 def write_scores(path, pairs, seed=0):
     rng = random.Random(seed)
     with open(path, "w") as fh:
@@ -29,7 +33,7 @@ def test_evaluate_with_30_percent_faults(tmp_path, monkeypatch):
     pairs = load_pairs(data)
     write_scores(tmp_path / "scores.jsonl", pairs)
     cache = str(tmp_path / "cache.sqlite")
-    with Loopback(fault_rate=0.3, seed=1, timeout_delay_s=0.6, answer=longer_is_better) as server:
+    with Loopback(fault_rate=0.3, seed=1, timeout_delay_s=TIMEOUT_DELAY_S, answer=longer_is_better) as server:
         judge = OpenAICompatibleJudge("m", base_url=f"{server.url}/v1", policy=CallPolicy(**POLICY))
         results = evaluate(data, judge, scores=str(tmp_path / "scores.jsonl"), output_dir=str(tmp_path / "a"),
                            order="both", cache=cache)
@@ -60,7 +64,7 @@ def test_rloo_with_30_percent_faults_has_no_nan(tmp_path, monkeypatch):
     from test_rloo import build
 
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
-    with Loopback(fault_rate=0.3, seed=2, timeout_delay_s=0.6, answer=longer_is_better) as server:
+    with Loopback(fault_rate=0.3, seed=2, timeout_delay_s=TIMEOUT_DELAY_S, answer=longer_is_better) as server:
         judge = AnthropicJudge(model="claude-test", base_url=server.url, policy=CallPolicy(**{**POLICY, "max_attempts": 2}))
         cb = UncertaintyRouting(judge, fraction=1.0)
         module, _ = build(tmp_path, [cb], max_steps=3)
