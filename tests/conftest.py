@@ -21,6 +21,24 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+REPO = Path(__file__).resolve().parents[1]
+# what a run writes into its folder; a test's run belongs under its tmp_path, not in the repository
+RUN_OUTPUTS = ("judge_journal", "lightning_logs")
+
+
+@pytest.fixture(autouse=True)
+def _nothing_written_into_the_repository(request):
+    before = {name for name in RUN_OUTPUTS if (REPO / name).exists()}
+    yield
+    new = [name for name in RUN_OUTPUTS if name not in before and (REPO / name).exists()]
+    if new:
+        import shutil
+
+        for name in new:
+            shutil.rmtree(REPO / name, ignore_errors=True)
+        pytest.fail(f"{request.node.nodeid} wrote {', '.join(new)} into the repository (give its run a tmp_path)")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama and its byte tokenizer saved as an ordinary Hugging Face folder."""

@@ -18,23 +18,24 @@ from lit_route.tasks.verify import passes
 VERIFIER = "lit_route.tasks.verify:judge_pair"
 
 
-def fit(prompts: str, callbacks, max_steps=2):
+def fit(prompts: str, callbacks, root, max_steps=2):
     L.seed_everything(0)
     module = RLOOPolicyModule(
         policy=BackboneSpec(), lora=LoraSpec(r=4, alpha=8), pm_backbone=BackboneSpec(),
         generation=GenerationConfig(num_samples=3, max_new_tokens=6), lr=1e-2,
     )
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, callbacks=list(callbacks))
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=list(callbacks),
+                        default_root_dir=str(root))  # the run's folder (its paid-calls journal), not the cwd
     trainer.fit(module, PromptDataModule(prompts=prompts, batch_size=2, limit=8))
     return module
 
 
-def test_verifier_judges_every_pair_and_the_policy_is_evaluated_on_heldout_prompts():
+def test_verifier_judges_every_pair_and_the_policy_is_evaluated_on_heldout_prompts(tmp_path):
     judge = FunctionJudge(VERIFIER)
     routing = UncertaintyRouting(judge, fraction=1.0, order="fixed")
     evaluation = VerifierEval("bundled:constraints/prompts-heldout.jsonl", every_n_steps=1, limit=6, batch_size=4)
-    module = fit("bundled:constraints/prompts-train.jsonl", [routing, evaluation])
+    module = fit("bundled:constraints/prompts-train.jsonl", [routing, evaluation], tmp_path)
     # 2 steps x 2 prompts x 3 pairs (K = 3), one call per pair in fixed order; every verdict (ties included) counts
     assert routing.pairs_routed == 12 and judge.stats.billed == 12 and not routing.failures
     assert module.last_step["judge/fraction"] == 1.0
@@ -50,7 +51,7 @@ def test_prompts_outside_the_task_are_counted_failures_and_leave_pm_scores(tmp_p
     prompts = tmp_path / "other.txt"
     prompts.write_text("\n".join(f"Tell me about the number {i}." for i in range(8)))
     routing = UncertaintyRouting(FunctionJudge(VERIFIER), fraction=0.5, order="fixed")
-    module = fit(str(prompts), [routing], max_steps=1)
+    module = fit(str(prompts), [routing], tmp_path, max_steps=1)
     assert routing.failures == {"error:ValueError": 3} and routing.pairs_routed == 3
     assert module.last_step["judge/fraction"] == 0.0  # nothing replaced: the PM's scores stand
 
