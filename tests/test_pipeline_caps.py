@@ -92,9 +92,11 @@ def test_a_fit_that_stops_early_trains_on_and_charges_the_batches_it_paid_for(tm
     assert not state["lit_route"]["pending"][0]
 
 
-def test_restored_batches_reask_within_what_they_held(tmp_path, monkeypatch):
-    """A batch in flight in a checkpoint is asked again on resume with the re-asks it held when it was routed,
-    not with no limit: a run cap of 4 calls for 3 planned calls leaves it one re-ask."""
+@pytest.mark.parametrize("sent", [False, True])
+def test_restored_batches_reask_within_what_they_held(tmp_path, monkeypatch, sent):
+    """A batch in flight in a checkpoint is asked again on resume within what it held when it was routed (a run
+    cap of 4 calls for 3 planned calls: one re-ask), not with no limit; and when the killed process had sent its 3
+    calls (the provider bills them, the journal charges them), only the one call left of the hold is asked again."""
     from types import SimpleNamespace
 
     from lit_route.policy.context import RewardContext
@@ -116,17 +118,27 @@ def test_restored_batches_reask_within_what_they_held(tmp_path, monkeypatch):
         return UncertaintyRouting(judge, fraction=1.0, order="fixed", max_calls_total=4)
 
     with Loopback(answer=unusable_first()) as first:
-        first.hold()  # the killed process's calls were never answered (never billed)
+        first.hold()  # the killed process never read an answer
         killed = callback(first.url)
         killed.on_pairwise_scores(trainer, module, context())
+        assert first.wait_held(3, timeout=30)  # all three requests were delivered (billed) before the kill
         state = killed.state_dict()
         assert state["inflight"][0][0]["reserved"] == {"calls": 3, "reasks": 1, "usd": 0.0}
         killed.teardown(trainer, module, "fit")
+    if not sent:  # the kill came before any request left: no "sent" line in the journal
+        for journal in (tmp_path / "judge_journal").glob("*.jsonl"):
+            journal.write_text("".join(line for line in journal.read_text().splitlines(keepends=True)
+                                       if '"sent"' not in line))
     with Loopback(answer=unusable_first()) as second:
         resumed = callback(second.url)
         resumed.load_state_dict(state)
         ctx = context()
         ctx.key = 0
         resumed.on_before_rewards(trainer, module, ctx)
-    assert second.completions == resumed.ledger.calls == 4  # 3 asks and the one re-ask the batch held
-    assert int(ctx.judged.sum()) // 2 == 1 and resumed.failures["unparseable"] == 2
+    if sent:
+        # before: 3 charged as lost and 4 asked again, 7 against a cap of 4
+        assert second.completions == 1 and resumed.ledger.calls == 4  # 3 lost + the one call left of the hold
+        assert int(ctx.judged.sum()) == 0 and resumed.failures["unparseable"] == 1
+    else:
+        assert second.completions == resumed.ledger.calls == 4  # 3 asks and the one re-ask the batch held
+        assert int(ctx.judged.sum()) // 2 == 1 and resumed.failures["unparseable"] == 2

@@ -159,3 +159,16 @@ def test_a_risk_controller_learns_from_every_audited_pair():
     assert all(1.0 <= u <= 2.0 for u in risk.u_cal)  # the batches' ū lie in [1, 2)
     assert abs((1 - sum(risk.loss_cal) / len(risk.loss_cal)) - metrics["audit/agreement"]) < 1e-9
     assert risk.last is not None  # τ came from the risk test once calibration pairs were in
+
+
+def test_the_first_pairs_of_a_plan_keep_keys_kinds_and_each_judges_items_aligned():
+    from lit_route.routing.plan import JudgePlan
+
+    keys = [(0, 0, 1), (0, 0, 2), (0, 1, 2)]  # two pairs for the main judge, then one for cascade stage 1
+    plan = JudgePlan(keys, {k: (True, False, 0 if k != (0, 1, 2) else 1) for k in keys},
+                     [[("p", "a", "b"), ("p", "a", "c")], [("p", "b", "c")]])
+    one = plan.first(1)
+    assert one.keys == keys[:1] and one.items == [[("p", "a", "b")], []] and set(one.kinds) == {keys[0]}
+    three = plan.first(3)
+    assert three.keys == keys and three.items == plan.items and three.kinds == plan.kinds
+    assert plan.first(0).items == [[], []]

@@ -306,8 +306,13 @@ class UncertaintyRouting(L.Callback):
                              [[tuple(item) for item in items] for items in r["items"]])
             key = int(r["key"])
             hold = self.decision.reserve(Hold.from_state(r["reserved"]))  # held as when it was routed
-            future = self.decision.submit(plan, int(r["seed"]), self._metered(key),
-                                          spare_calls=self._reasks(trainer, hold))
+            spare = self._reasks(trainer, hold)
+            lost = self._journal.lost_by_key.get(key, 0) if self._journal is not None else 0
+            if lost:  # calls the killed process sent are charged: asking again spends only what is left of the hold
+                left = len(plan.keys) * self.decision.calls_per_pair + spare - lost
+                plan = plan.first(max(0, left) // self.decision.calls_per_pair)
+                spare = max(0, left - len(plan.keys) * self.decision.calls_per_pair)
+            future = self.decision.submit(plan, int(r["seed"]), self._metered(key), spare_calls=spare)
             self._inflight[key] = PendingJudge(future, plan.keys, time.perf_counter(), plan, key, int(r["seed"]),
                                                hold, dict(r["control"]))
         self._restore = None

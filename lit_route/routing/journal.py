@@ -51,6 +51,7 @@ class PaidJournal:
         self._lock = threading.Lock()
         self._paid: dict[int, dict[int, list]] = {}  # batch -> judge -> [billed calls, USD]
         self.lost = 0  # requests an earlier process sent and never read the answer of (see load)
+        self.lost_by_key: dict[int, int] = {}  # those requests by batch
         self.found = False  # whether load found an earlier process's journal
 
     def load(self, owed: Callable[[int], bool]) -> int:
@@ -84,6 +85,8 @@ class PaidJournal:
             for key, judge, usd in lost:
                 self._add(key, judge, 1, usd)
         self.lost = len(lost)
+        for key, _, _ in lost:
+            self.lost_by_key[key] = self.lost_by_key.get(key, 0) + 1
         if lost:
             log.warning("%s: %d judge requests were in flight when an earlier process stopped (the provider bills "
                         "them; their answers are lost): charged as billed calls at an estimated $%.6f, and asked "

@@ -47,6 +47,16 @@ class JudgePlan:
     kinds: dict[tuple[int, int, int], tuple[bool, bool, int]]
     items: list[list[tuple[str, str, str]]]
 
+    def first(self, n_pairs: int) -> JudgePlan:
+        """The plan of its first ``n_pairs`` pairs (in ``keys`` order, main judge first); the rest are left to the
+        PM."""
+        keys, items, start = self.keys[:n_pairs], [], 0
+        for judge_items in self.items:
+            take = max(0, min(len(judge_items), n_pairs - start))
+            items.append(judge_items[:take])
+            start += len(judge_items)
+        return JudgePlan(keys, {k: self.kinds[k] for k in keys}, items)
+
 
 @dataclass
 class Merged:
