@@ -23,7 +23,8 @@ from pathlib import Path
 from lit_route.cli import pm_cli
 from lit_route.data.readers import load_pairs
 from lit_route.eval.export import write_judged_pairs
-from lit_route.eval.run import evaluate, write_scores
+from lit_route.eval.run import evaluate
+from lit_route.eval.scores import write_scores
 from lit_route.judges.loop import run_sync
 from lit_route.judges.pairwise import judge_pairs
 from lit_route.judges.replay import ReplayJudge

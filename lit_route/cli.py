@@ -224,7 +224,7 @@ def pm_score(
     """
     from lit_route.checks import check_device
     from lit_route.data.readers import load_pairs
-    from lit_route.eval.run import write_scores
+    from lit_route.eval.scores import write_scores
     from lit_route.preference.io import load_preference_model
     from lit_route.preference.scoring import score_pairs
 

@@ -140,7 +140,7 @@ def score(cli, data: list[str], path: Path, limit: int | None):
     written as a ``pm score`` file."""
     from lit_route.data.encoding import PairEncoder
     from lit_route.data.readers import load_pairs
-    from lit_route.eval.run import write_scores
+    from lit_route.eval.scores import write_scores
     from lit_route.preference.scoring import score_pairs
 
     module, dm = cli.model, cli.datamodule

@@ -25,6 +25,7 @@ from lit_route.eval.curves import (
 )
 from lit_route.eval.export import write_judged_pairs
 from lit_route.eval.report import console_table, write_results
+from lit_route.eval.scores import read_scores, write_scores
 from lit_route.eval.stats import cluster_ids, expected_curve_at, risk_split_test, routing_intervals
 from lit_route.eval.stats import risk_splits as split_risk
 from lit_route.judges.base import JudgeBackend, check_judge
@@ -47,38 +48,6 @@ REWARDBENCH_SECTIONS = {
                      "donotanswer"], "Safety"),
     **dict.fromkeys(["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"], "Reasoning"),
 }
-
-
-def write_scores(path, pairs, d: torch.Tensor, u: torch.Tensor) -> None:
-    """Writes a ``pm score`` file: one ``{"id", "subset", "score", "uncertainty", "correct"}`` row per pair, in
-    the order of ``pairs`` (what :func:`read_scores` and ``evaluate --scores`` read back)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        for p, s, v in zip(pairs, d.tolist(), u.tolist(), strict=True):
-            fh.write(json.dumps({"id": p.id, "subset": p.subset, "score": s, "uncertainty": v, "correct": s > 0}) + "\n")
-
-
-def read_scores(path: str, pairs) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pm score`` output matched to ``pairs`` by id (every pair must have a finite score and uncertainty)."""
-    rows = {}
-    with open(path) as fh:
-        for number, line in enumerate(fh, start=1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    values = (float(row["score"]), float(row["uncertainty"]))
-                    rows[str(row["id"])] = values
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                    raise ValueError(f"{path}:{number}: not a score line ({err})") from err
-                for name, value in zip(("score", "uncertainty"), values, strict=True):
-                    if not math.isfinite(value):
-                        raise ValueError(f"{path}:{number}: field '{name}': not a finite number ({value})")
-    missing = [p.id for p in pairs if p.id not in rows]
-    if missing:
-        raise ValueError(f"scores: {len(missing)} pairs have no score in {path}, e.g. {missing[:3]}")
-    d = torch.tensor([rows[p.id][0] for p in pairs])
-    u = torch.tensor([rows[p.id][1] for p in pairs])
-    return d, u
 
 
 def _group_accuracy(groups: list[str], values: torch.Tensor) -> dict[str, float]:

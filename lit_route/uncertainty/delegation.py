@@ -183,7 +183,7 @@ def error_probability(params: torch.Tensor, d: torch.Tensor, u: torch.Tensor) ->
 def main(argv: list[str] | None = None) -> None:
     """Fits a model on a ``pm score`` file of labelled pairs and writes it (see the module docstring)."""
     from lit_route.data.readers import load_pairs
-    from lit_route.eval.run import read_scores
+    from lit_route.eval.scores import read_scores
 
     parser = argparse.ArgumentParser(prog="python -m lit_route.uncertainty.delegation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
