@@ -161,14 +161,16 @@ def test_a_risk_controller_learns_from_every_audited_pair():
     assert risk.last is not None  # τ came from the risk test once calibration pairs were in
 
 
-def test_the_first_pairs_of_a_plan_keep_keys_kinds_and_each_judges_items_aligned():
+def test_a_plan_within_a_number_of_calls_keeps_keys_kinds_and_each_judges_items_aligned():
     from lit_route.routing.plan import JudgePlan
 
     keys = [(0, 0, 1), (0, 0, 2), (0, 1, 2)]  # two pairs for the main judge, then one for cascade stage 1
     plan = JudgePlan(keys, {k: (True, False, 0 if k != (0, 1, 2) else 1) for k in keys},
                      [[("p", "a", "b"), ("p", "a", "c")], [("p", "b", "c")]])
-    one = plan.first(1)
-    assert one.keys == keys[:1] and one.items == [[("p", "a", "b")], []] and set(one.kinds) == {keys[0]}
-    three = plan.first(3)
-    assert three.keys == keys and three.items == plan.items and three.kinds == plan.kinds
-    assert plan.first(0).items == [[], []]
+    one, spare = plan.within(1, 1)
+    assert one.keys == keys[:1] and one.items == [[("p", "a", "b")], []] and set(one.kinds) == {keys[0]} and spare == 0
+    three, spare = plan.within(4, 1)
+    assert three.keys == keys and three.items == plan.items and three.kinds == plan.kinds and spare == 1
+    both, spare = plan.within(3, 2)  # both display orders: 3 calls pay for one pair and leave one re-ask
+    assert both.keys == keys[:1] and spare == 1
+    assert plan.within(-1, 1)[0].items == [[], []]

@@ -6,9 +6,7 @@ import json
 import logging
 import time
 import uuid
-from concurrent.futures import Future
 from pathlib import Path
-from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -23,9 +21,10 @@ from lit_route.routing.allowance import Hold
 from lit_route.routing.budget import BudgetLedger
 from lit_route.routing.cascade import CascadeStage
 from lit_route.routing.controller import BudgetTarget, Controller
-from lit_route.routing.decision import ROUTERS, Assignment, JudgePlan, RoutingDecision
+from lit_route.routing.decision import ROUTERS, Assignment, RoutingDecision
 from lit_route.routing.health import JudgeHealth, failure_text
 from lit_route.routing.journal import PaidJournal, reconcile_with_caches
+from lit_route.routing.plan import JudgePlan, PendingJudge, latency_metrics
 
 log = logging.getLogger(__name__)
 
@@ -309,9 +308,8 @@ class UncertaintyRouting(L.Callback):
             spare = self._reasks(trainer, hold)
             lost = self._journal.lost_by_key.get(key, 0) if self._journal is not None else 0
             if lost:  # calls the killed process sent are charged: asking again spends only what is left of the hold
-                left = len(plan.keys) * self.decision.calls_per_pair + spare - lost
-                plan = plan.first(max(0, left) // self.decision.calls_per_pair)
-                spare = max(0, left - len(plan.keys) * self.decision.calls_per_pair)
+                plan, spare = plan.within(len(plan.keys) * self.decision.calls_per_pair + spare - lost,
+                                          self.decision.calls_per_pair)
             future = self.decision.submit(plan, int(r["seed"]), self._metered(key), spare_calls=spare)
             self._inflight[key] = PendingJudge(future, plan.keys, time.perf_counter(), plan, key, int(r["seed"]),
                                                hold, dict(r["control"]))
@@ -388,25 +386,3 @@ class UncertaintyRouting(L.Callback):
         self._pending = None
         if stage == "fit" and self.decision.audit_fraction > 0:  # the run's answer to "did routing pay off?"
             L.pytorch.utilities.rank_zero_info(f"routing audit: {self.audit.verdict()}")
-
-
-class PendingJudge(NamedTuple):
-    """A batch's judge calls in flight (``routed``: the local pairs asked, in the plan's order)."""
-
-    future: Future | None
-    routed: list
-    started: float
-    plan: JudgePlan
-    key: int
-    seed: int
-    reserved: Hold
-    control: dict
-
-
-def latency_metrics(latencies: list[float]) -> dict[str, float]:
-    """``judge/latency_p50``, ``_p95``, ``_max`` over the paid calls of a batch's pairs (this rank's)."""
-    if not latencies:
-        return {}
-    t = torch.tensor(latencies, dtype=torch.float64)
-    return {"judge/latency_p50": float(t.quantile(0.5)), "judge/latency_p95": float(t.quantile(0.95)),
-            "judge/latency_max": float(t.max()), "judge/max_latency_s": float(t.max())}

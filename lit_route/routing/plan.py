@@ -3,7 +3,9 @@ share (:class:`JudgePlan`) and what merging the verdicts did (:class:`Merged`)."
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -47,15 +49,15 @@ class JudgePlan:
     kinds: dict[tuple[int, int, int], tuple[bool, bool, int]]
     items: list[list[tuple[str, str, str]]]
 
-    def first(self, n_pairs: int) -> JudgePlan:
-        """The plan of its first ``n_pairs`` pairs (in ``keys`` order, main judge first); the rest are left to the
-        PM."""
+    def within(self, calls: int, calls_per_pair: int) -> tuple[JudgePlan, int]:
+        """The plan of as many of its first pairs (in ``keys`` order, main judge first) as ``calls`` pay for, and
+        the calls left over for re-asks; the other pairs are left to the PM."""
+        n_pairs = max(0, calls) // calls_per_pair
         keys, items, start = self.keys[:n_pairs], [], 0
         for judge_items in self.items:
-            take = max(0, min(len(judge_items), n_pairs - start))
-            items.append(judge_items[:take])
+            items.append(judge_items[:max(0, min(len(judge_items), n_pairs - start))])
             start += len(judge_items)
-        return JudgePlan(keys, {k: self.kinds[k] for k in keys}, items)
+        return JudgePlan(keys, {k: self.kinds[k] for k in keys}, items), max(0, calls - len(keys) * calls_per_pair)
 
 
 @dataclass
@@ -85,3 +87,25 @@ def prompt_text(messages) -> str:
     if len(messages) == 1:
         return messages[0]["content"]
     return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+class PendingJudge(NamedTuple):
+    """A batch's judge calls in flight (``routed``: the local pairs asked, in the plan's order)."""
+
+    future: Future | None
+    routed: list
+    started: float
+    plan: JudgePlan
+    key: int
+    seed: int
+    reserved: Hold
+    control: dict
+
+
+def latency_metrics(latencies: list[float]) -> dict[str, float]:
+    """``judge/latency_p50``, ``_p95``, ``_max`` over the paid calls of a batch's pairs (this rank's)."""
+    if not latencies:
+        return {}
+    t = torch.tensor(latencies, dtype=torch.float64)
+    return {"judge/latency_p50": float(t.quantile(0.5)), "judge/latency_p95": float(t.quantile(0.95)),
+            "judge/latency_max": float(t.max()), "judge/max_latency_s": float(t.max())}
