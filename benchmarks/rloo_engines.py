@@ -7,8 +7,11 @@ inherits another's threads or caches). Runs are interleaved (lean, hf, vllm-merg
 ``--repeats`` times; the first step of a run is warm-up; medians over the rest. Reported per run: the generation
 stage (engine sync included: what the trainer waits for), the whole step, the sync alone, completion tokens per
 second of generation, the mean completion length, the engine–trainer log-prob gap, and the engine's start-up.
-With ``--trl``, TRL's RLOOTrainer with its own colocated vLLM path is tried beside them (recorded as an error
-when TRL refuses this vLLM build).
+With ``--trl``, TRL's RLOOTrainer runs beside them at the same shape, tokens, LoRA and precision: with its HF
+``generate`` (``trl-hf``), with its own colocated vLLM path as shipped (``trl-vllm``; recorded as an error when it
+fails on this vLLM build), and with that path's weight push done by vLLM's ``reload_weights`` (``trl-vllm-reload``:
+TRL 1.16's per-tensor ``load_weights`` cannot write into weights vLLM's CPU backend has repacked, which it does
+wherever oneDNN is available); a table of our fastest step against each, per step and per generated token.
 
 Goal on a CPU (issue 21): vllm generation, sync included, ≤ 0.75x lean at 8×4×128; the step ≤ 0.6x TRL's.
 
@@ -81,42 +84,63 @@ def child(spec: dict) -> dict:
         return statistics.median(values) if values else None
 
     gen = med("time/generation")
-    return {**spec, "step_s": statistics.median(times), "generation_s": gen, "sync_s": med("time/engine_sync"),
+    return {**spec, "step_s": statistics.median(times), "steps_s": timer.times, "generation_s": gen,
+            "step_tokens": [n * s["response/length"] for s in steps], "sync_s": med("time/engine_sync"),
             "mean_completion_tokens": med("response/length"),
             "tokens_per_s": n * med("response/length") / gen if gen else None,
             "logprob_gap_max": med("engine/logprob_gap_max"), "startup_s": startup}
 
 
-def trl_vllm(spec: dict) -> dict:
-    """TRL's RLOOTrainer with ``use_vllm=True, vllm_mode='colocate'`` (its own vLLM path), if it runs here."""
+TRL_RUNS = ("trl-hf", "trl-vllm", "trl-vllm-reload")
+
+
+def reload_sync(generation) -> None:
+    """TRL's colocated weight push with vLLM's in-place ``reload_weights`` in place of its per-tensor
+    ``load_weights``: the one change ``trl-vllm-reload`` makes to TRL. The tensors are TRL's own (its merged LoRA
+    weights under its names, consumed as it yields them, before it unmerges)."""
+    from lit_route.policy.engines.vllm_engine import reload_notices
+
+    with reload_notices():
+        generation.llm.collective_rpc("reload_weights", kwargs={
+            "weights_iterator": generation._iter_named_params(), "is_checkpoint_format": True})
+    generation.llm.reset_prefix_cache()
+
+
+def trl_run(spec: dict) -> dict:
+    """TRL's RLOOTrainer at the same shape, tokens, LoRA and precision: ``trl-hf`` (its HF ``generate``),
+    ``trl-vllm`` (``use_vllm=True, vllm_mode='colocate'``, as shipped) or ``trl-vllm-reload`` (the same with the
+    weight push of :func:`reload_sync`). A run that fails is recorded with its error."""
     import rloo_vs_trl
 
     args = argparse.Namespace(pm_ckpt=spec["pm_ckpt"], prompts=spec["prompts"], k=spec["k"],
                               completion=spec["completion"], steps=spec["steps"])
-    from trl import RLOOConfig
-
-    original = RLOOConfig.__init__
-
-    def with_vllm(self, *a, **kw):
-        original(self, *a, **{**kw, "use_vllm": True, "vllm_mode": "colocate"})
-
-    RLOOConfig.__init__ = with_vllm
     from lit_route.models.backbone import BackboneSpec, load_backbone, load_tokenizer
     from lit_route.policy.engines.hf_folder import engine_model_dir
 
-    # TRL hands the model's folder to vLLM, which cannot read the GGUF one: the same weights as a HF folder
-    folder = BackboneSpec(model_path=str(engine_model_dir(rloo_vs_trl.SMOL)))
-    rloo_vs_trl.load_backbone = lambda spec, causal_lm=False: load_backbone(folder, causal_lm=causal_lm)
-    rloo_vs_trl.load_tokenizer = lambda spec: load_tokenizer(folder)
+    overrides = {}
+    if spec["run"] != "trl-hf":
+        overrides = {"use_vllm": True, "vllm_mode": "colocate"}
+        # TRL hands the model's folder to vLLM, which cannot read the GGUF one: the same weights as a HF folder
+        folder = BackboneSpec(model_path=str(engine_model_dir(rloo_vs_trl.SMOL)))
+        rloo_vs_trl.load_backbone = lambda spec, causal_lm=False: load_backbone(folder, causal_lm=causal_lm)
+        rloo_vs_trl.load_tokenizer = lambda spec: load_tokenizer(folder)
+    if spec["run"] == "trl-vllm-reload":
+        from lit_route.integrations.trl import quiet_trl_vllm_notice
+
+        quiet_trl_vllm_notice()
+        from trl.generation.vllm_generation import VLLMGeneration
+
+        VLLMGeneration.sync_weights = reload_sync
     if not spec["pm_ckpt"]:  # the same stand-in reward as our runs: an untrained PM on the tiny built-in model
         from lit_route.policy.pm_scoring import load_reward_pm
 
         rloo_vs_trl.load_reward_pm = lambda ckpt: load_reward_pm(None, BackboneSpec())
     try:
-        out = rloo_vs_trl.run_trl(args, rloo_vs_trl.bench_prompts(spec["prompts"] * spec["steps"]))
-        return {**spec, "step_s": out["median_step_s"], "mean_completion_tokens": out["mean_completion_tokens"]}
+        out = rloo_vs_trl.run_trl(args, rloo_vs_trl.bench_prompts(spec["prompts"] * spec["steps"]), **overrides)
     except Exception as err:  # recorded, not fatal: TRL may refuse this vLLM build
         return {**spec, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+    return {**spec, "step_s": out["median_step_s"], "steps_s": out["steps_s"], "step_tokens": out["step_tokens"],
+            "mean_completion_tokens": out["mean_completion_tokens"]}
 
 
 def run_child(spec: dict) -> dict:
@@ -156,6 +180,45 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def peers(results: list[dict]) -> str:
+    """Our fastest step against each TRL run of the same shape: the ratio of step times, and of step time per
+    generated token (TRL's samples need not be as long as ours), each step's tokens counted."""
+    rows = ["| prompts×K×tokens | ours (fastest) | step s | TRL run | step s | ours / TRL | tokens per step, ours / "
+            "TRL | s per token, ours / TRL |", "|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["prompts"], r["k"], r["completion"]), []).append(r)
+
+    def median_of(runs, key):
+        values = [x[key] for x in runs if x.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    def per_step_tokens(runs):  # the measured steps' tokens (the first step of a run is warm-up)
+        return statistics.median(t for x in runs for t in (x.get("step_tokens") or [])[1:]) if runs else None
+
+    for (b, k, t), runs in groups.items():
+        by_run: dict[str, list[dict]] = {}
+        for r in runs:
+            if "error" not in r:
+                by_run.setdefault(r["run"], []).append(r)
+        ours = {run: median_of(rs, "step_s") for run, rs in by_run.items() if run not in TRL_RUNS}
+        if not ours:
+            continue
+        best = min(ours, key=ours.get)
+        for peer in TRL_RUNS:
+            if peer not in by_run:
+                if any(r["run"] == peer for r in runs):
+                    err = next(r["error"] for r in runs if r["run"] == peer)
+                    rows.append(f"| {b}×{k}×{t} | {best} | {ours[best]:.2f} | {peer} | error: {err[:60]!r} ||||")
+                continue
+            step = median_of(by_run[peer], "step_s")
+            tok_ours, tok_peer = per_step_tokens(by_run[best]), per_step_tokens(by_run[peer])
+            per_token = (ours[best] / tok_ours) / (step / tok_peer) if tok_ours and tok_peer else None
+            rows.append(f"| {b}×{k}×{t} | {best} | {ours[best]:.2f} | {peer} | {step:.2f} | {ours[best] / step:.2f} | "
+                        f"{tok_ours:.0f} / {tok_peer:.0f} | " + ("–" if per_token is None else f"{per_token:.2f}") + " |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pm_ckpt", default=None, help="finalised PreferenceModule checkpoint (the real reward)")
@@ -164,16 +227,17 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--steps", type=int, default=4, help="steps per run (the first is warm-up)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--trl", action="store_true", help="also try TRL's RLOOTrainer with its colocated vLLM")
+    parser.add_argument("--trl", action="store_true",
+                        help="also run TRL's RLOOTrainer: HF generate, colocated vLLM, colocated vLLM with reload sync")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.child)
-        print("RESULT " + json.dumps(trl_vllm(spec) if spec["run"] == "trl-vllm" else child(spec)), flush=True)
+        print("RESULT " + json.dumps(trl_run(spec) if spec["run"] in TRL_RUNS else child(spec)), flush=True)
         return
     results = []
-    runs = args.runs + (["trl-vllm"] if args.trl else [])
+    runs = args.runs + (list(TRL_RUNS) if args.trl else [])
     for shape in args.shapes:
         b, k = (int(x) for x in shape.split("x"))
         for t in args.completions:
@@ -186,7 +250,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rloo_engines.json").write_text(json.dumps(results, indent=1))
-    md = table(results)
+    md = table(results) + ("\n\nAgainst TRL's RLOOTrainer:\n\n" + peers(results) if args.trl else "")
     (out / "rloo_engines.md").write_text(f"# RLOO engines\n\n{md}\n")
     print(md)
 

@@ -2,16 +2,24 @@
 
 The floor of a stage is the model calls it cannot avoid, timed bare (no tokenising, encoding, Python loops,
 logging): generation = the prefill and one cached forward per new token; PM scoring = per group one forward of the
-shared prefix and one batched forward of the rest of every pair's two sequences, then the head; reference + old
-log-probs = one whole forward and one top-layers forward; update = a top-layers forward and backward and the
-optimiser step. Ratios near 1 mean the stage is its model calls; the rest is what the framework adds.
+shared prefix and one batched forward of the rest of every pair's two sequences, then the head; reference
+log-probs = one whole forward (the sampling policy's log-probs are the update's own pass); update = a top-layers
+forward and backward and the optimiser step. Ratios near 1 mean the stage is its model calls; the rest is what the framework adds.
 
 Before/after: the same step with each algorithmic switch off (``generation.engine: hf``, ``split_forward:
 false``, whole-sequence PM scoring) and on, interleaved.
 
-    python benchmarks/rloo_stages.py --pm_ckpt runs/demo/pm/finalized.ckpt [--steps 6 --repeats 3]
+With ``--engine vllm`` the step runs on colocated vLLM (merged-weight sync) instead, one engine shared by the
+repeats, and the generation floor is the decode-shaped matmul floor: every linear layer of the model (fused as
+vLLM's Llama runs them: qkv, gate_up) timed bare with ``torch.nn.functional.linear`` at the rows the engine ran,
+the prompts' tokens once (prefix caching shares them among a prompt's K samples) and then, per new token, the
+sequences still running, the output layer on those rows only. Attention's own arithmetic and sampling are left
+out, so the floor is below what any engine can reach. The matmul rate of that sweep at all rows is reported.
 
-Writes benchmarks/results/rloo_stages.{json,md}.
+    python benchmarks/rloo_stages.py --pm_ckpt runs/demo/pm/finalized.ckpt [--steps 6 --repeats 3]
+    python benchmarks/rloo_stages.py --pm_ckpt ... --engine vllm --prompts 8 --completion 128   # [vllm] extra
+
+Writes benchmarks/results/rloo_stages.{json,md} (``rloo_stages_vllm.*`` with ``--engine vllm``).
 """
 
 from __future__ import annotations
@@ -53,13 +61,15 @@ class KeepRollout(L.Callback):
         module.rollout = spy
 
 
-def run(args, prompts, engine: str, split: bool, share_prefix: bool):
+def run(args, prompts, engine: str, split: bool, share_prefix: bool, shared_engine=None):
     L.seed_everything(0)
     module = RLOOPolicyModule(
         policy=SMOL, lora=LoraSpec(r=8, alpha=16, target_modules=TARGETS, top_layers=4), pm_ckpt=args.pm_ckpt,
         generation=GenerationConfig(num_samples=args.k, max_new_tokens=args.completion, temperature=0.9, top_p=0.95,
                                     engine=engine),
         beta=0.05, lr=5e-5, pm_batch_size=12, split_forward=split, pm_share_prefix=share_prefix)
+    if shared_engine is not None:  # vLLM holds one engine per process
+        module.engine = shared_engine
     path = Path(args.work) / "prompts.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(p.replace("\n", " ") for p in prompts))
@@ -69,6 +79,49 @@ def run(args, prompts, engine: str, split: bool, share_prefix: bool):
     trainer.fit(module, PromptDataModule(prompts=str(path), batch_size=args.prompts, max_prompt_tokens=256))
     split_s = {k.split("/")[1]: statistics.median(s[k] for s in timer.splits[1:]) for k in timer.splits[0]}
     return module, keep, {"step_s": statistics.median(timer.times[1:]), "split_s": split_s}
+
+
+def linear_sweeps(policy) -> list[list[torch.Tensor]]:
+    """The model's linear weights as vLLM's Llama runs them, grouped by the input they read: qkv and gate_up
+    fused, the output layer last (the merged LoRA weights have the base's shapes; adapter matrices are left out)."""
+    named = {n.replace("base_model.model.", "").replace(".base_layer", ""): m.weight.detach()
+             for n, m in policy.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n}
+    fused = {"q_proj": ("q_proj", "k_proj", "v_proj"), "gate_proj": ("gate_proj", "up_proj")}
+    parts = {part for group in fused.values() for part in group}
+    weights = []
+    for name, w in named.items():
+        head, _, leaf = name.rpartition(".")
+        if leaf in fused:
+            weights.append(torch.cat([named[f"{head}.{p}"] for p in fused[leaf]]).contiguous())
+        elif leaf not in parts:
+            weights.append(w.contiguous())
+    return weights
+
+
+def decode_floor(policy, prompt_tokens: int, running: list[int], prompts: int) -> tuple[float, float]:
+    """Seconds of the generation's matmuls alone (see the module's doc), and their rate in GFLOP/s at the most
+    rows the decode ran.
+
+    Args:
+        prompt_tokens: The unique prompts' tokens (the prefill's rows).
+        running: Sequences still running at each new token (the decode's rows, step by step).
+        prompts: Prompts in the batch (the prefill's output-layer rows).
+    """
+    weights = linear_sweeps(policy)
+    body, head = weights[:-1], weights[-1]
+
+    def sweep(rows: int, head_rows: int) -> None:
+        inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+        for w in body:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+        torch.nn.functional.linear(inputs[head.shape[1]][:head_rows], head)
+
+    with torch.no_grad():
+        per_rows = {m: timed(lambda m=m: sweep(m, m), repeats=5) for m in set(running)}
+        prefill = timed(lambda: sweep(prompt_tokens, prompts), repeats=3)
+    most = max(running)
+    flops = 2 * most * sum(w.numel() for w in weights)
+    return prefill + sum(per_rows[m] for m in running), flops / per_rows[most] / 1e9
 
 
 def floors(module: RLOOPolicyModule, keep: KeepRollout) -> dict:
@@ -112,8 +165,6 @@ def floors(module: RLOOPolicyModule, keep: KeepRollout) -> dict:
     def reference():
         with policy.disable_adapter(), trunk.capture():
             policy(**inputs, use_cache=False, logits_to_keep=comps.shape[1] + 1)
-        trunk.forward_top(trunk.hidden, inputs["attention_mask"], inputs["position_ids"],
-                          logits_to_keep=comps.shape[1] + 1)
 
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-9)
     state = copy.deepcopy(policy.state_dict())
@@ -126,7 +177,14 @@ def floors(module: RLOOPolicyModule, keep: KeepRollout) -> dict:
         opt.step()
         opt.zero_grad()
 
-    out = {"generation": timed(generation), "pm_scoring": timed(pm_scoring_floor),
+    if module.generation.engine == "vllm":
+        # the first token comes out of the prefill; each later one is a decode step over the sequences running
+        running = [int(n) for n in r.completion_mask.sum(0)[1:].tolist() if n > 0]
+        seconds, rate = decode_floor(policy, int(batch["prompt_mask"].sum()), running, len(batch["messages"]))
+        generation_floor = {"generation": seconds, "decode_matmul_gflops": rate}
+    else:
+        generation_floor = {"generation": timed(generation)}
+    out = {**generation_floor, "pm_scoring": timed(pm_scoring_floor),
            "reference_logprobs": timed(reference), "update": timed(update)}
     policy.load_state_dict(state)
     return out
@@ -141,8 +199,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--completion", type=int, default=40)
     parser.add_argument("--work", default="runs/bench_rloo_stages")
+    parser.add_argument("--engine", choices=["lean", "vllm"], default="lean",
+                        help="lean: before/after the switches; vllm: the colocated vLLM step against its floors")
     args = parser.parse_args()
     prompts = bench_prompts(args.prompts * (args.steps + 2))
+    if args.engine == "vllm":
+        return vllm_stages(args, prompts)
     before, after, floor = [], [], []
     for _ in range(args.repeats):  # interleaved
         before.append(run(args, prompts, "hf", False, False)[2])
@@ -175,6 +237,43 @@ def main() -> None:
     lines.append(f"| **step** | {report['step_before_s']:.2f} s | {report['step_after_s']:.2f} s | "
                  f"{report['step_after_s'] / report['step_before_s']:.2f}x | | |")
     (OUT / "rloo_stages.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def vllm_stages(args, prompts) -> None:
+    """The step on colocated vLLM (merged-weight sync), each stage against its floor."""
+    after, floor, engine = [], [], None
+    for _ in range(args.repeats):
+        module, keep, measured = run(args, prompts, "vllm", True, True, engine)
+        engine = module.engine  # one engine per process: the repeats share it
+        after.append(measured)
+        floor.append(floors(module, keep))
+    med = lambda key: statistics.median(r["split_s"].get(key, 0.0) for r in after)  # noqa: E731
+    floor_of = lambda key: statistics.median(f[key] for f in floor)  # noqa: E731
+    report = {"config": vars(args), "after": after, "floor": floor,
+              "step_s": statistics.median(r["step_s"] for r in after)}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "rloo_stages_vllm.json").write_text(json.dumps(report, indent=2))
+    sync, rate = med("engine_sync"), floor_of("decode_matmul_gflops")
+    lines = [
+        f"SmolLM2-135M-Instruct policy (LoRA top 4) on colocated vLLM (merged-weight sync), {args.prompts} prompts x "
+        f"K={args.k}, up to {args.completion} new tokens, the PM `{Path(args.pm_ckpt).name}`; medians of "
+        f"{args.repeats} runs x {args.steps - 1} steps. Decode-shaped matmul rate in this run: {rate:.0f} GFLOP/s.",
+        "",
+        "| stage | measured | floor | measured / floor | goal |",
+        "|---|---|---|---|---|",
+    ]
+    goals = {"generation": 1.5}
+    for stage in [k for k in after[0]["split_s"] if k != "engine_sync"]:
+        a = med(stage)
+        f = floor_of(stage) if stage in floor[0] else None
+        goal = f"<= {goals.get(stage, 1.2)}x" if f else ""
+        lines.append(f"| {stage} | {a:.2f} s | " + (f"{f:.2f} s | {a / f:.2f}x | {goal} |" if f else "— | — | |"))
+        if stage == "generation" and f:
+            lines.append(f"| generation without the sync ({sync:.2f} s) | {a - sync:.2f} s | {f:.2f} s | "
+                         f"{(a - sync) / f:.2f}x | {goal} |")
+    lines.append(f"| **step** | {report['step_s']:.2f} s | | | |")
+    (OUT / "rloo_stages_vllm.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -64,7 +64,9 @@ def run_ours(args, prompts: list[str]) -> dict:
             "mean_completion_tokens": module.last_step["response/length"]}
 
 
-def run_trl(args, prompts: list[str]) -> dict:
+def run_trl(args, prompts: list[str], **config_overrides) -> dict:
+    """TRL's RLOOTrainer on ``prompts`` (``config_overrides``: further ``RLOOConfig`` fields, e.g. its vLLM
+    path); the median step, each step's seconds and its generated tokens (TRL's sampled lengths differ from ours)."""
     from datasets import Dataset
     from peft import LoraConfig
 
@@ -79,12 +81,13 @@ def run_trl(args, prompts: list[str]) -> dict:
     model = load_backbone(SMOL, causal_lm=True)
     pm, encoder = load_reward_pm(args.pm_ckpt)
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p.replace("\n", " ")}]} for p in prompts])
-    k, lengths = args.k, []
+    k, lengths, step_tokens = args.k, [], []
 
     def pm_reward(prompts, completions, completion_ids=None, **kwargs):
         # TRL repeats each prompt K times consecutively: score each group's pairs with the PM, as ours does
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         lengths.extend(len(ids) for ids in completion_ids or [])
+        step_tokens.append(sum(len(ids) for ids in completion_ids or []))
         groups = [texts[i : i + k] for i in range(0, len(texts), k)]
         group_prompts = [prompts[i] for i in range(0, len(prompts), k)]
         s, _ = score_groups(pm, encoder, group_prompts, groups, 12)
@@ -98,13 +101,14 @@ def run_trl(args, prompts: list[str]) -> dict:
             per_device_train_batch_size=args.prompts * k, num_generations=k, max_completion_length=args.completion,
             temperature=0.9, top_p=0.95, top_k=0, beta=0.05, learning_rate=5e-5, max_steps=args.steps,
             logging_steps=1, seed=0, num_iterations=1, disable_tqdm=True, gradient_checkpointing=False,
+            **config_overrides,
         )
         lora = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
                           layers_to_transform=list(range(n_layers - 4, n_layers)), task_type="CAUSAL_LM")
         trainer = RLOOTrainer(model=model, reward_funcs=pm_reward, args=config, train_dataset=dataset,
                               processing_class=tokenizer, peft_config=lora, callbacks=[trl_step_timer(times)])
         trainer.train()
-    return {"median_step_s": statistics.median(times[1:]), "steps_s": times,
+    return {"median_step_s": statistics.median(times[1:]), "steps_s": times, "step_tokens": step_tokens,
             "mean_completion_tokens": sum(lengths) / max(len(lengths), 1)}
 
 

@@ -202,6 +202,54 @@ def test_split_forward_gives_the_whole_forward_numbers(tmp_path):
     assert split.last_step["kl/mean"] == pytest.approx(whole.last_step["kl/mean"], abs=1e-5)
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_a_batch_trained_at_once_takes_its_sampling_logprobs_from_the_update_pass(split, tmp_path):
+    """Without a reward pipeline the batch is trained on by the policy that sampled it: the top layers run twice
+    per batch (the reference and the update), not three times, and the KL, advantages, loss and gradients are
+    those of a separate sampling-policy pass."""
+    L.seed_everything(0)
+    module = RLOOPolicyModule(
+        policy=BackboneSpec(), lora=LoraSpec(r=4, alpha=8, top_layers=1), pm_backbone=BackboneSpec(),
+        generation=GenerationConfig(num_samples=3, max_new_tokens=6), lr=1e-2, split_forward=split)
+    for name, p in module.policy.named_parameters():  # adapters that move the policy away from the reference
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"Tell me about the number {i}." for i in range(4)))
+    dm = PromptDataModule(prompts=str(prompts), batch_size=2)
+    dm.connect(module)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    top = [m for m in module.policy.modules() if type(m).__name__.endswith("DecoderLayer")][-1]
+    lengths = []  # sequence length of each pass through the top layer (generation's are shorter)
+    top.register_forward_hook(lambda _m, args, _out: lengths.append(args[0].shape[1]))
+    whole = lambda rollout: rollout.prompt_ids.shape[1] + rollout.completions.shape[1]  # noqa: E731
+
+    def step(rollout):
+        module.policy.zero_grad()
+        loss = module.update_loss(rollout, 0)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+        return loss.detach(), grads
+
+    fused = module.rollout(batch, 0)
+    fused_loss, fused_grads = step(fused)
+    # the reference pass and the update's (before: a third, for the sampling policy)
+    assert lengths.count(whole(fused)) == 2
+    separate = module.finish_rollout(module.start_rollout(batch, 0))  # the pipelined path keeps its own pass
+    separate_loss, separate_grads = step(separate)
+    assert lengths.count(whole(fused)) == 5
+    assert torch.equal(fused.completions, separate.completions)
+    assert float(fused.kl.abs().max()) > 1e-4  # the adapters are on: KL is something to compare
+    # float32: the update's pass runs with autograd on and the separate one without, the same kernels on the
+    # same inputs; the tolerance only allows for the kernels' reduction orders
+    assert torch.allclose(fused.old_logp, separate.old_logp, atol=1e-5)
+    assert torch.allclose(fused.kl, separate.kl, atol=1e-5)
+    assert torch.allclose(fused.advantages, separate.advantages, atol=1e-5)
+    assert torch.allclose(fused_loss, separate_loss, atol=1e-5)
+    assert all(torch.allclose(fused_grads[n], separate_grads[n], atol=1e-5) for n in fused_grads)
+
+
 @pytest.mark.parametrize("lora", [None, LoraSpec(r=4, alpha=8, top_layers=1)])
 def test_group_scoring_from_the_shared_prefix_equals_whole_sequences(lora, tiny_model_dir):
     from lit_route.data.encoding import PairEncoder

@@ -18,7 +18,9 @@ from lit_route.models.backbone import (
 from lit_route.models.split import Trunk
 from lit_route.policy.context import RewardContext
 from lit_route.policy.engines import build_engine, engine_statistics
+from lit_route.policy.engines.base import EngineOutput
 from lit_route.policy.loss import policy_loss
+from lit_route.policy.metrics import step_metrics
 from lit_route.policy.options import check_options
 from lit_route.policy.pipeline import (
     PendingBatch,
@@ -170,15 +172,6 @@ class RLOOPolicyModule(L.LightningModule):
             self.__dict__["_trunk_obj"] = trunk if trunk is not None and trunk.start is not None else None
         return self.__dict__["_trunk_obj"]
 
-    def _top_logits(self, hidden, prompt_ids, prompt_mask, comps, cmask) -> torch.Tensor:
-        inputs = sequence_inputs(prompt_ids, prompt_mask, comps, cmask)
-        return self._trunk().forward_top(hidden, inputs["attention_mask"], inputs["position_ids"],
-                                         logits_to_keep=comps.shape[1] + 1).logits
-
-    def _top_logprobs(self, hidden, prompt_ids, prompt_mask, comps, cmask) -> torch.Tensor:
-        logits = self._top_logits(hidden, prompt_ids, prompt_mask, comps, cmask)
-        return completion_logprobs(logits, comps, cmask, self.generation.temperature)
-
     def _reference_logprobs(self, *args) -> torch.Tensor:
         if self.reference is not None:
             return self._logprobs(self.reference, *args)
@@ -198,12 +191,17 @@ class RLOOPolicyModule(L.LightningModule):
             hooks: Reward hooks (``on_pairwise_scores`` / ``on_before_rewards``).
             trainer: What the hooks receive as ``trainer`` (a Trainer, or the Fabric engine's view of one).
         """
-        return self.finish_rollout(self.start_rollout(batch, step, hooks, trainer), hooks, trainer)
+        return self.finish_rollout(self.start_rollout(batch, step, hooks, trainer, trained_now=True), hooks, trainer)
 
-    def start_rollout(self, batch: dict, step: int, hooks=(), trainer=None, version: int = 0) -> PendingBatch:
+    def start_rollout(self, batch: dict, step: int, hooks=(), trainer=None, version: int = 0,
+                      trained_now: bool = False) -> PendingBatch:
         """Sampling, PM scores, the hooks' ``on_pairwise_scores`` (judge calls start) and the log-probabilities
         of the sampling policy and the reference: a batch waiting for its verdicts (``version``: optimiser steps
-        done so far)."""
+        done so far).
+
+        With ``trained_now`` (the batch is trained on before the next optimiser step) the sampling policy's
+        log-probs are not computed here: they are the first update's own forward pass, detached (the ratio is 1,
+        and the KL, the advantages and the engine comparison are formed from that pass before its backward)."""
         k = self.generation.num_samples
         b = batch["prompt_ids"].shape[0]
         ctx = RewardContext(batch["messages"], [], torch.empty(0), torch.empty(0), torch.empty(0), torch.empty(0))
@@ -232,19 +230,35 @@ class RLOOPolicyModule(L.LightningModule):
                 with trunk.capture():
                     ref_logp = self._reference_logprobs(prompt_ids, prompt_mask, comps, cmask)
                 hidden = trunk.hidden
-                old_logits = self._top_logits(hidden, prompt_ids, prompt_mask, comps, cmask)
             else:
                 ref_logp = self._reference_logprobs(prompt_ids, prompt_mask, comps, cmask)
-                old_logits = completion_logits(self.policy, prompt_ids, prompt_mask, comps, cmask)
+            if trained_now:
+                return PendingBatch(prompt_ids, prompt_mask, comps, cmask, None, ref_logp, ctx, hidden, version,
+                                    engine_logp=out.logprobs)
+            old_logits = self._policy_logits(hidden, prompt_ids, prompt_mask, comps, cmask)
             old_logp = completion_logprobs(old_logits, comps, cmask, self.generation.temperature)
-            # an engine reports the log-probs of the truncated distribution it sampled from: like with like
-            sampled_logp = None if out.logprobs is None else nucleus_logprobs(old_logits, comps, cmask,
-                                                                              self.generation)
+            is_weights = self._engine_check(old_logits, comps, cmask, out.logprobs, ctx.stats)
             del old_logits
-        is_weights = engine_statistics(self.engine, out, sampled_logp, cmask, self.generation.engine_options,
-                                       ctx.stats)
         return PendingBatch(prompt_ids, prompt_mask, comps, cmask, old_logp, ref_logp, ctx, hidden, version,
                             is_weights=is_weights)
+
+    def _policy_logits(self, hidden, prompt_ids, prompt_mask, comps, cmask) -> torch.Tensor:
+        """(N, T + 1, V) the policy's logits of the completion positions (over the frozen bottom's captured
+        output when there is one)."""
+        if hidden is None:
+            return completion_logits(self.policy, prompt_ids, prompt_mask, comps, cmask)
+        inputs = sequence_inputs(prompt_ids, prompt_mask, comps, cmask)
+        return self._trunk().forward_top(hidden, inputs["attention_mask"], inputs["position_ids"],
+                                         logits_to_keep=comps.shape[1] + 1).logits
+
+    def _engine_check(self, logits, comps, cmask, engine_logp, stats: dict) -> torch.Tensor | None:
+        """Compares an engine's log-probs of its samples with the sampling policy's ``logits`` (into ``stats``);
+        returns the truncated importance-sampling weights, or ``None``."""
+        # an engine reports the log-probs of the truncated distribution it sampled from: like with like
+        sampled_logp = None if engine_logp is None else nucleus_logprobs(logits.detach(), comps, cmask,
+                                                                         self.generation)
+        return engine_statistics(self.engine, EngineOutput(comps, cmask, engine_logp), sampled_logp, cmask,
+                                 self.generation.engine_options, stats)
 
     def finish_rollout(self, pending: PendingBatch, hooks=(), trainer=None, version: int | None = None) -> Rollout:
         """The hooks' ``on_before_rewards`` (verdicts merged into S), then KL, rewards and advantages
@@ -253,25 +267,40 @@ class RLOOPolicyModule(L.LightningModule):
         b, k = ctx.scores.shape[:2]
         for hook in hooks:
             hook.on_before_rewards(trainer, self, ctx)
-        kl = kl_per_sequence(p.old_logp, p.ref_logp, p.completion_mask, self.hparams.kl_estimator).view(b, k)
-        pm_reward = pairwise_rewards(ctx.scores.to(kl.device))
-        advantages = rloo_advantages(pm_reward - self.hparams.beta * kl)
+        pm_reward = pairwise_rewards(ctx.scores.to(p.ref_logp.device)).view(b, k)
+        staleness = 0 if version is None else version - p.version
+        rollout = Rollout(p.prompt_ids, p.prompt_mask, p.completions, p.completion_mask, p.old_logp, None,
+                          pm_reward, None, ctx, p.trunk_hidden, staleness, p.is_weights)
+        if p.old_logp is None:  # the first update's forward pass gives them: see start_rollout
+            rollout.ref_logp, rollout.engine_logp = p.ref_logp, p.engine_logp
+        else:
+            self._advantages(rollout, p.ref_logp)
+        return rollout
+
+    def _advantages(self, rollout: Rollout, ref_logp: torch.Tensor) -> None:
+        """Fills in the rollout's (B, K) KL to the reference and (B·K,) RLOO advantages of
+        ``r_i = mean_{j≠i} S_ij − β·KL_i``."""
+        r = rollout
+        kl = kl_per_sequence(r.old_logp, ref_logp, r.completion_mask, self.hparams.kl_estimator).view_as(r.pm_reward)
+        advantages = rloo_advantages(r.pm_reward - self.hparams.beta * kl)
         if self.hparams.whiten_advantages:
             advantages = whiten(advantages)
         if not torch.isfinite(advantages).all():
             raise FloatingPointError("non-finite advantages: check the PM checkpoint (scores must be finite)")
-        staleness = 0 if version is None else version - p.version
-        return Rollout(p.prompt_ids, p.prompt_mask, p.completions, p.completion_mask, p.old_logp, advantages.flatten(),
-                       pm_reward, kl, ctx, p.trunk_hidden, staleness, p.is_weights)
+        r.kl, r.advantages = kl, advantages.flatten()
 
     def update_loss(self, rollout: Rollout, update: int) -> torch.Tensor:
         """The policy loss of update number ``update`` on ``rollout`` (the forward pass that gradients flow
         through; from the second update on the same rollout, or on a stale one, the PPO-clipped loss)."""
         r = rollout
-        if r.trunk_hidden is not None:
-            logp = self._top_logprobs(r.trunk_hidden, r.prompt_ids, r.prompt_mask, r.completions, r.completion_mask)
-        else:
-            logp = self._logprobs(self.policy, r.prompt_ids, r.prompt_mask, r.completions, r.completion_mask)
+        logits = self._policy_logits(r.trunk_hidden, r.prompt_ids, r.prompt_mask, r.completions, r.completion_mask)
+        logp = completion_logprobs(logits, r.completions, r.completion_mask, self.generation.temperature)
+        if r.old_logp is None:  # sampled by the policy of this pass: its log-probs, then KL and advantages, from it
+            r.old_logp = logp.detach()
+            r.is_weights = self._engine_check(logits, r.completions, r.completion_mask, r.engine_logp, r.ctx.stats)
+            self._advantages(r, r.ref_logp)
+            r.ref_logp = r.engine_logp = None
+        del logits
         return policy_loss(logp, r.old_logp, r.advantages, r.completion_mask,
                            self.hparams.clip_eps if update > 0 or r.staleness > 0 else None, r.is_weights)
 
@@ -328,32 +357,13 @@ class RLOOPolicyModule(L.LightningModule):
 
     def log_step(self, rollout: Rollout, loss: torch.Tensor) -> None:
         """Logs the step's metrics and keeps them in ``last_step``."""
-        r = rollout
-        self._log_step(r.ctx, loss, r.pm_reward, r.kl, r.advantages.view_as(r.pm_reward), r.completion_mask,
-                       r.staleness)
-
-    def _log_step(self, ctx, loss, pm_reward, kl, advantages, cmask, staleness: int = 0) -> None:
-        b, k, _ = ctx.scores.shape
-        n_pairs = b * k * (k - 1) / 2
-        metrics = {
-            "train/loss": loss,
-            **({"pipeline/staleness": staleness, "pipeline/pending": len(self.pipeline)}
-               if self.hparams.get("reward_pipeline", 0) else {}),
-            "reward/mean": pm_reward.mean(),
-            "reward/std": pm_reward.std(),
-            "kl/mean": kl.mean(),
-            "advantage/std": advantages.std(),
-            "response/length": cmask.sum(-1).mean(),
-            "judge/fraction": ctx.judged.sum().float() / 2 / n_pairs,
-            "pm/uncertainty_mean": ctx.uncertainty.sum() / (b * k * (k - 1)),
-            **{f"time/{name}": t for name, t in ctx.timings.items()},
-            **ctx.stats,
-        }
-        values = {k_: float(v) for k_, v in metrics.items()}
+        pending = len(self.pipeline) if self.hparams.get("reward_pipeline", 0) else None
+        values = step_metrics(rollout, loss, pending)
         if self.__dict__.get("_after_fit"):  # batches drained as the fit ends: self.log is closed by then
             for logger in self.loggers:
                 logger.log_metrics(values, step=self.global_step)
         else:
+            b = rollout.pm_reward.shape[0]
             self.log_dict(values, prog_bar=False, on_step=True, batch_size=b)
             # the group-mean reward is 0 by construction (S is antisymmetric): the bar shows what moves
             self.log_dict({"judged": values["judge/fraction"], "kl": values["kl/mean"],

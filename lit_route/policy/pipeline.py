@@ -31,29 +31,35 @@ class PendingBatch:
         prompt_mask: (B·K, P).
         completions: (B·K, T) sampled tokens.
         completion_mask: (B·K, T).
-        old_logp: (B·K, T) the sampling policy's token log-probabilities.
+        old_logp: (B·K, T) the sampling policy's token log-probabilities; ``None`` for a batch trained on by the
+            policy that sampled it (no reward pipeline): the update's own forward pass gives them.
         ref_logp: (B·K, T) the reference's.
         ctx: The batch's reward context (PM scores; verdicts are merged into it when it is due).
         trunk_hidden: (B·K, L, H) the frozen bottom's output (not checkpointed: recomputed by a full pass).
         version: Optimiser steps done when the batch was sampled (its staleness at update is measured from it).
         is_weights: (B·K, T) truncated importance-sampling weights of an engine's samples, or ``None``.
+        engine_logp: (B·K, T) the engine's log-probs of its samples, kept while ``old_logp`` is ``None`` (the
+            engine–trainer comparison waits for the update's pass); ``None`` otherwise.
     """
 
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
     completions: torch.Tensor
     completion_mask: torch.Tensor
-    old_logp: torch.Tensor
+    old_logp: torch.Tensor | None
     ref_logp: torch.Tensor
     ctx: RewardContext
     trunk_hidden: torch.Tensor | None = None
     version: int = 0
     is_weights: torch.Tensor | None = None
+    engine_logp: torch.Tensor | None = None
 
     _TENSORS = ("prompt_ids", "prompt_mask", "completions", "completion_mask", "old_logp", "ref_logp")
 
     def state_dict(self) -> dict:
         """Plain containers and CPU tensors (a checkpoint loads them with ``weights_only``)."""
+        if self.old_logp is None:
+            raise ValueError("a batch without its sampling log-probs is trained on at once, never kept pending")
         state = {name: getattr(self, name).detach().cpu() for name in self._TENSORS}
         state["ctx"] = {name: getattr(self.ctx, name) for name in _CTX_FIELDS}
         state["ctx"] = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state["ctx"].items()}
@@ -63,10 +69,9 @@ class PendingBatch:
 
     def to(self, device: torch.device | str) -> PendingBatch:
         """The batch's tensors on ``device`` (a restored batch is loaded before the module is placed)."""
-        for name in self._TENSORS:
-            setattr(self, name, getattr(self, name).to(device))
-        if self.is_weights is not None:
-            self.is_weights = self.is_weights.to(device)
+        for name in (*self._TENSORS, "is_weights", "engine_logp"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
 
     @classmethod
@@ -95,20 +100,25 @@ class Rollout:
             is run once per batch (see :mod:`lit_route.models.split`); ``None`` otherwise.
         staleness: Optimiser steps taken since the batch was sampled (> 0 with a reward pipeline).
         is_weights: (B·K, T) truncated importance-sampling weights of an engine's samples, or ``None``.
+        ref_logp: (B·K, T) the reference's log-probs, while ``old_logp``, ``kl`` and ``advantages`` wait for the
+            first update's forward pass (they are ``None`` until it fills them in); ``None`` otherwise.
+        engine_logp: (B·K, T) the engine's log-probs of its samples, waiting with them; ``None`` otherwise.
     """
 
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
     completions: torch.Tensor
     completion_mask: torch.Tensor
-    old_logp: torch.Tensor
-    advantages: torch.Tensor
+    old_logp: torch.Tensor | None
+    advantages: torch.Tensor | None
     pm_reward: torch.Tensor
-    kl: torch.Tensor
+    kl: torch.Tensor | None
     ctx: RewardContext
     trunk_hidden: torch.Tensor | None = None
     staleness: int = 0
     is_weights: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    engine_logp: torch.Tensor | None = None
 
 
 def check_pipeline(reward_pipeline: int, accumulate_batches: int) -> None:
