@@ -106,6 +106,32 @@ def reload_sync(generation) -> None:
     generation.llm.reset_prefix_cache()
 
 
+def check_reload_sync(trainer) -> str:
+    """After training, TRL's push once more (the last update's weights), then the engine's weights read back
+    through its own kernels against the policy's merged ones: "ok", or the weights the engine did not take."""
+    import functools
+
+    from lit_route.policy.engines.readback import engine_readback, expected_readback, readback_mismatches
+    from lit_route.policy.engines.vllm_engine import engine_layout
+    from lit_route.policy.engines.weights import (
+        changed_weight_names,
+        conv1d_names,
+        merged_weights,
+        sync_shortfall,
+    )
+
+    generation = trainer.vllm_generation
+    generation.sync_weights()
+    llm, model = generation.llm, trainer.model
+    fused, engine_params = llm.apply_model(engine_layout)[0]
+    weights = merged_weights(model, fused)
+    expected = expected_readback(weights, fused, engine_params, conv1d_names(model), 0)
+    read = llm.apply_model(functools.partial(engine_readback, {n: w for n, (w, _) in expected.items()}, 0))[0]
+    short = sync_shortfall([n for n, _ in weights], changed_weight_names(model), fused, engine_params,
+                           readback_mismatches(expected, read))
+    return "ok" if not short else f"not taken: {', '.join(short[:5])}"
+
+
 def trl_run(spec: dict) -> dict:
     """TRL's RLOOTrainer at the same shape, tokens, LoRA and precision: ``trl-hf`` (its HF ``generate``),
     ``trl-vllm`` (``use_vllm=True, vllm_mode='colocate'``, as shipped) or ``trl-vllm-reload`` (the same with the
@@ -136,11 +162,14 @@ def trl_run(spec: dict) -> dict:
 
         rloo_vs_trl.load_reward_pm = lambda ckpt: load_reward_pm(None, BackboneSpec())
     try:
-        out = rloo_vs_trl.run_trl(args, rloo_vs_trl.bench_prompts(spec["prompts"] * spec["steps"]), **overrides)
+        check = check_reload_sync if spec["run"] == "trl-vllm-reload" else None
+        out = rloo_vs_trl.run_trl(args, rloo_vs_trl.bench_prompts(spec["prompts"] * spec["steps"]), check,
+                                  **overrides)
     except Exception as err:  # recorded, not fatal: TRL may refuse this vLLM build
         return {**spec, "error": f"{type(err).__name__}: {str(err)[:300]}"}
     return {**spec, "step_s": out["median_step_s"], "steps_s": out["steps_s"], "step_tokens": out["step_tokens"],
-            "mean_completion_tokens": out["mean_completion_tokens"]}
+            "mean_completion_tokens": out["mean_completion_tokens"],
+            **({"sync_check": out["after_train"]} if out["after_train"] is not None else {})}
 
 
 def run_child(spec: dict) -> dict:

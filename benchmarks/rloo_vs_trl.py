@@ -64,9 +64,10 @@ def run_ours(args, prompts: list[str]) -> dict:
             "mean_completion_tokens": module.last_step["response/length"]}
 
 
-def run_trl(args, prompts: list[str], **config_overrides) -> dict:
+def run_trl(args, prompts: list[str], after_train=None, **config_overrides) -> dict:
     """TRL's RLOOTrainer on ``prompts`` (``config_overrides``: further ``RLOOConfig`` fields, e.g. its vLLM
-    path); the median step, each step's seconds and its generated tokens (TRL's sampled lengths differ from ours)."""
+    path); the median step, each step's seconds and its generated tokens (TRL's sampled lengths differ from ours),
+    and what ``after_train(trainer)`` returns, under ``"after_train"``, when given."""
     from datasets import Dataset
     from peft import LoraConfig
 
@@ -108,8 +109,9 @@ def run_trl(args, prompts: list[str], **config_overrides) -> dict:
         trainer = RLOOTrainer(model=model, reward_funcs=pm_reward, args=config, train_dataset=dataset,
                               processing_class=tokenizer, peft_config=lora, callbacks=[trl_step_timer(times)])
         trainer.train()
+        checked = after_train(trainer) if after_train is not None else None
     return {"median_step_s": statistics.median(times[1:]), "steps_s": times, "step_tokens": step_tokens,
-            "mean_completion_tokens": sum(lengths) / max(len(lengths), 1)}
+            "mean_completion_tokens": sum(lengths) / max(len(lengths), 1), "after_train": checked}
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from lit_route.policy.sampling import (
     GenerationConfig,
     completion_logprobs,
     nucleus_logprobs,
+    nucleus_mass,
     sample,
     sequence_inputs,
 )
@@ -152,6 +153,27 @@ def test_nucleus_logprobs_are_the_truncated_distribution():
                        untruncated)
     edge = nucleus_logprobs(logits, torch.tensor([[3, 0]]), torch.tensor([[1.0, 0.0]]), config)
     assert torch.isfinite(edge).all() and edge[0, 1] == 0
+
+
+@pytest.mark.parametrize("first", [1, 16, 1000])
+def test_nucleus_mass_from_the_largest_logits_is_the_whole_sort(first):
+    """The nucleus found among the ``first`` largest logits (rows whose nucleus is larger sorted whole) is the
+    one a float64 sort of the whole vocabulary finds."""
+    torch.manual_seed(0)
+    v = 1000
+    sharpness = torch.logspace(-1, 1, 64).unsqueeze(-1)  # from nearly flat rows (nuclei of hundreds) to peaked ones
+    logits = torch.randn(64, v) * sharpness
+    top_p = 0.9
+    ranked = torch.sort(logits.double(), descending=True, dim=-1).values
+    probs = torch.softmax(ranked, -1)
+    before = probs.cumsum(-1) - probs
+    # float32 logits place the running probability to ~1e-7: no token of this seed's rows is within 1e-6 of
+    # top_p, so rounding cannot move an edge
+    assert (before - top_p).abs().min() > 1e-6
+    sizes = (before < top_p).sum(-1)
+    assert (sizes > 16).any() and (sizes <= 16).any()  # both paths are taken at first=16
+    expected = torch.logsumexp(ranked.masked_fill(before >= top_p, -torch.inf), dim=-1)
+    assert torch.allclose(nucleus_mass(logits, top_p, first).double(), expected, atol=1e-5)
 
 
 class InStepEngine:

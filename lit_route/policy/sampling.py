@@ -200,10 +200,34 @@ def nucleus_logprobs(logits: torch.Tensor, completions: torch.Tensor, comp_mask:
     for start in range(0, rows.numel(), chunk):
         r, c = rows[start : start + chunk], cols[start : start + chunk]
         position = logits[r, c].float()  # (chunk, V)
-        kept = warp(position, config.temperature, config.top_k, config.top_p)
         token = position.gather(-1, completions[r, c].unsqueeze(-1)).squeeze(-1) / config.temperature
-        out[r, c] = token - torch.logsumexp(kept, dim=-1)
+        if 0 < config.top_k < position.shape[-1]:
+            mass = torch.logsumexp(warp(position, config.temperature, config.top_k, config.top_p), dim=-1)
+        else:
+            mass = nucleus_mass(position / config.temperature, config.top_p)
+        out[r, c] = token - mass
     return out
+
+
+def nucleus_mass(logits: torch.Tensor, top_p: float, first: int = 1024) -> torch.Tensor:
+    """(N, V) logits (already divided by the temperature) -> (N,) log of the nucleus' unnormalised mass: the
+    logsumexp of the smallest set of largest logits whose probability reaches ``top_p`` (the set :func:`warp`
+    keeps).
+
+    The nucleus is looked for among the ``first`` largest logits (a partial selection, not a sort of the
+    vocabulary); only rows whose nucleus is larger are sorted whole. The running probability is summed in float64:
+    summed in float32 over hundreds of tokens it drifts by ~1e-6, enough to move the nucleus' edge by a token.
+    """
+    first = min(first, logits.shape[-1])
+    top = torch.topk(logits, first, dim=-1).values  # sorted, largest first
+    probs = torch.exp((top - torch.logsumexp(logits, dim=-1, keepdim=True)).double())
+    before = probs.cumsum(-1) - probs  # the probability of the tokens above each one
+    kept = before < top_p  # a token stays while the ones above it have not reached top_p (the first always does)
+    mass = torch.logsumexp(top.masked_fill(~kept, -torch.inf), dim=-1)
+    larger = kept[:, -1]  # the nucleus may go on past the first tokens: those rows are sorted whole
+    if first < logits.shape[-1] and bool(larger.any()):
+        mass[larger] = nucleus_mass(logits[larger], top_p, logits.shape[-1])
+    return mass
 
 
 def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.Tensor,
