@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from unittest import mock
 
 import lightning.fabric.strategies.fsdp as fabric_fsdp
@@ -54,6 +55,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def process_group_member(rank: int, world: int, port: int):
+    """A spawned test worker as a member of a process group (:func:`torchrun_env`), which it leaves on exit: the
+    group is destroyed so that gloo's threads are joined before the interpreter exits (left to the exit, they
+    abort a finished worker now and then: "terminate called without an active exception", SIGABRT)."""
+    torchrun_env(rank, world, port)
+    try:
+        yield
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def torchrun_env(rank: int, world: int, port: int) -> None:

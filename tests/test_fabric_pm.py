@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 import torch.multiprocessing as mp
-from cpu_fsdp import CPUFabricFSDP, free_port, torchrun_env
+from cpu_fsdp import CPUFabricFSDP, free_port, process_group_member
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from lit_route.data.datamodule import PreferenceDataModule
@@ -85,23 +85,23 @@ def test_both_engines_on_one_and_two_processes_finalise_the_same_model(toy_pairs
 
 
 def fsdp_worker(rank, world, port, data, out):
-    torchrun_env(rank, world, port)
-    torch.set_num_threads(1)
-    strategy = CPUFabricFSDP(auto_wrap_policy=TransformerBlockPolicy(), state_dict_type="full")
-    fabric = L.Fabric(accelerator="cpu", devices=world, strategy=strategy, precision="bf16-true",
-                      loggers=[MetricsRecorder()])
-    fabric.launch()
-    L.seed_everything(0)
-    module = PreferenceModule(backbone=BackboneSpec(dtype="bfloat16"), lora=LoraSpec(r=4, alpha=8),
-                              sngp=SNGPConfig(num_features=32))
-    dm = PreferenceDataModule(train=data, val_fraction=0.25, max_length=96, batch_size=3)
-    summary = fit_preference_model(fabric, module, dm, LoopSettings(max_epochs=2, default_root_dir=out))
-    head = module.head
-    with open(f"{out}/rank{rank}.json", "w") as fh:
-        json.dump({"summary": summary, "head_dtypes": sorted({str(p.dtype) for p in head.parameters()}),
-                   "precision_dtype": str(head.precision.dtype), "finalized": bool(head.finalized),
-                   "units": sorted(type(m.module).__name__ for m in module.modules()
-                                   if isinstance(m, FullyShardedDataParallel))}, fh)
+    with process_group_member(rank, world, port):
+        torch.set_num_threads(1)
+        strategy = CPUFabricFSDP(auto_wrap_policy=TransformerBlockPolicy(), state_dict_type="full")
+        fabric = L.Fabric(accelerator="cpu", devices=world, strategy=strategy, precision="bf16-true",
+                          loggers=[MetricsRecorder()])
+        fabric.launch()
+        L.seed_everything(0)
+        module = PreferenceModule(backbone=BackboneSpec(dtype="bfloat16"), lora=LoraSpec(r=4, alpha=8),
+                                  sngp=SNGPConfig(num_features=32))
+        dm = PreferenceDataModule(train=data, val_fraction=0.25, max_length=96, batch_size=3)
+        summary = fit_preference_model(fabric, module, dm, LoopSettings(max_epochs=2, default_root_dir=out))
+        head = module.head
+        with open(f"{out}/rank{rank}.json", "w") as fh:
+            json.dump({"summary": summary, "head_dtypes": sorted({str(p.dtype) for p in head.parameters()}),
+                       "precision_dtype": str(head.precision.dtype), "finalized": bool(head.finalized),
+                       "units": sorted(type(m.module).__name__ for m in module.modules()
+                                       if isinstance(m, FullyShardedDataParallel))}, fh)
 
 
 def test_fsdp_bf16_with_the_float32_head_trains_and_finalises(toy_pairs, tmp_path):

@@ -5,7 +5,7 @@ import json
 import lightning as L
 import torch
 import torch.multiprocessing as mp
-from cpu_fsdp import CPUTrainerFSDP, free_port, torchrun_env
+from cpu_fsdp import CPUTrainerFSDP, free_port, process_group_member
 
 from lit_route.callbacks.finalize import FinalizeCovariance
 from lit_route.data.datamodule import PreferenceDataModule
@@ -16,20 +16,20 @@ from lit_route.preference.io import load_preference_model
 
 
 def worker(rank, world, port, data, out):
-    torchrun_env(rank, world, port)
-    torch.set_num_threads(1)
-    L.seed_everything(0)
-    module = PreferenceModule(backbone=BackboneSpec(dtype="bfloat16"), lora=LoraSpec(r=4, alpha=8),
-                              sngp=SNGPConfig(num_features=32))
-    dm = PreferenceDataModule(train=data, val_fraction=0.0, max_length=96, batch_size=3)
-    finalize = FinalizeCovariance(progress=False)
-    trainer = L.Trainer(accelerator="cpu", devices=world, precision="bf16-true", max_epochs=1, logger=False,
-                        strategy=CPUTrainerFSDP(auto_wrap_policy=TransformerBlockPolicy(), state_dict_type="full"),
-                        callbacks=[finalize, L.pytorch.callbacks.ModelCheckpoint(dirpath=out)],
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
-    trainer.fit(module, dm)
-    with open(f"{out}/rank{rank}.json", "w") as fh:
-        json.dump({"ckpt": finalize.ckpt_path, "n": float(module.head.n_accumulated)}, fh)
+    with process_group_member(rank, world, port):
+        torch.set_num_threads(1)
+        L.seed_everything(0)
+        module = PreferenceModule(backbone=BackboneSpec(dtype="bfloat16"), lora=LoraSpec(r=4, alpha=8),
+                                  sngp=SNGPConfig(num_features=32))
+        dm = PreferenceDataModule(train=data, val_fraction=0.0, max_length=96, batch_size=3)
+        finalize = FinalizeCovariance(progress=False)
+        trainer = L.Trainer(accelerator="cpu", devices=world, precision="bf16-true", max_epochs=1, logger=False,
+                            strategy=CPUTrainerFSDP(auto_wrap_policy=TransformerBlockPolicy(), state_dict_type="full"),
+                            callbacks=[finalize, L.pytorch.callbacks.ModelCheckpoint(dirpath=out)],
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
+        trainer.fit(module, dm)
+        with open(f"{out}/rank{rank}.json", "w") as fh:
+            json.dump({"ckpt": finalize.ckpt_path, "n": float(module.head.n_accumulated)}, fh)
 
 
 def test_trainer_fsdp_fits_and_finalises_a_loadable_checkpoint(toy_pairs, tmp_path):
