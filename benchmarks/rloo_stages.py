@@ -110,10 +110,12 @@ def decode_floor(policy, prompt_tokens: int, running: list[int], prompts: int) -
     weights = linear_sweeps(policy)
     body, head = weights[:-1], weights[-1]
 
+    widths = {w.shape[1] for w in weights}
+    inputs = {width: torch.randn(max(prompt_tokens, *running), width) for width in widths}  # made before timing
+
     def sweep(rows: int, head_rows: int) -> None:
-        inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
         for w in body:
-            torch.nn.functional.linear(inputs[w.shape[1]], w)
+            torch.nn.functional.linear(inputs[w.shape[1]][:rows], w)
         torch.nn.functional.linear(inputs[head.shape[1]][:head_rows], head)
 
     with torch.no_grad():

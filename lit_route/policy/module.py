@@ -11,14 +11,13 @@ from lit_route.models.backbone import (
     BackboneSpec,
     LoraSpec,
     apply_lora,
-    describe,
     load_backbone,
     load_tokenizer,
 )
 from lit_route.models.split import Trunk
+from lit_route.policy.checkpoint import PolicyCheckpointing
 from lit_route.policy.context import RewardContext
 from lit_route.policy.engines import build_engine, engine_statistics
-from lit_route.policy.engines.base import EngineOutput
 from lit_route.policy.loss import policy_loss
 from lit_route.policy.metrics import step_metrics
 from lit_route.policy.options import check_options
@@ -28,7 +27,6 @@ from lit_route.policy.pipeline import (
     Rollout,
     check_pipeline,
     drain_pending,
-    gather_ranks,
 )
 from lit_route.policy.pm_scoring import load_reward_pm, score_groups
 from lit_route.policy.sampling import (
@@ -45,7 +43,7 @@ from lit_route.rewards.rloo import kl_per_sequence, rloo_advantages, whiten
 log = logging.getLogger(__name__)
 
 
-class RLOOPolicyModule(L.LightningModule):
+class RLOOPolicyModule(PolicyCheckpointing, L.LightningModule):
     """RLOO with a pairwise preference model as the reward.
 
     Each step samples K completions per prompt, scores all K(K−1) ordered pairs with the PM (both orders of a
@@ -159,9 +157,6 @@ class RLOOPolicyModule(L.LightningModule):
     def engine(self, engine) -> None:
         self.__dict__["_engine"] = engine
 
-    def _logprobs(self, model, *args) -> torch.Tensor:
-        return token_logprobs(model, *args, temperature=self.generation.temperature)
-
     def _trunk(self) -> Trunk | None:
         """The frozen bottom shared by the reference, old and updated policy, if there is one to share."""
         if not self.hparams.get("split_forward", True) or self.reference is not None:
@@ -173,10 +168,11 @@ class RLOOPolicyModule(L.LightningModule):
         return self.__dict__["_trunk_obj"]
 
     def _reference_logprobs(self, *args) -> torch.Tensor:
+        temperature = self.generation.temperature
         if self.reference is not None:
-            return self._logprobs(self.reference, *args)
+            return token_logprobs(self.reference, *args, temperature=temperature)
         with self.policy.disable_adapter():
-            return self._logprobs(self.policy, *args)
+            return token_logprobs(self.policy, *args, temperature=temperature)
 
     def rollout(self, batch: dict, step: int, hooks=(), trainer=None) -> Rollout:
         """Samples K completions per prompt, scores them, lets ``hooks`` edit the scores, forms the advantages:
@@ -257,8 +253,7 @@ class RLOOPolicyModule(L.LightningModule):
         # an engine reports the log-probs of the truncated distribution it sampled from: like with like
         sampled_logp = None if engine_logp is None else nucleus_logprobs(logits.detach(), comps, cmask,
                                                                          self.generation)
-        return engine_statistics(self.engine, EngineOutput(comps, cmask, engine_logp), sampled_logp, cmask,
-                                 self.generation.engine_options, stats)
+        return engine_statistics(self.engine, engine_logp, sampled_logp, cmask, self.generation.engine_options, stats)
 
     def finish_rollout(self, pending: PendingBatch, hooks=(), trainer=None, version: int | None = None) -> Rollout:
         """The hooks' ``on_before_rewards`` (verdicts merged into S), then KL, rewards and advantages
@@ -373,34 +368,3 @@ class RLOOPolicyModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.hparams.lr)
-
-    def _kept_keys(self) -> set[str]:
-        return {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Loads a checkpoint's trained tensors; the frozen base (and reference) weights it leaves out by design
-        come from ``policy.model_path`` and are not reported missing."""
-        keys = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [k for k in keys.missing_keys if k in self._kept_keys()]
-        if strict and (missing or keys.unexpected_keys):
-            raise RuntimeError(f"state dict: missing {missing[:5]}, unexpected {keys.unexpected_keys[:5]}")
-        return type(keys)(missing, keys.unexpected_keys)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = self._kept_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["lit_route"] = {"base_model": describe(self.policy_spec), "pm_ckpt": self.hparams.pm_ckpt,
-                                   "batches_sampled": self.batches_sampled}
-        if self.hparams.get("reward_pipeline", 0):  # every rank's pending batches (rank 0 writes the file)
-            world = self._trainer.world_size if self._trainer is not None else getattr(self._fabric, "world_size", 1)
-            checkpoint["lit_route"]["pending"] = gather_ranks(self.pipeline.state_dict(), world)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("lit_route", {})
-        self.batches_sampled = state.get("batches_sampled")
-        pending = state.get("pending")
-        if pending:
-            import torch.distributed as dist
-
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            self.pipeline.load_state_dict(pending[rank] if rank < len(pending) else [], self.device)

@@ -57,7 +57,7 @@ def build_engine(config, spec, policy) -> RolloutEngine:
     raise ValueError(f"generation.engine: expected one of {', '.join(ENGINES)}; got {config.engine!r}")
 
 
-def engine_statistics(engine, output: EngineOutput, trainer_logp, mask, options, stats: dict):
+def engine_statistics(engine, engine_logp, trainer_logp, mask, options, stats: dict):
     """Records the engine–trainer gap (``engine/logprob_gap_mean``, ``engine/logprob_gap_max``) and the last
     sync's seconds in ``stats``; returns the truncated importance-sampling weights when
     ``options.importance_sampling`` is on (``None`` otherwise, and for engines without log-probs).
@@ -67,14 +67,14 @@ def engine_statistics(engine, output: EngineOutput, trainer_logp, mask, options,
     in step with the trainer the gap is rounding noise and the weights are 1, whatever ``top_p`` is.
 
     Args:
-        output: What the engine sampled.
+        engine_logp: (N, T) the engine's log-probs of its samples (``EngineOutput.logprobs``), or ``None``.
         trainer_logp: (N, T) the trainer's log-probs of the same tokens under the same truncated distribution
             (:func:`~lit_route.policy.sampling.nucleus_logprobs`); ``None`` when the engine has no log-probs.
         mask: (N, T) completion mask.
     """
-    if output.logprobs is None:
+    if engine_logp is None:
         return None
-    engine_logp = output.logprobs.to(trainer_logp.device)
+    engine_logp = engine_logp.to(trainer_logp.device)
     stats["engine/logprob_gap_mean"], stats["engine/logprob_gap_max"] = logprob_gap(engine_logp, trainer_logp, mask)
     if hasattr(engine, "last_sync_s"):
         stats["time/engine_sync"] = engine.last_sync_s
